@@ -1,0 +1,3 @@
+from sparsecompile.cli import main
+
+main()

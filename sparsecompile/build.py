@@ -1,0 +1,331 @@
+"""``sparsecompile build``: the whole pipeline, data flowing one way.
+
+    load -> normalize (passes) -> find layers -> select masks -> apply masks
+         -> verify -> compress -> emit ONNX -> check on ONNX Runtime -> report
+
+Everything is written into a staging directory that replaces ``--output``
+only when the build succeeded (see :mod:`sparsecompile.builddir`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparsecompile import __version__
+from sparsecompile.backends.onnx_export import export_onnx
+from sparsecompile.backends.onnxruntime_runner import OrtRunner
+from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir
+from sparsecompile.calibration import CalibrationData, load_calibration, match_to_model, random_calibration
+from sparsecompile.compress import compress, save_weights, size_summary
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.frontend import load_model
+from sparsecompile.graph import get_tensor
+from sparsecompile.layers import find_layers, unmatched_patterns
+from sparsecompile.masks import MaskContext, get_method
+from sparsecompile.passes import (
+    ApplyMasks, FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, RemoveIdentity, ShapePropagation,
+)
+from sparsecompile.progress import Progress
+from sparsecompile.report import write_reports
+from sparsecompile.targets import get_target
+from sparsecompile.verify import compare_outputs, count_nm_violations, layer_output_errors, run_batches
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Tolerance for "the normalized graph computes the same function" (relative L2 error).
+NORMALIZATION_TOLERANCE = 1e-4
+# ONNX Runtime vs torch on the same sparse weights (different kernels, fp32).
+ORT_TOLERANCE = 1e-3
+
+
+@dataclass
+class BuildOptions:
+    model: str | None = None
+    output: str = "build"
+    target: str = "a100"
+    model_factory: str | None = None
+    weights: str | None = None
+    trust_pickle: bool = False
+    calib: str | None = None
+    calib_samples: int | None = None
+    input_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    method: str = "magnitude"
+    pattern: tuple[int, int] = (2, 4)
+    exclude: list[str] = field(default_factory=list)
+    min_weights: int = 4096
+    lower_conv: str = "none"  # "none" | "im2col"
+    sparsify: bool | None = None  # None: the target decides
+    weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
+    force: bool = False
+    error_samples: int = 64  # calibration samples used for per-layer errors
+    seed: int = 0
+
+
+@dataclass
+class BuildResult:
+    output: Path
+    report: dict
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+def _normalization_passes(options: BuildOptions, alignment: int) -> list:
+    passes = [RemoveIdentity(), FoldBatchNorm(), ShapePropagation()]
+    if options.lower_conv == "im2col":
+        passes += [LowerConvIm2col(alignment=alignment), ShapePropagation()]
+    elif options.lower_conv != "none":
+        raise SparseCompileError(f"unknown --lower-conv '{options.lower_conv}'; valid: none, im2col")
+    return passes
+
+
+def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    progress = progress or Progress(quiet=True)
+    progress.total = 8
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    target = get_target(options.target)
+    n, m = options.pattern
+    method = get_method(options.method, n=n, m=m)
+    out = Path(options.output)
+    check_output_dir(out, options.force)
+    sparsify = target.sparse_tensor_cores if options.sparsify is None else options.sparsify
+    weights_dtype_name = target.default_precision if options.weights_dtype == "auto" else options.weights_dtype
+    if weights_dtype_name not in _DTYPES:
+        raise SparseCompileError(f"unknown --weights-dtype '{weights_dtype_name}'; valid: auto, {', '.join(_DTYPES)}")
+
+    # 1. load
+    with progress.stage("loading model"), _timed(timings, "load"):
+        calib = load_calibration(options.calib, options.calib_samples) if options.calib else None
+        loaded = load_model(
+            options.model, factory=options.model_factory, weights=options.weights,
+            trust_pickle=options.trust_pickle, input_shapes=options.input_shapes or None,
+            calib_example=calib.first_batch(min(8, calib.num_samples)) if calib else None,
+        )
+        notes.extend(loaded.notes)
+        if calib is not None:
+            calib = match_to_model(calib, loaded.example_inputs, loaded.input_names)
+        else:
+            calib = random_calibration(loaded.example_inputs, seed=options.seed)
+            notes.append("no --calib given: verification used 32 random inputs, so agreement numbers "
+                         "say nothing about accuracy on real data")
+        batch_size = 64 if loaded.dynamic_batch else loaded.batch_size
+        if not loaded.dynamic_batch and calib.num_samples < batch_size:
+            raise SparseCompileError(
+                f"the model has a static batch of {batch_size} but the calibration data has only "
+                f"{calib.num_samples} samples"
+            )
+        progress.detail(f"{loaded.source_kind} model, inputs {loaded.input_names}, "
+                        f"{'dynamic' if loaded.dynamic_batch else 'static'} batch, {calib.num_samples} calibration samples")
+
+    def batches(data: CalibrationData):
+        return data.batches(batch_size, static=not loaded.dynamic_batch)
+
+    # 2. normalize
+    with progress.stage("normalizing graph (remove identity, fold batch norm, shapes)"), _timed(timings, "normalize"):
+        original = copy.deepcopy(loaded.module)
+        manager = PassManager(_normalization_passes(options, target.reduction_alignment),
+                              on_pass=lambda name: progress.detail(f"pass {name}"))
+        gm = manager.run(loaded.module, PassContext(example_inputs=loaded.example_inputs))
+        reference_outputs = run_batches(original, batches(calib))
+        dense_outputs = run_batches(gm, batches(calib))
+        normalization = compare_outputs(reference_outputs, dense_outputs)
+        worst = max((o["relative_error"] for o in normalization), default=0.0)
+        if worst > NORMALIZATION_TOLERANCE:
+            raise SparseCompileError(
+                f"internal error: graph normalization changed the model's outputs (relative error {worst:.2e}); "
+                "please report this with the model"
+            )
+        del original
+
+    # 3. layers and masks
+    with progress.stage(f"selecting {n}:{m} masks ({method.name})"), _timed(timings, "masks"):
+        layers = find_layers(gm, n=n, m=m, alignment=target.reduction_alignment,
+                             min_weights=options.min_weights, exclude=options.exclude)
+        for pattern in unmatched_patterns(layers, options.exclude):
+            progress.warn(f"--exclude '{pattern}' matches no layer")
+            notes.append(f"--exclude '{pattern}' matched no layer")
+        eligible = [layer for layer in layers if layer.reason is None]
+        if not sparsify:
+            for layer in eligible:
+                layer.reason = f"target '{target.name}' has no sparse tensor cores (pass --sparsify to mask anyway)"
+            notes.append(f"target '{target.name}' has no sparse tensor cores: built a dense artifact")
+            eligible = []
+        elif not target.sparse_tensor_cores:
+            notes.append(f"--sparsify on '{target.name}': masks applied, but this target runs them dense "
+                         "(no speedup; smaller compressed weights only)")
+        if not layers or (sparsify and not eligible):
+            notes.append("no layer is eligible for 2:4 sparsity: the model is built dense")
+            progress.warn("no layer is eligible for 2:4 sparsity; building a dense artifact (see report)")
+        context = MaskContext(calibration=calib, options={"seed": options.seed})
+        masks: dict[str, torch.Tensor] = {}
+        for layer in progress.bar(eligible, "layers"):
+            masks[layer.weight_target] = method.select(get_tensor(gm, layer.weight_target), layer, context)
+
+    # 4. apply masks + verify
+    with progress.stage("applying masks and verifying"), _timed(timings, "verify"):
+        dense_gm = copy.deepcopy(gm) if masks else gm
+        sparse_gm = PassManager([ApplyMasks(masks)]).run(gm, PassContext()) if masks else gm
+        layer_records = []
+        for layer in layers:
+            record = {
+                "name": layer.name, "op": layer.op, "node": layer.node_name, "weight": layer.weight_target,
+                "shape": list(layer.weight_shape), "reduction_axis": layer.reduction_axis,
+                "weights": layer.numel, "status": "dense", "reason": layer.reason,
+            }
+            if layer.weight_target in masks:
+                dense_weight = get_tensor(dense_gm, layer.weight_target)
+                sparse_weight = get_tensor(sparse_gm, layer.weight_target)
+                violations = count_nm_violations(sparse_weight, layer.reduction_axis, n, m)
+                if violations:
+                    raise SparseCompileError(
+                        f"internal error: layer '{layer.name}' is not {n}:{m} along axis {layer.reduction_axis} "
+                        f"({violations} bad groups); please report this"
+                    )
+                kept = torch.equal(sparse_weight[masks[layer.weight_target]], dense_weight[masks[layer.weight_target]])
+                if not kept:
+                    raise SparseCompileError(f"internal error: kept weights of '{layer.name}' changed value")
+                total = float(dense_weight.abs().double().sum())
+                record.update(
+                    status="sparse", reason=None,
+                    retained_magnitude=float(sparse_weight.abs().double().sum()) / total if total else 1.0,
+                    zero_fraction=float((sparse_weight == 0).double().mean()),
+                )
+            layer_records.append(record)
+        sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
+        agreement = compare_outputs(dense_outputs, sparse_outputs)
+        if masks:
+            subset = calib.subset(max(min(options.error_samples, calib.num_samples), batch_size))
+            errors = layer_output_errors(dense_gm, layers, masks, batches(subset))
+            for record in layer_records:
+                if record["name"] in errors:
+                    record["output_error"] = errors[record["name"]]
+        del dense_gm
+
+    with atomic_build_dir(out) as staging:
+        # 5. ONNX
+        with progress.stage("exporting ONNX"), _timed(timings, "onnx"):
+            onnx_info = export_onnx(sparse_gm, loaded.example_inputs, staging / "model.onnx", loaded.input_names)
+
+        # 6. ONNX Runtime check
+        with progress.stage("checking ONNX Runtime against torch"), _timed(timings, "onnxruntime"):
+            check_data = calib.subset(max(min(16, calib.num_samples), batch_size))
+            with OrtRunner(staging / "model.onnx") as runner:
+                ort_outputs = [[] for _ in onnx_info["outputs"]]
+                for batch in batches(check_data):
+                    for bucket, array in zip(ort_outputs, runner.infer([t.numpy() for t in batch])):
+                        bucket.append(torch.from_numpy(np.asarray(array)))
+            ort_outputs = [torch.cat([b.reshape(1) if b.dim() == 0 else b for b in bucket]) for bucket in ort_outputs]
+            torch_outputs = run_batches(sparse_gm, batches(check_data))
+            ort_check = compare_outputs(torch_outputs, ort_outputs)
+            ort_worst = max((o["relative_error"] for o in ort_check), default=0.0)
+            if ort_worst > ORT_TOLERANCE:
+                raise SparseCompileError(
+                    f"ONNX Runtime outputs differ from the sparse torch model (relative error {ort_worst:.2e})"
+                )
+
+        # 7. compressed weights
+        with progress.stage("compressing weights"), _timed(timings, "compress"):
+            dtype = _DTYPES[weights_dtype_name]
+            sparse_entries, dense_entries = {}, {}
+            by_target = {r["weight"]: r for r in layer_records}
+            for name, tensor in list(sparse_gm.named_parameters()) + list(sparse_gm.named_buffers()):
+                value = tensor.detach()
+                if value.is_floating_point():
+                    value = value.to(dtype)
+                record = by_target.get(name)
+                if record is not None and record["status"] == "sparse":
+                    entry = compress(value, record["reduction_axis"], n, m)
+                    sparse_entries[name] = entry
+                    record["compressed_bytes"] = entry.nbytes
+                    record["dense_fp16_bytes"] = entry.dense_nbytes(torch.float16)
+                else:
+                    dense_entries[name] = value.contiguous()
+            save_weights(staging / "weights.safetensors", sparse_entries, dense_entries,
+                         {"target": target.name, "pattern": f"{n}:{m}", "dtype": weights_dtype_name})
+            compression = size_summary(sparse_entries) if sparse_entries else {}
+            compression["weights_dtype"] = weights_dtype_name
+            compression["file_bytes"] = (staging / "weights.safetensors").stat().st_size
+            compression["onnx_bytes"] = (staging / "model.onnx").stat().st_size
+
+        # 8. report + manifest
+        with progress.stage("writing report"), _timed(timings, "report"):
+            sparse_count = sum(1 for r in layer_records if r["status"] == "sparse")
+            total_weights = sum(r["weights"] for r in layer_records)
+            sparse_weights = sum(r["weights"] for r in layer_records if r["status"] == "sparse")
+            report = {
+                "sparsecompile_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": {"path": loaded.source, "kind": loaded.source_kind, "sha256": loaded.source_sha256},
+                "target": target.to_json(),
+                "method": method.name,
+                "pattern": f"{n}:{m}",
+                "sparsified": bool(masks),
+                "options": {
+                    "exclude": options.exclude, "min_weights": options.min_weights,
+                    "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
+                },
+                "inputs": onnx_info["inputs"],
+                "outputs": onnx_info["outputs"],
+                "notes": notes,
+                "summary": {
+                    "layers": len(layer_records), "sparse_layers": sparse_count,
+                    "dense_layers": len(layer_records) - sparse_count,
+                    "gemm_weights": total_weights, "sparse_layer_weights": sparse_weights,
+                    "zeroed_weights": int(sum(r["weights"] * r.get("zero_fraction", 0.0) for r in layer_records)),
+                },
+                "layers": layer_records,
+                "verification": {
+                    "calibration": {"source": calib.source, "samples": calib.num_samples},
+                    "nm_check": "passed" if masks else "no sparse layers",
+                    "normalization_vs_original": normalization,
+                    "sparse_vs_dense": agreement,
+                    "onnxruntime_vs_torch": ort_check,
+                },
+                "compression": compression,
+                "passes": [
+                    {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
+                    for r in manager.records
+                ],
+                "timings": timings,
+                "environment": {
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(),
+                },
+            }
+            write_reports(staging, report)
+            files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            manifest = {
+                "format": BUILD_FORMAT, "version": BUILD_FORMAT_VERSION,
+                "sparsecompile_version": __version__, "created": report["created"],
+                "source": report["source"], "target": target.name, "pattern": f"{n}:{m}",
+                "inputs": onnx_info["inputs"], "outputs": onnx_info["outputs"],
+                "dynamic_batch": onnx_info["dynamic_batch"], "files": files,
+            }
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    report["timings"]["total"] = round(time.perf_counter() - started, 3)
+    return BuildResult(out, report)

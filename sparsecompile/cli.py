@@ -1,0 +1,167 @@
+"""The ``sparsecompile`` command line. Thin: parse arguments, call the library.
+
+User errors (:class:`SparseCompileError`) print one line, ``error: ...``, and
+exit with status 1. ``--verbose`` adds per-pass progress and, for
+unexpected failures, the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+import warnings
+
+import click
+
+from sparsecompile import __version__
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.masks import MASK_METHODS
+from sparsecompile.targets import TARGETS
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns SparseCompileError (and stray exceptions) into one-line errors."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SparseCompileError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - last line of defence for users
+            if ctx.obj and ctx.obj.get("verbose"):
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            click.echo(f"error: unexpected {type(exc).__name__}: {first} (re-run with --verbose for details; "
+                       "this is a sparsecompile bug, please report it)", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings=_CONTEXT)
+@click.version_option(__version__, prog_name="sparsecompile")
+@click.option("-v", "--verbose", is_flag=True, help="Show per-pass progress and details.")
+@click.pass_context
+def main(ctx, verbose):
+    """Compile dense PyTorch models into 2:4 sparse deployment artifacts.
+
+    \b
+    Typical use:
+      sparsecompile build model.pt2 --target a100 -o build/ --calib calib.npy
+      sparsecompile inspect build/
+      sparsecompile run build/ --input x.npy --output y.npy
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    if not verbose:
+        # torch's exporter warns about internals users cannot act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _pattern(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"'{text}' is not N:M (e.g. 2:4)") from None
+    if not 0 < n < m:
+        raise click.BadParameter(f"'{text}': need 0 < N < M")
+    return n, m
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", default="build", show_default=True, type=click.Path(file_okay=False),
+              help="Build directory to write (replaced atomically).")
+@click.option("-t", "--target", default="a100", show_default=True, metavar="NAME",
+              help=f"Deployment target: {', '.join(sorted(TARGETS))}.")
+@click.option("--calib", type=click.Path(dir_okay=False),
+              help="Calibration inputs: .npy (one input) or .npz (one array per input), samples on axis 0.")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="D0,D1,...",
+              help="Input shape, e.g. 1,3,224,224; repeat for several inputs. Overrides the model's examples.")
+@click.option("--model-factory", metavar="PKG.MODULE:FN", help="Build the model by calling FN() (use with --weights).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="State dict for --model-factory (.pt or .safetensors).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow loading pickled modules. Unpickling runs arbitrary code: only for files you trust.")
+@click.option("--method", default="magnitude", show_default=True, metavar="NAME",
+              help=f"Mask method: {', '.join(sorted(MASK_METHODS))}.")
+@click.option("--pattern", default="2:4", show_default=True, metavar="N:M",
+              help="Keep N of every M weights along the reduction axis (2:4 is what GPUs accelerate).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Keep layers whose name matches REGEX dense (repeatable).")
+@click.option("--min-weights", default=4096, show_default=True, type=click.IntRange(min=0),
+              help="Keep layers with fewer weights than this dense (too small to gain).")
+@click.option("--lower-conv", type=click.Choice(["none", "im2col"]), default="none", show_default=True,
+              help="Rewrite eligible Conv2d as im2col + GEMM with reduction axis ordered (kh, kw, cin).")
+@click.option("--sparsify/--no-sparsify", default=None,
+              help="Force masks on or off. Default: on for targets with sparse tensor cores.")
+@click.option("--weights-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+              show_default=True, help="Dtype of the compressed weight file (auto: the target's precision).")
+@click.option("--force", is_flag=True, help="Replace --output even if it is not a previous build.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
+@click.pass_context
+def build(ctx, model, output, target, calib, calib_samples, input_shapes, model_factory, weights, trust_pickle,
+          method, pattern, exclude, min_weights, lower_conv, sparsify, weights_dtype, force, seed):
+    """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
+
+    Writes model.onnx (sparse weights, dense layout), weights.safetensors
+    (compressed N:M weights), report.json, report.md and manifest.json.
+    """
+    from sparsecompile.build import BuildOptions, build as run_build
+    from sparsecompile.frontend import parse_input_shape
+    from sparsecompile.progress import Progress
+    from sparsecompile.report import summary_lines
+
+    options = BuildOptions(
+        model=model, output=output, target=target, model_factory=model_factory, weights=weights,
+        trust_pickle=trust_pickle, calib=calib, calib_samples=calib_samples,
+        input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, pattern=_pattern(pattern),
+        exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, sparsify=sparsify,
+        weights_dtype=weights_dtype, force=force, seed=seed,
+    )
+    result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
+    click.echo("\n".join(summary_lines(result.report)))
+    click.echo(f"wrote {result.output}/ in {result.report['timings']['total']:.1f}s "
+               f"(sparsecompile inspect {result.output} for the per-layer table)")
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("build_dir", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def inspect(build_dir, as_json):
+    """Show what a build made sparse, what stayed dense and why."""
+    from sparsecompile.builddir import open_build
+    from sparsecompile.report import format_report
+
+    path, _ = open_build(build_dir)
+    try:
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SparseCompileError(f"cannot read '{path / 'report.json'}': {exc}") from None
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report), nl=not as_json)
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("build_dir", type=click.Path())
+@click.option("-i", "--input", "inputs", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help=".npy per model input (repeat in input order) or one .npz with an array per input.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write outputs: .npy for one output, .npz for several (default: print a summary).")
+@click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
+def run(build_dir, inputs, output, threads):
+    """Run a build on the CPU with ONNX Runtime (the fallback backend)."""
+    from sparsecompile.runtime import run_build_dir
+
+    run_build_dir(build_dir, list(inputs), output, threads)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,24 @@
+"""Mask methods, keyed by name (``--method``)."""
+
+from __future__ import annotations
+
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.masks.base import MaskContext, MaskMethod, topn_mask
+from sparsecompile.masks.magnitude import MagnitudeMask
+
+MASK_METHODS: dict[str, type[MaskMethod]] = {
+    MagnitudeMask.name: MagnitudeMask,
+}
+
+
+def get_method(name: str, n: int = 2, m: int = 4) -> MaskMethod:
+    try:
+        cls = MASK_METHODS[name]
+    except KeyError:
+        raise SparseCompileError(
+            f"unknown mask method '{name}'; valid methods: {', '.join(sorted(MASK_METHODS))}"
+        ) from None
+    return cls(n=n, m=m)
+
+
+__all__ = ["MASK_METHODS", "MaskContext", "MaskMethod", "get_method", "topn_mask"]

@@ -1,0 +1,56 @@
+"""The mask-method interface.
+
+A mask method looks at one layer's weight (and, for calibration-aware
+methods, what the context provides) and returns a boolean keep-mask of the
+weight's shape that is N:M along ``layer.reduction_axis``: in every group of
+M consecutive entries along that axis (at fixed positions of every other
+axis), exactly N are kept. Methods never change the weights; applying the
+mask is the ``apply_masks`` pass's job.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sparsecompile.compress import from_gemm_view, gemm_view
+
+
+@dataclass
+class MaskContext:
+    """What a method may use besides the weight (calibration data, options)."""
+
+    calibration: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class MaskMethod(ABC):
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, n: int = 2, m: int = 4):
+        self.n, self.m = n, m
+
+    @abstractmethod
+    def scores(self, weight: torch.Tensor, layer, context: MaskContext) -> torch.Tensor:
+        """Importance of every weight entry (same shape); the top N per group are kept."""
+
+    def select(self, weight: torch.Tensor, layer, context: MaskContext | None = None) -> torch.Tensor:
+        scores = self.scores(weight, layer, context or MaskContext())
+        return topn_mask(scores, layer.reduction_axis, self.n, self.m)
+
+
+def topn_mask(scores: torch.Tensor, reduction_axis: int, n: int, m: int) -> torch.Tensor:
+    """Keep the N highest scores in each group of M along ``reduction_axis``.
+
+    Ties go to the lower index (stable sort), so masks are deterministic.
+    """
+    matrix = gemm_view(scores.detach(), reduction_axis)
+    rows, k = matrix.shape
+    groups = matrix.reshape(rows, k // m, m).to(torch.float64)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return from_gemm_view(keep.reshape(rows, k), tuple(scores.shape), reduction_axis)

@@ -1,0 +1,93 @@
+"""``sparsecompile run``: inference on a build with the CPU fallback (ONNX Runtime)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from sparsecompile.backends.onnxruntime_runner import OrtRunner
+from sparsecompile.builddir import open_build
+from sparsecompile.errors import SparseCompileError
+
+
+def _load_array_file(path: Path) -> list[tuple[str, np.ndarray]]:
+    if not path.exists():
+        raise SparseCompileError(f"input file '{path}' does not exist")
+    try:
+        if zipfile.is_zipfile(path):
+            with np.load(path, allow_pickle=False) as archive:
+                return [(key, archive[key]) for key in archive.files]
+        return [("", np.load(path, allow_pickle=False))]
+    except (ValueError, OSError, EOFError) as exc:
+        raise SparseCompileError(f"cannot read input '{path}' as a NumPy array: {exc}") from None
+
+
+def read_inputs(paths: list[str], specs: list[dict]) -> list[np.ndarray]:
+    """Arrays in the model's input order, checked against the build's input specs."""
+    arrays: list[tuple[str, np.ndarray]] = []
+    for path in paths:
+        arrays.extend(_load_array_file(Path(path)))
+    names = [spec["name"] for spec in specs]
+    keys = [key for key, _ in arrays]
+    if len(arrays) > 1 and set(keys) == set(names):
+        arrays = [arrays[keys.index(name)] for name in names]
+    if len(arrays) != len(specs):
+        raise SparseCompileError(
+            f"the model takes {len(specs)} input(s) ({', '.join(names)}) but {len(arrays)} array(s) were given"
+        )
+    result = []
+    for spec, (_, array) in zip(specs, arrays):
+        if array.dtype != np.dtype(spec["dtype"]):
+            raise SparseCompileError(
+                f"input '{spec['name']}' must be {spec['dtype']}, got {array.dtype} "
+                f"(convert with array.astype(np.{spec['dtype']}))"
+            )
+        want = spec["shape"]
+        if len(want) != array.ndim or any(isinstance(w, int) and w != g for w, g in zip(want, array.shape)):
+            shown = "x".join(str(w) for w in want)
+            raise SparseCompileError(
+                f"input '{spec['name']}' must have shape {shown}, got {'x'.join(map(str, array.shape))}"
+            )
+        result.append(array)
+    return result
+
+
+def write_outputs(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
+    path = Path(path)
+    if len(arrays) > 1 and path.suffix != ".npz":
+        raise SparseCompileError(f"the model has {len(arrays)} outputs: use an .npz output path, not '{path}'")
+    if path.parent and not path.parent.exists():
+        raise SparseCompileError(f"output directory '{path.parent}' does not exist")
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".npy", dir=path.parent or ".")
+    os.close(handle)
+    try:
+        if path.suffix == ".npz":
+            np.savez(temp, **dict(zip(names, arrays)))
+        else:
+            np.save(temp, arrays[0])
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads: int | None) -> list[np.ndarray]:
+    path, manifest = open_build(build_dir)
+    arrays = read_inputs(inputs, manifest["inputs"])
+    with OrtRunner(path / "model.onnx", threads=threads) as runner:
+        outputs = runner.infer(arrays)
+    names = [spec["name"] for spec in manifest["outputs"]]
+    for name, array in zip(names, outputs):
+        line = f"{name}: shape {'x'.join(map(str, array.shape))} {array.dtype}"
+        if array.ndim == 2 and array.shape[1] > 1:
+            line += f", argmax {array.argmax(1)[:8].tolist()}{' ...' if array.shape[0] > 8 else ''}"
+        click.echo(line)
+    if output:
+        write_outputs(Path(output), names, outputs)
+        click.echo(f"wrote {output}")
+    return outputs

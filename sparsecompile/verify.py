@@ -1,0 +1,125 @@
+"""Verification: an independent N:M checker and dense-vs-sparse comparisons.
+
+``count_nm_violations`` deliberately shares no code with mask selection or
+the compressed format: it works on a NumPy copy, moves the checked axis last
+with ``np.moveaxis`` and counts nonzeros per group, so a bug in the code that
+makes masks cannot hide itself here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.fx
+from torch.utils._pytree import tree_leaves
+
+from sparsecompile.errors import SparseCompileError
+
+
+def count_nm_violations(weight, axis: int, n: int = 2, m: int = 4) -> int:
+    """Number of groups of ``m`` consecutive entries along ``axis`` with more than ``n`` nonzeros."""
+    array = weight.detach().cpu().float().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight)
+    if array.shape[axis] % m:
+        return -1
+    moved = np.moveaxis(array, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    nonzeros = np.count_nonzero(groups, axis=-1)
+    return int(np.sum(nonzeros > n))
+
+
+def flat_outputs(output) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+@torch.no_grad()
+def run_batches(module, batches: Iterable[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Run ``module`` over batches and concatenate each output along axis 0."""
+    collected: list[list[torch.Tensor]] = []
+    for batch in batches:
+        outputs = flat_outputs(module(*batch))
+        if not collected:
+            collected = [[] for _ in outputs]
+        for bucket, out in zip(collected, outputs):
+            bucket.append(out.detach().reshape(1) if out.dim() == 0 else out.detach())
+    return [torch.cat(bucket) for bucket in collected]
+
+
+def compare_outputs(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> list[dict]:
+    """Per output: max/mean absolute error, relative error, and top-1 agreement for classifier-like outputs."""
+    if len(reference) != len(candidate):
+        raise SparseCompileError(f"models disagree on the number of outputs: {len(reference)} vs {len(candidate)}")
+    results = []
+    for index, (ref, cand) in enumerate(zip(reference, candidate)):
+        ref64, cand64 = ref.double(), cand.double()
+        diff = (ref64 - cand64).abs()
+        entry = {
+            "output": index,
+            "shape": list(ref.shape),
+            "max_abs_error": float(diff.max()) if diff.numel() else 0.0,
+            "mean_abs_error": float(diff.mean()) if diff.numel() else 0.0,
+            "relative_error": float(torch.linalg.vector_norm(ref64 - cand64) / torch.linalg.vector_norm(ref64).clamp_min(1e-30)),
+        }
+        if ref.dim() == 2 and ref.shape[1] > 1 and ref.is_floating_point():
+            entry["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).double().mean())
+        results.append(entry)
+    return results
+
+
+class _LayerErrorInterpreter(torch.fx.Interpreter):
+    """Runs the dense graph; at each masked layer also evaluates it with the masked weight."""
+
+    def __init__(self, gm, masked_weights: dict[str, torch.Tensor]):
+        super().__init__(gm)
+        self.masked_weights = masked_weights  # layer node name -> (weight node, masked tensor)
+        self.sums: dict[str, list[float]] = {}
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node.name not in self.masked_weights:
+            return result
+        weight_node, masked = self.masked_weights[node.name]
+        chain = [weight_node] + [u for u in weight_node.users if u is not node]
+        saved = {c: self.env[c] for c in chain if c in self.env}
+        self.env[weight_node] = masked
+        for view in chain[1:]:
+            self.env[view] = super().run_node(view)
+        sparse_result = super().run_node(node)
+        self.env.update(saved)
+        sums = self.sums.setdefault(node.name, [0.0, 0.0])
+        sums[0] += float(torch.sum((result.double() - sparse_result.double()) ** 2))
+        sums[1] += float(torch.sum(result.double() ** 2))
+        return result
+
+
+@torch.no_grad()
+def layer_output_errors(gm, layers, masks: dict[str, torch.Tensor], batches) -> dict[str, float]:
+    """Relative output error of each masked layer on the dense model's own activations.
+
+    ``||layer(x; W*mask) - layer(x; W)|| / ||layer(x; W)||`` with ``x`` the
+    layer's input in the dense model: the error the mask alone introduces.
+    """
+    from sparsecompile.graph import get_tensor
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    plan = {}
+    for layer in layers:
+        if layer.weight_target not in masks:
+            continue
+        node = nodes[layer.node_name]
+        weight_nodes = [a for a in node.all_input_nodes if a.op == "get_attr" and a.target == layer.weight_target]
+        if not weight_nodes:  # reached through a transpose view
+            weight_nodes = [
+                v.args[0] for v in node.all_input_nodes
+                if v.op == "call_function" and v.args and getattr(v.args[0], "target", None) == layer.weight_target
+            ]
+        if not weight_nodes:
+            continue
+        weight = get_tensor(gm, layer.weight_target)
+        plan[layer.node_name] = (weight_nodes[0], torch.where(masks[layer.weight_target], weight, torch.zeros((), dtype=weight.dtype)))
+    interpreter = _LayerErrorInterpreter(gm, plan)
+    for batch in batches:
+        interpreter.run(*batch)
+    by_node = {name: (s[0] / s[1]) ** 0.5 if s[1] > 0 else 0.0 for name, s in interpreter.sums.items()}
+    return {layer.name: by_node[layer.node_name] for layer in layers if layer.node_name in by_node}
