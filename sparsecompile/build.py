@@ -29,7 +29,7 @@ from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST,
 from sparsecompile.calibration import CalibrationData, load_calibration, match_to_model, random_calibration
 from sparsecompile.compress import compress, save_weights, size_summary
 from sparsecompile.errors import SparseCompileError
-from sparsecompile.frontend import load_model
+from sparsecompile.frontend import check_readable, load_model
 from sparsecompile.graph import get_tensor
 from sparsecompile.layers import find_layers, unmatched_patterns
 from sparsecompile.masks import MaskContext, get_method
@@ -113,6 +113,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     method = get_method(options.method, n=n, m=m)
     out = Path(options.output)
     check_output_dir(out, options.force)
+    # Cheap checks first, so a typo fails before any work or progress output.
+    if options.model is not None:
+        check_readable(Path(options.model))
+    if options.weights is not None:
+        check_readable(Path(options.weights), "weights file")
+    if options.calib is not None:
+        check_readable(Path(options.calib), "calibration file")
     sparsify = target.sparse_tensor_cores if options.sparsify is None else options.sparsify
     weights_dtype_name = target.default_precision if options.weights_dtype == "auto" else options.weights_dtype
     if weights_dtype_name not in _DTYPES:

@@ -54,8 +54,12 @@ def load_calibration(path: str | Path, max_samples: int | None = None) -> Calibr
         raise SparseCompileError(f"calibration file '{path}' does not exist")
     if path.is_dir():
         raise SparseCompileError(f"calibration path '{path}' is a directory; expected a .npy or .npz file")
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY" and not zipfile.is_zipfile(path):
+        raise SparseCompileError(f"cannot read calibration file '{path}': not a .npy or .npz file")
     try:
-        if path.suffix == ".npz" or zipfile.is_zipfile(path):
+        if zipfile.is_zipfile(path):
             with np.load(path, allow_pickle=False) as archive:
                 arrays = [(key, archive[key]) for key in archive.files]
         else:

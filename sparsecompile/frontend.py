@@ -139,7 +139,7 @@ def _classify_file(path: Path) -> str:
     return "unknown"
 
 
-def _check_readable(path: Path, what: str = "model file") -> None:
+def check_readable(path: Path, what: str = "model file") -> None:
     if not path.exists():
         raise SparseCompileError(f"{what} '{path}' does not exist")
     if path.is_dir():
@@ -160,12 +160,29 @@ def _batch_dims(example_inputs) -> tuple | None:
         return None
     if len({int(t.shape[0]) for t in example_inputs}) != 1:
         return None
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    return tuple({0: batch} for _ in example_inputs)
+    # AUTO: export picks the range the model allows (or keeps it static) instead of failing.
+    return tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
+
+
+def _has_dynamic_batch(ep) -> bool:
+    from torch.export.graph_signature import InputKind
+
+    user_inputs = {spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dim() and isinstance(value.shape[0], torch.SymInt):
+                # A SymInt can still be specialized to a constant expression.
+                if value.shape[0].node.expr.free_symbols:
+                    return True
+    return False
 
 
 def export_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]):
-    """Export ``module`` to an ExportedProgram, trying a dynamic batch first."""
+    """Export ``module`` to an ExportedProgram, trying a dynamic batch first.
+
+    Returns ``(exported_program, dynamic_batch)``.
+    """
     try:
         module.eval()
     except NotImplementedError:  # ExportedProgram.module() graphs are already inference graphs
@@ -176,7 +193,9 @@ def export_module(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, .
         widened = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.shape[0] == 1 else t for t in example_inputs)
         try:
             with torch.no_grad():
-                return torch.export.export(module, widened, dynamic_shapes=dims), True
+                ep = torch.export.export(module, widened, dynamic_shapes=dims)
+            if _has_dynamic_batch(ep):
+                return ep, True
         except Exception:  # noqa: BLE001 - fall back to a static batch below
             pass
     try:
@@ -249,7 +268,7 @@ def _import_factory(spec: str):
 
 
 def _load_state_dict(path: Path) -> dict:
-    _check_readable(path, "weights file")
+    check_readable(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -303,7 +322,11 @@ def load_model(
             raise SparseCompileError(f"--model-factory '{factory}' returned {type(module).__name__}, not an nn.Module")
         if weights is not None:
             state = _load_state_dict(Path(weights))
-            result = module.load_state_dict(state, strict=False)
+            try:
+                result = module.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shape mismatches
+                detail = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line), _first_line(exc))
+                raise SparseCompileError(f"weights '{weights}' do not match the factory's model: {detail}") from None
             problems = list(result.missing_keys) + list(result.unexpected_keys)
             if problems:
                 raise SparseCompileError(
@@ -320,7 +343,7 @@ def load_model(
         if weights is not None:
             raise SparseCompileError("--weights is only used with --model-factory")
         path = Path(path)
-        _check_readable(path)
+        check_readable(path)
         sha = file_sha256(path)
         kind, source = _classify_file(path), str(path)
         if kind == "truncated":

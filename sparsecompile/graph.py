@@ -103,19 +103,22 @@ def conv_params(node: torch.fx.Node) -> dict:
 
 
 def node_shape(node) -> tuple[int, ...] | None:
-    """Static shape from shape propagation or export metadata, if known."""
+    """Static shape from shape propagation or export metadata, if known; symbolic dims are -1.
+
+    ``torch.export`` fills both ``tensor_meta`` and ``val`` with ``SymInt`` dims
+    for dynamic axes; ``int()`` on those silently returns the example's size,
+    so symbolic dims are mapped to -1 explicitly.
+    """
     if not isinstance(node, torch.fx.Node):
         return None
     meta = node.meta.get("tensor_meta")
-    if meta is not None and hasattr(meta, "shape"):
-        return tuple(meta.shape)
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor):
-        try:
-            return tuple(int(d) for d in val.shape)
-        except TypeError:  # symbolic dims
-            return tuple(d if isinstance(d, int) else -1 for d in val.shape)
-    return None
+    shape = meta.shape if meta is not None and hasattr(meta, "shape") else None
+    if shape is None:
+        val = node.meta.get("val")
+        shape = val.shape if isinstance(val, torch.Tensor) else None
+    if shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, int) else -1 for d in shape)
 
 
 def is_getitem(node: torch.fx.Node, index: int) -> bool:

@@ -1,0 +1,110 @@
+"""The command line: help, one-line errors with non-zero exits, inspect and run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sparsecompile.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", [[], ["build"], ["inspect"], ["run"]])
+def test_help_reads_well(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+    if command == ["build"]:
+        for flag in ("--target", "--calib", "--exclude", "--trust-pickle", "--lower-conv", "--input-shape"):
+            assert flag in result.output
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_build_errors_are_one_line(tmp_path, model_files):
+    _one_line_error(invoke("build", tmp_path / "missing.pt2", "-o", tmp_path / "o"), "does not exist")
+    _one_line_error(invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "o", "--target", "v100"),
+                    "valid targets")
+    _one_line_error(invoke("build", model_files / "pickled.pt", "-o", tmp_path / "o", "--input-shape", "1,4,8,8"),
+                    "--trust-pickle")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("x")
+    _one_line_error(invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "taken"), "--force")
+    assert not (tmp_path / "o").exists()
+
+
+def test_build_inspect_run(tmp_path, model_files):
+    out = tmp_path / "b"
+    result = invoke("build", model_files / "dynamic.pt2", "-o", out, "--calib", model_files / "calib.npy",
+                    "--min-weights", "0", "--exclude", "zz_nothing")
+    assert result.exit_code == 0, result.output
+    assert "warning: --exclude 'zz_nothing' matches no layer" in result.output
+    assert "top-1 agreement" in result.output
+
+    shown = invoke("inspect", out)
+    assert shown.exit_code == 0
+    assert "conv2" in shown.output and "sparse" in shown.output and "kept |w|" in shown.output
+    assert '"layers"' in invoke("inspect", out, "--json").output
+
+    x = np.load(model_files / "calib.npy")[:5]
+    np.save(tmp_path / "x.npy", x)
+    ran = invoke("run", out, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
+    assert ran.exit_code == 0, ran.output
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (5, 10)
+
+    import torch
+
+    from sparsecompile.frontend import load_model
+    from sparsecompile.build import BuildOptions, build as run_build  # noqa: F401 - library and CLI agree
+    reference = load_model(model_files / "dynamic.pt2").module
+    dense = reference(torch.from_numpy(x)).detach().numpy()
+    assert not np.allclose(y, dense)  # the sparse model really differs from the dense one
+    assert (y.argmax(1) == dense.argmax(1)).mean() >= 0.2
+
+
+def test_run_rejects_bad_inputs(tmp_path, sample_build):
+    out = sample_build.output
+    np.save(tmp_path / "f64.npy", np.zeros((2, 4, 8, 8)))
+    _one_line_error(invoke("run", out, "--input", tmp_path / "f64.npy"), "must be float32")
+    np.save(tmp_path / "shape.npy", np.zeros((2, 3, 8, 8), np.float32))
+    _one_line_error(invoke("run", out, "--input", tmp_path / "shape.npy"), "must have shape")
+    _one_line_error(invoke("run", tmp_path, "--input", tmp_path / "shape.npy"), "not a complete sparsecompile build")
+    _one_line_error(invoke("inspect", tmp_path / "nope"), "does not exist")
+
+
+def test_inspect_rejects_other_versions(tmp_path, sample_build):
+    import json
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(sample_build.output, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(invoke("inspect", copy), "incompatible")
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """The installed entry point: exit status 1, one line on stderr, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsecompile", "build", str(tmp_path / "nope.pt2"), "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
