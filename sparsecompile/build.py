@@ -188,6 +188,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         if not layers or (sparsify and not eligible):
             notes.append("no layer is eligible for 2:4 sparsity: the model is built dense")
             progress.warn("no layer is eligible for 2:4 sparsity; building a dense artifact (see report)")
+        for layer in layers:
+            progress.detail(f"{layer.name} ({layer.op}): " + (f"dense - {layer.reason}" if layer.reason else "sparse"))
         context = MaskContext(calibration=calib, options={"seed": options.seed})
         masks: dict[str, torch.Tensor] = {}
         for layer in progress.bar(eligible, "layers"):

@@ -27,7 +27,12 @@ from sparsecompile.graph import CONV_OPS, CONV_STRING_PADDING_OPS, attr_uses, co
 aten = torch.ops.aten
 
 _MATMUL_OPS = {aten.mm.default: (0, 1), aten.matmul.default: (0, 1), aten.addmm.default: (1, 2)}
-_TRANSPOSE_OPS = {aten.permute.default, aten.t.default, aten.transpose.int}
+# Views that swap the two axes of a 2-D weight (any of them may sit between a weight and its GEMM).
+_SWAP_2D_OPS = {aten.t.default, aten.numpy_T.default, aten.mT.default, aten.adjoint.default}
+_SWAP_AXES_OPS = {aten.transpose.int, aten.swapaxes.default, aten.swapdims.default}
+_TRANSPOSE_OPS = {aten.permute.default} | _SWAP_2D_OPS | _SWAP_AXES_OPS
+# Before decomposition transposed convolutions are their own ops (after it, ``convolution(transposed=True)``).
+_CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input}
 
 
 @dataclass
@@ -64,7 +69,7 @@ def _constant_operand(node) -> tuple[torch.fx.Node, list[int]] | None:
         if isinstance(inner, torch.fx.Node) and inner.op == "get_attr":
             if node.target == aten.permute.default:
                 return inner, list(node.args[1])
-            if node.target == aten.t.default:
+            if node.target in _SWAP_2D_OPS:
                 return inner, [1, 0]
             d0, d1 = node.args[1], node.args[2]
             return inner, ("transpose", d0, d1)
@@ -84,12 +89,13 @@ def _stored_axis(axis_map, operand_axis: int, rank: int) -> int:
 
 def _describe(gm, node: torch.fx.Node) -> GemmLayer | None:
     op = str(node.target).split(".")[-2] if "." in str(node.target) else str(node.target)
-    if node.target in CONV_STRING_PADDING_OPS:
+    if node.target in CONV_STRING_PADDING_OPS or node.target in _CONV_TRANSPOSE_OPS:
         weight = node.args[1]
         target = weight.target if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
         shape = tuple(get_tensor(gm, target).shape) if target else ()
-        return GemmLayer(layer_name_for(target or node.name), node.name, op, target, shape, 1,
-                         "convolution with string padding ('same'/'valid')")
+        reason = ("transposed convolution" if node.target in _CONV_TRANSPOSE_OPS
+                  else "convolution with string padding ('same'/'valid')")
+        return GemmLayer(layer_name_for(target or node.name), node.name, op, target, shape, 1, reason)
     if node.target in CONV_OPS:
         p = conv_params(node)
         located = _constant_operand(p["weight"])

@@ -127,7 +127,11 @@ class FoldBatchNorm:
         if bias is not None:
             set_tensor(gm, bias_value.target, new_bias)
         else:
-            target = unique_target(gm, layer_name_for(weight_node.target) + ".bias")
+            # Next to the weight, on the weight's own owner: a top-level weight ``w`` has no
+            # submodule ``w`` to hold ``w.bias``.
+            owner, _, attr = weight_node.target.rpartition(".")
+            bias_attr = "bias" if attr == "weight" else f"{attr}_bias"
+            target = unique_target(gm, f"{owner}.{bias_attr}" if owner else bias_attr)
             set_tensor(gm, target, new_bias)
             with gm.graph.inserting_before(producer):
                 bias_node = gm.graph.get_attr(target)
