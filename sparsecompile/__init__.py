@@ -1,5 +1,5 @@
 """sparsecompile: a deployment compiler that turns dense PyTorch models into
-2:4 semi-structured sparse artifacts (ONNX, TensorRT recipe, CPU fallback)."""
+2:4 semi-structured sparse artifacts (ONNX for TensorRT, compressed weights, CPU fallback)."""
 
 __version__ = "0.1.0"
 

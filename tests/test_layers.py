@@ -88,6 +88,19 @@ class Transposed(nn.Module):
         return x @ self.a.t() + x @ self.b.transpose(0, 1)
 
 
+class TransposeSpellings(nn.Module):
+    """W.T, W.mT and swapaxes: other ways users spell the transpose of a [N', K] weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.randn(8, 12))
+        self.d = nn.Parameter(torch.randn(8, 12))
+        self.e = nn.Parameter(torch.randn(8, 12))
+
+    def forward(self, x):
+        return x @ self.c.T + x @ self.d.mT + x @ self.e.swapaxes(0, 1)
+
+
 class AddmmStored(nn.Module):
     def __init__(self):
         super().__init__()
@@ -103,8 +116,9 @@ class AddmmStored(nn.Module):
     (ConstRight(), torch.randn(3, 12), {"w": ((12, 8), 0)}),
     (ConstLeft(), torch.randn(12, 5), {"w": ((20, 12), 1)}),
     (Transposed(), torch.randn(3, 12), {"a": ((8, 12), 1), "b": ((8, 12), 1)}),
+    (TransposeSpellings(), torch.randn(3, 12), {"c": ((8, 12), 1), "d": ((8, 12), 1), "e": ((8, 12), 1)}),
     (AddmmStored(), torch.randn(3, 12), {"w": ((12, 8), 0)}),
-], ids=["right", "left", "transposed", "addmm"])
+], ids=["right", "left", "transposed", "transpose-spellings", "addmm"])
 def test_matmul_constant_operand_axis(decompose, module, x, expected):
     layers = _layers(module, x, decompose=decompose)
     assert {name: (layer.weight_shape, layer.reduction_axis) for name, layer in layers.items()} == expected

@@ -16,6 +16,13 @@ from sparsecompile.backends.base import Runner
 from sparsecompile.errors import SparseCompileError
 
 
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
 def import_onnxruntime():
     try:
         import onnxruntime
@@ -64,6 +71,11 @@ class OrtRunner(Runner):
             raise SparseCompileError(f"the model takes {len(specs)} input(s), got {len(inputs)}")
         feed = {}
         for spec, array in zip(specs, inputs):
+            expected_dtype = _ORT_TYPES.get(spec.type)
+            if expected_dtype is not None and array.dtype != expected_dtype:
+                raise SparseCompileError(
+                    f"input '{spec.name}' must be {np.dtype(expected_dtype).name}, got {array.dtype}"
+                )
             expected_rank = len(spec.shape)
             if array.ndim != expected_rank:
                 raise SparseCompileError(
