@@ -2,7 +2,7 @@
 
     python examples/fashion_mnist/train.py [--epochs 9] [--seed 0] [--threads 2]
 
-Writes into this folder: model.pt2, weights.safetensors, weights.pt, calib.npy, eval.npz.
+Writes into this folder: model.pt2, weights.safetensors, calib.npy, eval.npz.
 Deterministic for a given seed and thread count (CPU).
 """
 
@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -144,14 +144,12 @@ def main():
                 raise RuntimeError(f"exported model mismatch at batch {n}: {(ref - got).abs().max()}")
     print("model.pt2 reloaded and matches the eager model (batch 1, 8, 37)")
 
-    # 2. State dict: safetensors and plain torch.save (weights_only-loadable).
+    # 2. State dict as safetensors (for --model-factory ... --weights).
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     paths["weights.safetensors"] = os.path.join(args.out, "weights.safetensors")
     save_file(state, paths["weights.safetensors"])
-    paths["weights.pt"] = os.path.join(args.out, "weights.pt")
-    torch.save(state, paths["weights.pt"])
     check = model_lib.build()
-    check.load_state_dict(torch.load(paths["weights.pt"], weights_only=True))
+    check.load_state_dict(load_file(paths["weights.safetensors"]))
     with torch.no_grad():
         x = torch.from_numpy(data.normalize(test_x[:16]))
         assert torch.allclose(check(x), net(x), atol=1e-5)
