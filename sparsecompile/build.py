@@ -32,18 +32,22 @@ from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import check_readable, load_model
 from sparsecompile.graph import get_tensor
 from sparsecompile.layers import find_layers, unmatched_patterns
-from sparsecompile.masks import MaskContext, get_method
+from sparsecompile.masks import get_method
 from sparsecompile.passes import (
-    ApplyMasks, FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, RemoveIdentity, ShapePropagation,
+    FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, RemoveIdentity, ShapePropagation,
 )
+from sparsecompile.passes.correct_statistics import CORRECTION_MODES
 from sparsecompile.progress import Progress
 from sparsecompile.report import write_reports
+from sparsecompile.sparsify import sparsify
 from sparsecompile.targets import get_target
 from sparsecompile.verify import compare_outputs, count_nm_violations, layer_output_errors, run_batches
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Tolerance for "the normalized graph computes the same function" (relative L2 error).
 NORMALIZATION_TOLERANCE = 1e-4
+# What --correct auto means when calibration data is given (see benchmarks/results/accuracy.md).
+DEFAULT_CORRECTION = "bias"
 # ONNX Runtime vs torch on the same sparse weights (different kernels, fp32).
 ORT_TOLERANCE = 1e-3
 
@@ -67,6 +71,9 @@ class BuildOptions:
     sparsify: bool | None = None  # None: the target decides
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
     force: bool = False
+    correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
+    sequential: bool = True  # layer k's statistics with layers < k already sparse
+    update_weights: bool = False  # let the method compensate surviving weights (hessian)
     error_samples: int = 64  # calibration samples used for per-layer errors
     seed: int = 0
 
@@ -92,8 +99,8 @@ def _timed(timings: dict[str, float], name: str):
     timings[name] = round(time.perf_counter() - start, 3)
 
 
-def _normalization_passes(options: BuildOptions, alignment: int) -> list:
-    passes = [RemoveIdentity(), FoldBatchNorm(), ShapePropagation()]
+def _normalization_passes(options: BuildOptions, alignment: int, fold_pass: FoldBatchNorm) -> list:
+    passes = [RemoveIdentity(), fold_pass, ShapePropagation()]
     if options.lower_conv == "im2col":
         passes += [LowerConvIm2col(alignment=alignment), ShapePropagation()]
     elif options.lower_conv != "none":
@@ -120,7 +127,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         check_readable(Path(options.weights), "weights file")
     if options.calib is not None:
         check_readable(Path(options.calib), "calibration file")
-    sparsify = target.sparse_tensor_cores if options.sparsify is None else options.sparsify
+    if options.correct not in ("auto", "none", *CORRECTION_MODES):
+        raise SparseCompileError(f"unknown --correct '{options.correct}'; valid: auto, none, {', '.join(CORRECTION_MODES)}")
+    if options.update_weights and not method.can_update_weights:
+        raise SparseCompileError(f"--update-weights needs a method that can update weights (hessian), not '{method.name}'")
+    sparsify_layers = target.sparse_tensor_cores if options.sparsify is None else options.sparsify
     weights_dtype_name = target.default_precision if options.weights_dtype == "auto" else options.weights_dtype
     if weights_dtype_name not in _DTYPES:
         raise SparseCompileError(f"unknown --weights-dtype '{weights_dtype_name}'; valid: auto, {', '.join(_DTYPES)}")
@@ -155,7 +166,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     # 2. normalize
     with progress.stage("normalizing graph (remove identity, fold batch norm, shapes)"), _timed(timings, "normalize"):
         original = copy.deepcopy(loaded.module)
-        manager = PassManager(_normalization_passes(options, target.reduction_alignment),
+        fold_pass = FoldBatchNorm()
+        manager = PassManager(_normalization_passes(options, target.reduction_alignment, fold_pass),
                               on_pass=lambda name: progress.detail(f"pass {name}"))
         gm = manager.run(loaded.module, PassContext(example_inputs=loaded.example_inputs))
         reference_outputs = run_batches(original, batches(calib))
@@ -177,7 +189,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             progress.warn(f"--exclude '{pattern}' matches no layer")
             notes.append(f"--exclude '{pattern}' matched no layer")
         eligible = [layer for layer in layers if layer.reason is None]
-        if not sparsify:
+        if not sparsify_layers:
             for layer in eligible:
                 layer.reason = f"target '{target.name}' has no sparse tensor cores (pass --sparsify to mask anyway)"
             notes.append(f"target '{target.name}' has no sparse tensor cores: built a dense artifact")
@@ -185,20 +197,32 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         elif not target.sparse_tensor_cores:
             notes.append(f"--sparsify on '{target.name}': masks applied, but this target runs them dense "
                          "(no speedup; smaller compressed weights only)")
-        if not layers or (sparsify and not eligible):
+        if not layers or (sparsify_layers and not eligible):
             notes.append("no layer is eligible for 2:4 sparsity: the model is built dense")
             progress.warn("no layer is eligible for 2:4 sparsity; building a dense artifact (see report)")
         for layer in layers:
             progress.detail(f"{layer.name} ({layer.op}): " + (f"dense - {layer.reason}" if layer.reason else "sparse"))
-        context = MaskContext(calibration=calib, options={"seed": options.seed})
-        masks: dict[str, torch.Tensor] = {}
-        for layer in progress.bar(eligible, "layers"):
-            masks[layer.weight_target] = method.select(get_tensor(gm, layer.weight_target), layer, context)
+        dense_gm = copy.deepcopy(gm)
+        correct = options.correct
+        if correct == "auto":  # measured best on real data; without real data it would fit noise
+            correct = DEFAULT_CORRECTION if options.calib else "none"
+        if not eligible:
+            correct = "none"
+        uses_calibration = bool(method.needs) or correct != "none"
+        if uses_calibration and calib.source == "random":
+            progress.warn(f"--method {method.name} / --correct {options.correct} without --calib: statistics come "
+                          "from random inputs and will not help accuracy")
+        outcome = sparsify(
+            gm, eligible, layers, method, list(batches(calib)) if uses_calibration else [],
+            sequential=options.sequential, correct=correct, update_weights=options.update_weights,
+            folded_batchnorm=fold_pass.folded_params, progress=progress,
+        )
+        masks = outcome.masks
+        sparse_gm = gm
+        weights_changed = outcome.updated_weights or bool(outcome.corrections)
 
-    # 4. apply masks + verify
-    with progress.stage("applying masks and verifying"), _timed(timings, "verify"):
-        dense_gm = copy.deepcopy(gm) if masks else gm
-        sparse_gm = PassManager([ApplyMasks(masks)]).run(gm, PassContext()) if masks else gm
+    # 4. verify
+    with progress.stage("verifying"), _timed(timings, "verify"):
         layer_records = []
         for layer in layers:
             record = {
@@ -215,15 +239,20 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                         f"internal error: layer '{layer.name}' is not {n}:{m} along axis {layer.reduction_axis} "
                         f"({violations} bad groups); please report this"
                     )
-                kept = torch.equal(sparse_weight[masks[layer.weight_target]], dense_weight[masks[layer.weight_target]])
-                if not kept:
+                mask = masks[layer.weight_target]
+                kept = torch.equal(sparse_weight[mask], dense_weight[mask])
+                if not kept and not weights_changed:
                     raise SparseCompileError(f"internal error: kept weights of '{layer.name}' changed value")
+                record["kept_weights"] = "unchanged" if kept else (
+                    "updated (--update-weights)" if outcome.updated_weights else "rescaled per output row (--correct)")
                 total = float(dense_weight.abs().double().sum())
                 record.update(
                     status="sparse", reason=None,
-                    retained_magnitude=float(sparse_weight.abs().double().sum()) / total if total else 1.0,
+                    retained_magnitude=float((dense_weight.abs().double() * mask).sum()) / total if total else 1.0,
                     zero_fraction=float((sparse_weight == 0).double().mean()),
                 )
+            if layer.name in outcome.corrections:
+                record["correction"] = outcome.corrections[layer.name]
             layer_records.append(record)
         sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
         agreement = compare_outputs(dense_outputs, sparse_outputs)
@@ -295,6 +324,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "pattern": f"{n}:{m}",
                 "sparsified": bool(masks),
                 "options": {
+                    "correct": correct, "sequential": options.sequential, "update_weights": options.update_weights,
                     "exclude": options.exclude, "min_weights": options.min_weights,
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                 },

@@ -94,6 +94,16 @@ def _pattern(text: str) -> tuple[int, int]:
               help="Allow loading pickled modules. Unpickling runs arbitrary code: only for files you trust.")
 @click.option("--method", default="magnitude", show_default=True, metavar="NAME",
               help=f"Mask method: {', '.join(sorted(MASK_METHODS))}.")
+@click.option("--correct", type=click.Choice(["auto", "none", "bn", "bias"]), default="auto", show_default=True,
+              help="Statistics correction after masking: match the dense layer's per-channel mean/variance "
+                   "(bias) or re-estimate folded BatchNorm (bn); rescales surviving weights per output row. "
+                   "auto: bias with --calib, none without.")
+@click.option("--sequential/--one-shot", default=True, show_default=True,
+              help="Calibration statistics for layer k with layers < k already sparse (sequential), or all from "
+                   "the dense model (one-shot).")
+@click.option("--update-weights", is_flag=True,
+              help="Let the method compensate surviving weights (hessian: OBS/SparseGPT). Off: weights stay "
+                   "bit-identical.")
 @click.option("--pattern", default="2:4", show_default=True, metavar="N:M",
               help="Keep N of every M weights along the reduction axis (2:4 is what GPUs accelerate).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Keep layers whose name matches REGEX dense (repeatable).")
@@ -109,7 +119,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
 @click.pass_context
 def build(ctx, model, output, target, calib, calib_samples, input_shapes, model_factory, weights, trust_pickle,
-          method, pattern, exclude, min_weights, lower_conv, sparsify, weights_dtype, force, seed):
+          method, correct, sequential, update_weights, pattern, exclude, min_weights, lower_conv, sparsify,
+          weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
@@ -123,7 +134,8 @@ def build(ctx, model, output, target, calib, calib_samples, input_shapes, model_
     options = BuildOptions(
         model=model, output=output, target=target, model_factory=model_factory, weights=weights,
         trust_pickle=trust_pickle, calib=calib, calib_samples=calib_samples,
-        input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, pattern=_pattern(pattern),
+        input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, correct=correct,
+        sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, sparsify=sparsify,
         weights_dtype=weights_dtype, force=force, seed=seed,
     )

@@ -130,3 +130,20 @@ def layer_name_for(target: str) -> str:
         if target.endswith(suffix) and len(target) > len(suffix):
             return target[: -len(suffix)]
     return target
+
+
+def add_bias(gm, layer_node: torch.fx.Node, bias_slot: tuple[int, str], weight_target: str,
+             value: torch.Tensor) -> str:
+    """Give a bias-less layer the bias ``value``; returns the new attribute's target.
+
+    The bias lives next to the weight, on the weight's own owner (a top-level
+    weight ``w`` has no submodule ``w`` to hold ``w.bias``).
+    """
+    owner, _, attr = weight_target.rpartition(".")
+    bias_attr = "bias" if attr == "weight" else f"{attr}_bias"
+    target = unique_target(gm, f"{owner}.{bias_attr}" if owner else bias_attr)
+    set_tensor(gm, target, value)
+    with gm.graph.inserting_before(layer_node):
+        bias_node = gm.graph.get_attr(target)
+    set_arg(layer_node, *bias_slot, bias_node)
+    return target

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.masks.base import MaskContext, MaskMethod, topn_mask
+from sparsecompile.masks.activation import ActivationMask
+from sparsecompile.masks.hessian import HessianMask
 from sparsecompile.masks.magnitude import MagnitudeMask
 
 MASK_METHODS: dict[str, type[MaskMethod]] = {
-    MagnitudeMask.name: MagnitudeMask,
+    cls.name: cls for cls in (MagnitudeMask, ActivationMask, HessianMask)
 }
 
 

@@ -21,15 +21,22 @@ from sparsecompile.compress import from_gemm_view, gemm_view
 
 @dataclass
 class MaskContext:
-    """What a method may use besides the weight (calibration data, options)."""
+    """What a method may use besides the weight.
 
-    calibration: Any = None
+    ``statistics`` is an :class:`~sparsecompile.masks.statistics.InputStatistics`
+    of the layer's input columns over the calibration set, present when the
+    method's ``needs`` asks for it.
+    """
+
+    statistics: Any = None
     options: dict[str, Any] = field(default_factory=dict)
 
 
 class MaskMethod(ABC):
     name: str = ""
     description: str = ""
+    needs: frozenset[str] = frozenset()  # "norms" and/or "hessian": calibration statistics it uses
+    can_update_weights: bool = False  # whether select_and_update may change surviving weights
 
     def __init__(self, n: int = 2, m: int = 4):
         self.n, self.m = n, m
@@ -41,6 +48,10 @@ class MaskMethod(ABC):
     def select(self, weight: torch.Tensor, layer, context: MaskContext | None = None) -> torch.Tensor:
         scores = self.scores(weight, layer, context or MaskContext())
         return topn_mask(scores, layer.reduction_axis, self.n, self.m)
+
+    def select_and_update(self, weight: torch.Tensor, layer, context: MaskContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask plus compensated weights; methods that cannot update return the weight unchanged."""
+        return self.select(weight, layer, context), weight
 
 
 def topn_mask(scores: torch.Tensor, reduction_axis: int, n: int, m: int) -> torch.Tensor:

@@ -26,12 +26,14 @@ input does not come from a foldable layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx
 
 from sparsecompile.graph import (
     CONV_OPS, arg, conv_params, get_tensor, attr_uses, is_getitem, layer_name_for,
-    node_shape, set_arg, set_tensor, unique_target,
+    add_bias, node_shape, set_tensor,
 )
 from sparsecompile.passes.manager import PassContext, PassResult
 
@@ -61,8 +63,22 @@ def _const(gm, value) -> torch.Tensor | None | str:
     return "dynamic"
 
 
+@dataclass
+class FoldedBatchNorm:
+    """What a fold removed, kept so statistics correction can re-estimate the BN later."""
+
+    scale: torch.Tensor  # gamma / sqrt(running_var + eps), float64
+    running_var: torch.Tensor  # float64
+    eps: float
+    beta: torch.Tensor  # float64
+    output_axis: int  # output-channel axis of the stored weight
+
+
 class FoldBatchNorm:
     name = "fold_batchnorm"
+
+    def __init__(self):
+        self.folded_params: dict[str, FoldedBatchNorm] = {}  # weight target -> folded BN
 
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         folded: list[str] = []
@@ -127,21 +143,16 @@ class FoldBatchNorm:
         if bias is not None:
             set_tensor(gm, bias_value.target, new_bias)
         else:
-            # Next to the weight, on the weight's own owner: a top-level weight ``w`` has no
-            # submodule ``w`` to hold ``w.bias``.
-            owner, _, attr = weight_node.target.rpartition(".")
-            bias_attr = "bias" if attr == "weight" else f"{attr}_bias"
-            target = unique_target(gm, f"{owner}.{bias_attr}" if owner else bias_attr)
-            set_tensor(gm, target, new_bias)
-            with gm.graph.inserting_before(producer):
-                bias_node = gm.graph.get_attr(target)
-            set_arg(producer, *bias_slot, bias_node)
+            add_bias(gm, producer, bias_slot, weight_node.target, new_bias)
 
         for user in list(bn.users) if returns_tuple else [bn]:
             user.replace_all_uses_with(producer)
             if user is not bn:
                 gm.graph.erase_node(user)
         gm.graph.erase_node(bn)
+        self.folded_params[weight_node.target] = FoldedBatchNorm(
+            scale=scale, running_var=var.to(f64), eps=_eps(bn), beta=shift, output_axis=out_axis,
+        )
         folded.append(layer_name_for(weight_node.target))
         return None
 

@@ -1,0 +1,113 @@
+"""Calibration statistics of a layer's input, in the layer's GEMM column order.
+
+A 2:4 group runs along the weight's reduction axis; ``gemm_matrix`` lays the
+weight out as the GEMM uses it, ``[outputs, K]``. The statistics here are over
+the matching *input columns* ``x_j`` (``j`` in ``0..K``), so that
+``y[row] = sum_j W[row, j] * x_j``:
+
+* convolution ``W[Cout, Cin, kh, kw]`` (``gemm_matrix``: ``[Cout, kh*kw*Cin]``,
+  columns ordered ``(kh, kw, cin)``): ``x`` is the unfolded input patch, computed with
+  the convolution's real stride, padding and dilation, reordered from
+  ``unfold``'s ``(cin, kh, kw)`` to ``(kh, kw, cin)``;
+* ``linear`` / right constant operand ``[K, N]``: ``x`` is the last axis of
+  the activation;
+* left constant operand ``[M, K]`` (``W @ x``): ``x`` is the activation's
+  second-to-last axis.
+
+``InputStatistics`` accumulates the squared column norms (Wanda's
+``||x_j||``) and, when asked, the Gram matrix ``H = X^T X`` (the layer-wise
+Hessian of ``||W X - W' X||^2`` up to a factor 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from sparsecompile.graph import CONV_OPS, conv_params
+
+aten = torch.ops.aten
+
+
+def gemm_matrix(weight: torch.Tensor, reduction_axis: int) -> torch.Tensor:
+    """The weight as the GEMM sees it: ``[outputs, K]``, K ordered with the reduction axis fastest.
+
+    Convolution ``[Cout, Cin, kh, kw]`` -> ``[Cout, kh*kw*Cin]`` ordered
+    ``(kh, kw, cin)``; ``[K, N]`` operand -> ``[N, K]``; ``[O, I]`` -> itself.
+    Groups of M consecutive columns are the same N:M groups as
+    ``compress.gemm_view``'s (``Cin % M == 0``), but rows are whole output
+    channels, so a row's error couples all its kernel positions.
+    """
+    moved = weight.movedim(reduction_axis, -1)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def from_gemm_matrix(matrix: torch.Tensor, shape: tuple[int, ...], reduction_axis: int) -> torch.Tensor:
+    moved_shape = list(shape)
+    moved_shape.append(moved_shape.pop(reduction_axis))
+    return matrix.reshape(moved_shape).movedim(-1, reduction_axis)
+
+
+def _is_weight_operand(arg, weight_target: str) -> bool:
+    if not isinstance(arg, torch.fx.Node):
+        return False
+    if arg.op == "get_attr":
+        return arg.target == weight_target
+    return any(_is_weight_operand(a, weight_target) for a in arg.all_input_nodes)
+
+
+def activation_input(node: torch.fx.Node, weight_target: str) -> tuple[torch.fx.Node, str]:
+    """(activation node, kind) where kind is 'conv', 'last' (x[..., K]) or 'left' (W @ x)."""
+    if node.target in CONV_OPS:
+        return node.args[0], "conv"
+    if node.target == aten.linear.default:
+        return node.args[0], "last"
+    if node.target == aten.addmm.default:
+        return node.args[1], "last"
+    left, right = node.args[0], node.args[1]
+    if _is_weight_operand(right, weight_target):
+        return left, "last"
+    return right, "left"
+
+
+def gemm_columns(node: torch.fx.Node, kind: str, x: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """Input samples as ``[S, K]`` rows whose columns match ``gemm_matrix(weight)``'s columns."""
+    x = x.detach().float()
+    if kind == "last":
+        return x.reshape(-1, x.shape[-1])
+    if kind == "left":
+        return x.movedim(-2, -1).reshape(-1, x.shape[-2])
+    p = conv_params(node)
+    cin = weight_shape[1]
+    kernel = list(weight_shape[2:])
+    if len(kernel) == 1:  # conv1d as a conv2d over a height of 1
+        x = x.unsqueeze(2)
+        kernel, stride, padding, dilation = [1] + kernel, [1] + p["stride"], [0] + p["padding"], [1] + p["dilation"]
+    else:
+        stride, padding, dilation = p["stride"], p["padding"], p["dilation"]
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [N, cin*kh*kw, L]
+    n, _, length = cols.shape
+    positions = cols.shape[1] // cin
+    cols = cols.reshape(n, cin, positions, length).permute(0, 3, 2, 1)  # [N, L, kh*kw, cin]
+    return cols.reshape(n * length, positions * cin)
+
+
+class InputStatistics:
+    """Running sums over input columns: count, ``sum x_j^2`` and optionally ``X^T X``."""
+
+    def __init__(self, columns: int, hessian: bool):
+        self.count = 0
+        self.sq_norms = torch.zeros(columns, dtype=torch.float64)
+        self.gram = torch.zeros(columns, columns, dtype=torch.float64) if hessian else None
+
+    def update(self, cols: torch.Tensor) -> None:
+        self.count += cols.shape[0]
+        self.sq_norms += cols.double().pow(2).sum(0)
+        if self.gram is not None:
+            c = cols.double()
+            self.gram += c.T @ c
+
+    @property
+    def column_norms(self) -> torch.Tensor:
+        return self.sq_norms.sqrt()

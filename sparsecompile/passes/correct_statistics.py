@@ -1,0 +1,179 @@
+"""Statistics correction: repair per-channel output statistics after masking.
+
+Masking a layer shifts the mean and variance of its output channels, and the
+error compounds downstream. This pass rescales and shifts each output channel
+of a layer, ``o' = t * o + c``, by folding ``t`` into the weight's output
+rows and ``t * b + c`` into the bias. Layers are processed in graph order on
+the calibration set, each seeing the already-corrected layers upstream (what
+re-running BatchNorm statistics does).
+
+Modes (``--correct``):
+
+``bn``
+    BatchNorm re-estimation for layers whose BN was folded. With the fold's
+    ``s = gamma / sqrt(var + eps)`` and the sparse layer's output ``o``
+    (mean ``mu_o``, variance ``var_o`` over calibration samples and positions),
+    the pre-BN variance is ``var_m = var_o / s^2`` and the re-estimated BN is
+    ``o' = sqrt(var + eps) / sqrt(var_m + eps) * (o - mu_o) + beta``: exactly
+    ``BN(z)`` with running statistics re-measured on the calibration data,
+    then folded again. Layers without a folded BN are left alone.
+``bias``
+    Match the dense model's statistics: ``t = std_dense / std_sparse``,
+    ``c = mean_dense - t * mean_sparse`` per output channel, for every sparse
+    layer (with or without BN). The dense statistics come from the dense model
+    run on the same calibration inputs.
+
+Correction changes the surviving weights by one positive factor per output
+row; the 2:4 pattern is unchanged. Layers with no bias slot (``mm`` /
+``matmul``) cannot take the shift and are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from sparsecompile.graph import CONV_OPS, add_bias, arg, get_tensor, set_tensor
+from sparsecompile.masks.statistics import activation_input
+from sparsecompile.passes.manager import PassContext, PassResult
+from sparsecompile.sequential import LockstepRunner
+
+aten = torch.ops.aten
+
+CORRECTION_MODES = ("bn", "bias")  # plus "none": no pass at all
+_EPS = 1e-12
+
+
+def _bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
+    if node.target in CONV_OPS or node.target == aten.linear.default:
+        return 2, "bias"
+    if node.target == aten.addmm.default:
+        return 0, "self"
+    return None
+
+
+def _channel_axis(node: torch.fx.Node, layer) -> int:
+    if node.target in CONV_OPS:
+        return 1
+    _, kind = activation_input(node, layer.weight_target)
+    return -2 if kind == "left" else -1
+
+
+def _channel_moments(values: list[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total = count = squares = 0
+    for value in values:
+        v = value.detach().double().movedim(axis, -1)
+        v = v.reshape(-1, v.shape[-1])
+        total = total + v.sum(0)
+        squares = squares + (v * v).sum(0)
+        count += v.shape[0]
+    mean = total / count
+    return mean, (squares / count - mean * mean).clamp_min(0.0)
+
+
+def _relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    num = sum(float(((c.double() - r.double()) ** 2).sum()) for r, c in zip(reference, candidate))
+    den = sum(float((r.double() ** 2).sum()) for r in reference)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+class StatisticsCorrector:
+    """The per-layer correction, usable as an ``after`` hook of a LockstepRunner."""
+
+    def __init__(self, gm, mode: str, layers: list, folded_batchnorm: dict, sparse_targets: set[str]):
+        if mode not in CORRECTION_MODES:
+            raise ValueError(f"unknown correction mode '{mode}'")
+        self.gm, self.mode = gm, mode
+        self.folded = folded_batchnorm
+        self.by_node = {}
+        self.records: dict[str, dict] = {}
+        for layer in layers:
+            if layer.weight_target is None:
+                continue
+            if mode == "bn" and layer.weight_target in folded_batchnorm:
+                self.by_node[layer.node_name] = layer
+            elif mode == "bias" and layer.weight_target in sparse_targets:
+                self.by_node[layer.node_name] = layer
+
+    @property
+    def node_names(self) -> set[str]:
+        return set(self.by_node)
+
+    def prepare(self, reference_state: dict[str, torch.Tensor]) -> None:
+        """Give every layer to correct a bias (zero: the function is unchanged) before running."""
+        for node in self.gm.graph.nodes:
+            layer = self.by_node.get(node.name)
+            slot = _bias_slot(node) if layer is not None else None
+            if slot is None or arg(node, *slot) is not None:
+                continue
+            weight = get_tensor(self.gm, layer.weight_target)
+            out_axis = 0 if weight.dim() != 2 or layer.reduction_axis == 1 else 1
+            zeros = torch.zeros(weight.shape[out_axis], dtype=weight.dtype)
+            target = add_bias(self.gm, node, slot, layer.weight_target, zeros)
+            reference_state[target] = zeros.clone()
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    def after(self, node, reference: list[torch.Tensor], working: list[torch.Tensor]):
+        layer = self.by_node.get(node.name)
+        if layer is None:  # watched for another reason (mask selection)
+            return None
+        slot = _bias_slot(node)
+        before = _relative_error(reference, working)
+        if slot is None:
+            self.records[layer.name] = {"mode": self.mode, "skipped": "no bias slot to take the shift",
+                                        "error_before": before, "error_after": before}
+            return None
+        axis = _channel_axis(node, layer)
+        mean, var = _channel_moments(working, axis)
+        if self.mode == "bn":
+            folded = self.folded[layer.weight_target]
+            pre_bn_var = var / folded.scale.pow(2).clamp_min(_EPS)
+            scale = torch.sqrt(folded.running_var + folded.eps) / torch.sqrt(pre_bn_var + folded.eps)
+            shift = folded.beta - scale * mean
+        else:
+            ref_mean, ref_var = _channel_moments(reference, axis)
+            scale = torch.where(var > _EPS, torch.sqrt(ref_var / var.clamp_min(_EPS)), torch.ones_like(var))
+            shift = ref_mean - scale * mean
+        self._fold_into_layer(node, layer, slot, scale, shift)
+        shape = [1] * working[0].dim()
+        shape[axis] = -1
+        corrected = [
+            (w.double() * scale.reshape(shape) + shift.reshape(shape)).to(w.dtype) for w in working
+        ]
+        self.records[layer.name] = {
+            "mode": self.mode, "error_before": before, "error_after": _relative_error(reference, corrected),
+            "scale_min": float(scale.min()), "scale_max": float(scale.max()),
+        }
+        return corrected
+
+    def _fold_into_layer(self, node, layer, slot, scale, shift) -> None:
+        weight = get_tensor(self.gm, layer.weight_target)
+        out_axis = 0 if weight.dim() != 2 or layer.reduction_axis == 1 else 1
+        shape = [1] * weight.dim()
+        shape[out_axis] = -1
+        set_tensor(self.gm, layer.weight_target, (weight.double() * scale.reshape(shape)).to(weight.dtype))
+        bias_target = arg(node, *slot).target  # prepare() made sure there is one
+        bias = get_tensor(self.gm, bias_target)
+        set_tensor(self.gm, bias_target, (bias.double() * scale + shift).to(bias.dtype))
+
+
+class CorrectStatistics:
+    """Statistics correction on its own (any mask method): one sequential calibration pass."""
+
+    name = "correct_statistics"
+
+    def __init__(self, mode: str, layers: list, folded_batchnorm: dict, sparse_targets: set[str], chunks,
+                 dense_state: dict[str, torch.Tensor]):
+        self.mode, self.layers, self.folded = mode, layers, folded_batchnorm
+        self.sparse_targets, self.chunks = sparse_targets, chunks
+        self.dense_state = dict(dense_state)  # the weights before masking: the reference stream
+        self.corrector: StatisticsCorrector | None = None
+
+    def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
+        self.corrector = StatisticsCorrector(gm, self.mode, self.layers, self.folded, self.sparse_targets)
+        if not self.corrector.node_names:
+            return PassResult(gm, False, {"mode": self.mode, "corrected": []})
+        self.corrector.prepare(self.dense_state)
+        LockstepRunner(gm, self.dense_state).run(self.chunks, self.corrector.node_names, after=self.corrector.after)
+        return PassResult(gm, True, {"mode": self.mode, "corrected": sorted(self.corrector.records)})

@@ -1,0 +1,123 @@
+"""Run a graph over the whole calibration set one node at a time, in two streams.
+
+Calibration-aware mask methods and statistics correction need, for each
+layer, statistics of its inputs or outputs over *all* calibration samples
+before the next layer runs (SparseGPT's sequential order). This runner
+executes the graph node by node; every activation is a list with one tensor
+per calibration chunk, freed after its last use.
+
+Two streams run in lockstep:
+
+* the **reference** stream uses a snapshot of the dense weights (see
+  :func:`snapshot`): the function the user gave us;
+* the **working** stream uses whatever the weights are *now*, so a layer that
+  a hook masked or corrected affects everything downstream.
+
+Hooks run before a layer (seeing both streams' environments) and after it
+(seeing both streams' outputs; it may replace the working outputs). Constant
+subgraphs (``get_attr`` and views of weights such as ``permute(W)``) are
+evaluated on demand, so a weight a hook just changed is what the layer uses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+
+from sparsecompile.graph import get_tensor
+
+Values = list[torch.Tensor]
+Env = dict[torch.fx.Node, Values]
+BeforeHook = Callable[[torch.fx.Node, Env, Env], None]
+AfterHook = Callable[[torch.fx.Node, Values, Values], "Values | None"]
+
+
+def snapshot(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer: the reference (dense) state."""
+    tensors = dict(gm.named_parameters())
+    tensors.update(dict(gm.named_buffers()))
+    return {name: tensor.detach().clone() for name, tensor in tensors.items()}
+
+
+class LockstepRunner:
+    def __init__(self, gm: torch.fx.GraphModule, reference_state: dict[str, torch.Tensor]):
+        self.gm = gm
+        self.reference_weights = reference_state
+        nodes = list(gm.graph.nodes)
+        self.constant: set[torch.fx.Node] = set()
+        for node in nodes:
+            if node.op == "get_attr" or (
+                node.op == "call_function" and node.all_input_nodes
+                and all(a in self.constant for a in node.all_input_nodes)
+            ):
+                self.constant.add(node)
+        self.last_use: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in nodes:
+            for inp in node.all_input_nodes:
+                self.last_use[inp] = node
+
+    def _constant(self, node: torch.fx.Node, reference: bool):
+        if node.op == "get_attr":
+            if reference and node.target in self.reference_weights:
+                return self.reference_weights[node.target]
+            return get_tensor(self.gm, node.target)
+        args = torch.fx.node.map_arg(node.args, lambda n: self._constant(n, reference))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self._constant(n, reference))
+        return node.target(*args, **kwargs)
+
+    def _execute(self, node, env, index: int, reference: bool):
+        def value(n):
+            return self._constant(n, reference) if n in self.constant else env[n][index]
+
+        args = torch.fx.node.map_arg(node.args, value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise RuntimeError(f"cannot execute node '{node.name}' ({node.op})")
+
+    @torch.no_grad()
+    def run(
+        self,
+        chunks: list[tuple[torch.Tensor, ...]],
+        watched_nodes: set[str],
+        before: BeforeHook | None = None,
+        after: AfterHook | None = None,
+    ) -> tuple[list, list]:
+        """Run every chunk; returns the (reference, working) graph outputs, one entry per chunk."""
+        reference_env: dict[torch.fx.Node, Values] = {}
+        working_env: dict[torch.fx.Node, Values] = {}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for position, node in enumerate(placeholders):
+            column = [chunk[position] for chunk in chunks]
+            reference_env[node] = column
+            working_env[node] = list(column)
+        outputs: tuple[list, list] = ([], [])
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                for env, out, reference in ((reference_env, outputs[0], True), (working_env, outputs[1], False)):
+                    for i in range(len(chunks)):
+                        out.append(torch.fx.node.map_arg(
+                            node.args[0], lambda n: self._constant(n, reference) if n in self.constant else env[n][i]))
+                continue
+            if node.op == "placeholder" or node in self.constant:
+                continue
+            watched = node.name in watched_nodes
+            if watched and before is not None:
+                before(node, reference_env, working_env)
+            reference_env[node] = [self._execute(node, reference_env, i, True) for i in range(len(chunks))]
+            working_env[node] = [self._execute(node, working_env, i, False) for i in range(len(chunks))]
+            if watched and after is not None:
+                replaced = after(node, reference_env[node], working_env[node])
+                if replaced is not None:
+                    working_env[node] = replaced
+            for inp in node.all_input_nodes:
+                if self.last_use.get(inp) is node:
+                    reference_env.pop(inp, None)
+                    working_env.pop(inp, None)
+        return outputs

@@ -1,0 +1,105 @@
+"""Choose and apply masks, with calibration statistics and correction when asked.
+
+Magnitude masks without correction need no data: each eligible layer is
+masked independently. Otherwise one :class:`LockstepRunner` traversal of the
+calibration set does everything in graph order:
+
+* before an eligible layer runs, its input statistics are gathered -- from
+  the *working* stream (upstream layers already sparse and corrected:
+  ``sequential``, SparseGPT's order) or from the *reference* stream (the dense
+  model's activations: ``one-shot``) -- and its mask is chosen and applied
+  (with the method's weight update under ``--update-weights``);
+* after a layer runs, statistics correction (``--correct``) fixes its output
+  channels, so the next layer's statistics already see the repair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from sparsecompile.graph import get_tensor, set_tensor
+from sparsecompile.masks import MaskContext, MaskMethod
+from sparsecompile.masks.statistics import InputStatistics, activation_input, gemm_columns, gemm_matrix
+from sparsecompile.passes.correct_statistics import StatisticsCorrector
+from sparsecompile.sequential import LockstepRunner, snapshot
+
+
+@dataclass
+class SparsifyResult:
+    masks: dict[str, torch.Tensor]  # weight target -> keep-mask
+    corrections: dict[str, dict] = field(default_factory=dict)  # layer name -> before/after errors
+    updated_weights: bool = False
+
+
+def masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Kept entries bit for bit, dropped entries +0.0."""
+    return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype))
+
+
+def sparsify(
+    gm: torch.fx.GraphModule,
+    eligible: list,
+    all_layers: list,
+    method: MaskMethod,
+    chunks: list[tuple[torch.Tensor, ...]],
+    *,
+    sequential: bool = True,
+    correct: str = "none",
+    update_weights: bool = False,
+    folded_batchnorm: dict | None = None,
+    progress=None,
+) -> SparsifyResult:
+    """Mask ``eligible`` layers of ``gm`` in place; returns the masks and correction records."""
+    result = SparsifyResult(masks={}, updated_weights=update_weights and method.can_update_weights)
+    if not method.needs and correct == "none":
+        for layer in eligible:
+            weight = get_tensor(gm, layer.weight_target)
+            mask = method.select(weight, layer, MaskContext())
+            result.masks[layer.weight_target] = mask
+            set_tensor(gm, layer.weight_target, masked(weight, mask))
+        return result
+
+    corrector = None
+    if correct != "none":
+        corrector = StatisticsCorrector(gm, correct, all_layers, folded_batchnorm or {},
+                                        {layer.weight_target for layer in eligible})
+    reference_state = snapshot(gm)
+    if corrector is not None:
+        corrector.prepare(reference_state)
+    by_node = {layer.node_name: layer for layer in eligible}
+
+    def before(node, reference_env, working_env):
+        layer = by_node.get(node.name)
+        if layer is None:
+            return
+        weight = get_tensor(gm, layer.weight_target)
+        context = MaskContext()
+        if method.needs:
+            source, kind = activation_input(node, layer.weight_target)
+            values = (working_env if sequential else reference_env)[source]
+            columns = gemm_matrix(weight, layer.reduction_axis).shape[1]
+            stats = InputStatistics(columns, hessian="hessian" in method.needs)
+            for value in values:
+                stats.update(gemm_columns(node, kind, value, tuple(weight.shape)))
+            context.statistics = stats
+        if update_weights and method.can_update_weights:
+            mask, new_weight = method.select_and_update(weight, layer, context)
+        else:
+            mask, new_weight = method.select(weight, layer, context), weight
+        result.masks[layer.weight_target] = mask
+        set_tensor(gm, layer.weight_target, masked(new_weight, mask))
+        if progress is not None:
+            progress.detail(f"masked {layer.name}")
+
+    watched = set(by_node) | (corrector.node_names if corrector else set())
+    LockstepRunner(gm, reference_state).run(
+        chunks, watched, before=before, after=corrector.after if corrector else None,
+    )
+    gm.graph.lint()
+    gm.recompile()
+    if corrector is not None:
+        result.corrections = corrector.records
+    return result

@@ -1,0 +1,95 @@
+"""Layer-input statistics: columns in the GEMM order, with the convolution's real geometry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import export_graph
+from sparsecompile.masks.statistics import (
+    InputStatistics, activation_input, from_gemm_matrix, gemm_columns, gemm_matrix,
+)
+
+
+def _node(gm, name_part):
+    return next(n for n in gm.graph.nodes if n.op == "call_function" and name_part in str(n.target))
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2), (2, 1, 1)])
+def test_conv_columns_reproduce_the_convolution(stride, padding, dilation):
+    conv = nn.Conv2d(8, 6, 3, stride=stride, padding=padding, dilation=dilation, bias=False).eval()
+    x = torch.randn(2, 8, 9, 9)
+    gm = export_graph(conv, x)
+    node = _node(gm, "conv2d")
+    source, kind = activation_input(node, "weight")
+    assert kind == "conv" and source.op == "placeholder"
+    cols = gemm_columns(node, kind, x, tuple(conv.weight.shape))  # [N*L, kh*kw*Cin]
+    matrix = gemm_matrix(conv.weight.detach(), 1)  # [Cout, kh*kw*Cin], ordered (kh, kw, cin)
+    expected = conv(x)
+    got = (cols @ matrix.T).reshape(2, -1, 6).permute(0, 2, 1).reshape(expected.shape)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_padding_is_counted_as_zeros():
+    """modelopt-style calibration that ignores padding would see only interior pixels."""
+    conv = nn.Conv2d(4, 4, 3, padding=1, bias=False).eval()
+    x = torch.ones(1, 4, 5, 5)
+    gm = export_graph(conv, x)
+    node = _node(gm, "conv2d")
+    stats = InputStatistics(36, hessian=False)
+    stats.update(gemm_columns(node, "conv", x, tuple(conv.weight.shape)))
+    norms = stats.sq_norms.reshape(3, 3, 4)  # (kh, kw, cin)
+    assert torch.equal(norms[1, 1], torch.full((4,), 25.0, dtype=torch.float64))  # centre tap sees every pixel
+    assert torch.equal(norms[0, 0], torch.full((4,), 16.0, dtype=torch.float64))  # corner tap sees 4x4 of them
+
+
+def test_conv1d_and_linear_and_left_operand_columns():
+    conv = nn.Conv1d(4, 8, 3, padding=1, bias=False).eval()
+    x = torch.randn(2, 4, 10)
+    gm = export_graph(conv, x)
+    node = _node(gm, "conv1d")
+    cols = gemm_columns(node, "conv", x, tuple(conv.weight.shape))
+    got = (cols @ gemm_matrix(conv.weight.detach(), 1).T).reshape(2, 10, 8).permute(0, 2, 1)
+    torch.testing.assert_close(got, conv(x), rtol=1e-4, atol=1e-5)
+
+    class Left(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 8))
+
+        def forward(self, x):
+            return self.w @ x
+
+    left = Left().eval()
+    x = torch.randn(3, 8, 5)
+    gm = export_graph(left, x)
+    node = _node(gm, "matmul")
+    source, kind = activation_input(node, "w")
+    assert kind == "left"
+    cols = gemm_columns(node, kind, x, (6, 8))
+    assert cols.shape == (15, 8)
+    torch.testing.assert_close(cols @ left.w.detach().T, (left(x)).transpose(-1, -2).reshape(15, 6))
+
+
+def test_gemm_matrix_round_trip():
+    weight = torch.randn(5, 8, 3, 3)
+    matrix = gemm_matrix(weight, 1)
+    assert matrix.shape == (5, 72)
+    torch.testing.assert_close(matrix, weight.permute(0, 2, 3, 1).reshape(5, -1))
+    assert torch.equal(from_gemm_matrix(matrix, (5, 8, 3, 3), 1), weight)
+    stored_kn = torch.randn(12, 7)
+    assert torch.equal(gemm_matrix(stored_kn, 0), stored_kn.T)
+    assert torch.equal(from_gemm_matrix(stored_kn.T, (12, 7), 0), stored_kn)
+
+
+def test_gram_matrix_accumulates_over_chunks():
+    stats = InputStatistics(3, hessian=True)
+    a, b = torch.randn(4, 3), torch.randn(6, 3)
+    stats.update(a)
+    stats.update(b)
+    both = torch.cat([a, b]).double()
+    assert stats.count == 10
+    torch.testing.assert_close(stats.gram, both.T @ both)
+    torch.testing.assert_close(stats.column_norms, both.norm(dim=0))

@@ -1,0 +1,140 @@
+"""Statistics correction: bn mode equals real BatchNorm re-estimation; bias mode matches dense statistics."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from helpers import export_graph, run_pass
+from sparsecompile.graph import get_tensor, set_tensor
+from sparsecompile.layers import find_layers
+from sparsecompile.masks import get_method
+from sparsecompile.passes import FoldBatchNorm, PassContext, PassManager
+from sparsecompile.passes.correct_statistics import CorrectStatistics
+from sparsecompile.sequential import LockstepRunner, snapshot
+from sparsecompile.sparsify import masked
+
+
+class ConvBNChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+def _model_and_data(seed=0):
+    torch.manual_seed(seed)
+    model = ConvBNChain().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.3, 0.3)
+    calib = torch.randn(64, 8, 8, 8) * 1.3 + 0.2
+    return model, calib
+
+
+def _folded_and_masked(model, calib):
+    gm = export_graph(model, calib[:4], dynamic_batch=True)
+    fold = FoldBatchNorm()
+    gm = PassManager([fold]).run(gm, PassContext(example_inputs=(calib[:4],)))
+    dense_state = snapshot(gm)
+    layers = find_layers(gm)
+    masks = {}
+    for layer in layers:
+        weight = get_tensor(gm, layer.weight_target)
+        masks[layer.weight_target] = get_method("magnitude").select(weight, layer)
+        set_tensor(gm, layer.weight_target, masked(weight, masks[layer.weight_target]))
+    return gm, fold, layers, masks, dense_state
+
+
+def test_bn_mode_equals_eager_batchnorm_recalibration():
+    model, calib = _model_and_data()
+    gm, fold, layers, masks, dense_state = _folded_and_masked(model, calib)
+    correction = CorrectStatistics("bn", layers, fold.folded_params, set(masks), [(calib[:32],), (calib[32:],)],
+                                   dense_state)
+    gm, record = run_pass(correction, gm, (calib[:4],))
+    assert record.modified and record.stats["corrected"] == ["conv1", "conv2"]
+
+    # The same masks on the eager model, then BN statistics re-measured the standard way.
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in ("conv1", "conv2", "fc"):
+            conv = getattr(eager, name)
+            conv.weight.mul_(masks[f"{name}.weight"])
+        for bn in (eager.bn1, eager.bn2):
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+        eager.train()
+        eager(calib)  # one batch: BN normalizes with, and stores, the calibration statistics
+        eager.eval()
+        for bn in (eager.bn1, eager.bn2):  # torch stores the unbiased variance; BN normalizes with the biased one
+            n = calib.shape[0] * calib.shape[2] * calib.shape[3]
+            bn.running_var.mul_((n - 1) / n)
+        torch.testing.assert_close(gm(calib), eager(calib), rtol=2e-4, atol=2e-4)
+
+
+def test_bias_mode_matches_dense_channel_statistics():
+    model, calib = _model_and_data(1)
+    gm, fold, layers, masks, dense_state = _folded_and_masked(model, calib)
+    dense = export_graph(model, calib[:4], dynamic_batch=True)
+    correction = CorrectStatistics("bias", layers, fold.folded_params, set(masks), [(calib,)], dense_state)
+    gm, _ = run_pass(correction, gm, (calib[:4],))
+    records = correction.corrector.records
+    assert set(records) == {"conv1", "conv2", "fc"}
+    # Matching mean and variance is not a least-squares fit: one layer's error may grow; the model's must not.
+    assert all(r["error_before"] > 0 and r["error_after"] > 0 for r in records.values())
+    # conv1's outputs now have the dense per-channel mean and variance.
+    with torch.no_grad():
+        sparse_out = torch.nn.functional.conv2d(calib, get_tensor(gm, "conv1.weight"), get_tensor(gm, "conv1.bias"),
+                                                padding=1)
+        dense_out = torch.nn.functional.conv2d(calib, dense_state["conv1.weight"], dense_state["conv1.bias"], padding=1)
+    torch.testing.assert_close(sparse_out.mean((0, 2, 3)), dense_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sparse_out.var((0, 2, 3)), dense_out.var((0, 2, 3)), rtol=1e-3, atol=1e-4)
+    # Correction rescales whole rows: the 2:4 pattern is untouched.
+    assert torch.equal(get_tensor(gm, "conv1.weight") != 0, masks["conv1.weight"])
+    # And it helps the model as a whole.
+    error = lambda out: float((out - dense(calib)).norm() / dense(calib).norm())  # noqa: E731
+    uncorrected, *_ = _folded_and_masked(model, calib)
+    assert error(gm(calib)) < error(uncorrected(calib))
+
+
+def test_bn_mode_without_batchnorm_does_nothing():
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    x = torch.randn(16, 8)
+    gm = export_graph(model, x)
+    layers = find_layers(gm)
+    correction = CorrectStatistics("bn", layers, {}, {layers[0].weight_target}, [(x,)], snapshot(gm))
+    _, record = run_pass(correction, gm, (x,))
+    assert not record.modified and record.stats["corrected"] == []
+
+
+def test_lockstep_runner_without_hooks_reproduces_the_model():
+    model, calib = _model_and_data(2)
+    gm = export_graph(model, calib[:4], dynamic_batch=True)
+    chunks = [(calib[:20],), (calib[20:],)]
+    reference, working = LockstepRunner(gm, snapshot(gm)).run(chunks, set())
+    for (x,), ref, work in zip(chunks, reference, working):
+        expected = model(x)
+        torch.testing.assert_close(ref[0], expected)
+        torch.testing.assert_close(work[0], expected)
+
+
+def test_reference_stream_keeps_dense_weights():
+    model, calib = _model_and_data(3)
+    gm = export_graph(model, calib[:4], dynamic_batch=True)
+    state = snapshot(gm)
+    set_tensor(gm, "fc.weight", torch.zeros_like(gm.fc.weight))
+    reference, working = LockstepRunner(gm, state).run([(calib,)], set())
+    torch.testing.assert_close(reference[0][0], model(calib))
+    torch.testing.assert_close(working[0][0], gm.fc.bias.expand(64, 8))
