@@ -26,7 +26,9 @@ from sparsecompile import __version__
 from sparsecompile.backends.onnx_export import export_onnx
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
 from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir
-from sparsecompile.calibration import CalibrationData, load_calibration, match_to_model, random_calibration
+from sparsecompile.calibration import (
+    CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
+)
 from sparsecompile.compress import compress, save_weights, size_summary
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import check_readable, load_model
@@ -62,6 +64,7 @@ class BuildOptions:
     trust_pickle: bool = False
     calib: str | None = None
     calib_samples: int | None = None
+    preprocess: str | None = None  # for a --calib image directory, see calibration.parse_preprocess
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
     method: str = "magnitude"
     pattern: tuple[int, int] = (2, 4)
@@ -125,8 +128,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         check_readable(Path(options.model))
     if options.weights is not None:
         check_readable(Path(options.weights), "weights file")
-    if options.calib is not None:
+    if options.calib is not None and Path(options.calib).suffix in (".npy", ".npz"):
         check_readable(Path(options.calib), "calibration file")
+    preprocess = parse_preprocess(options.preprocess)
+    if options.preprocess and not (options.calib and Path(options.calib).is_dir()):
+        raise SparseCompileError("--preprocess applies to a --calib directory of images")
     if options.correct not in ("auto", "none", *CORRECTION_MODES):
         raise SparseCompileError(f"unknown --correct '{options.correct}'; valid: auto, none, {', '.join(CORRECTION_MODES)}")
     if options.update_weights and not method.can_update_weights:
@@ -138,7 +144,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
 
     # 1. load
     with progress.stage("loading model"), _timed(timings, "load"):
-        calib = load_calibration(options.calib, options.calib_samples) if options.calib else None
+        calib = (load_calibration(options.calib, options.calib_samples, preprocess, progress)
+                 if options.calib else None)
         loaded = load_model(
             options.model, factory=options.model_factory, weights=options.weights,
             trust_pickle=options.trust_pickle, input_shapes=options.input_shapes or None,

@@ -1,10 +1,18 @@
 """Calibration inputs: loading, checking against the model, batching.
 
-``--calib`` takes a ``.npy`` file (one model input) or a ``.npz`` file (one
-array per model input, matched by input name when every name is present,
-otherwise in file order). Axis 0 of every array is the sample axis. Data
-must match the model's input dtype and every non-batch dimension; a mismatch
-is a one-line error that says what was expected.
+``--calib`` takes
+
+* a ``.npy`` file (one model input) or a ``.npz`` file (one array per model
+  input, matched by input name when every name is present, otherwise in file
+  order), samples on axis 0, loaded without pickle;
+* a directory of images (PNG, JPEG, BMP, PPM/PGM, TIFF; needs Pillow),
+  turned into one float32 input by ``--preprocess`` (resize, scale, mean/std
+  normalisation, layout);
+* ``pkg.module:function``: a Python callable returning an iterable of
+  batches (arrays or tensors, or tuples/dicts of them for several inputs).
+
+Data must match the model's input dtype and every non-batch dimension; a
+mismatch is a one-line error that says what was expected.
 """
 
 from __future__ import annotations
@@ -48,12 +56,160 @@ def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def load_calibration(path: str | Path, max_samples: int | None = None) -> CalibrationData:
-    path = Path(path)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class Preprocess:
+    """How ``--preprocess`` turns image files into model input (``key=value`` pairs)."""
+
+    resize: tuple[int, int] | None = None  # (height, width)
+    scale: float = 1 / 255
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    layout: str = "nchw"
+    channels: int = 3
+
+
+def parse_preprocess(text: str | None) -> Preprocess:
+    """``"resize=224,224 mean=0.485,0.456,0.406 std=0.229,0.224,0.225 layout=nchw channels=3 scale=0.00392"``."""
+    result = Preprocess()
+    if not text:
+        return result
+    for item in text.replace(";", " ").split():
+        key, _, value = item.partition("=")
+        try:
+            numbers = tuple(float(v) for v in value.split(",")) if key in ("resize", "mean", "std", "scale", "channels") else ()
+        except ValueError:
+            raise SparseCompileError(f"--preprocess {key}={value}: expected comma-separated numbers") from None
+        if key == "resize" and len(numbers) in (1, 2) and all(v > 0 for v in numbers):
+            result.resize = (int(numbers[0]), int(numbers[-1]))
+        elif key in ("mean", "std") and numbers:
+            if key == "std" and any(v == 0 for v in numbers):
+                raise SparseCompileError("--preprocess std must not contain 0")
+            setattr(result, key, numbers)
+        elif key == "scale" and len(numbers) == 1:
+            result.scale = numbers[0]
+        elif key == "channels" and numbers in ((1.0,), (3.0,)):
+            result.channels = int(numbers[0])
+        elif key == "layout" and value in ("nchw", "nhwc"):
+            result.layout = value
+        else:
+            raise SparseCompileError(
+                f"--preprocess: cannot use '{item}'; keys: resize=H,W scale=S mean=M,.. std=S,.. "
+                "layout=nchw|nhwc channels=1|3"
+            )
+    return result
+
+
+def load_calibration(spec: str | Path, max_samples: int | None = None, preprocess: Preprocess | None = None,
+                     progress=None) -> CalibrationData:
+    """Load ``--calib``: an array file, an image directory or a ``pkg.module:function`` callable."""
+    path = Path(spec)
+    if path.is_dir():
+        return _load_image_dir(path, max_samples, preprocess or Preprocess(), progress)
+    if not path.exists() and ":" in str(spec) and not str(spec).endswith((".npy", ".npz")):
+        return _load_callable(str(spec), max_samples)
     if not path.exists():
         raise SparseCompileError(f"calibration file '{path}' does not exist")
-    if path.is_dir():
-        raise SparseCompileError(f"calibration path '{path}' is a directory; expected a .npy or .npz file")
+    return _load_array_file(path, max_samples)
+
+
+def _load_image_dir(path: Path, max_samples: int | None, preprocess: Preprocess, progress) -> CalibrationData:
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SparseCompileError(
+            f"calibration directory '{path}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SparseCompileError("reading calibration images needs Pillow: pip install pillow") from None
+    files = files[:max_samples] if max_samples else files
+    images = []
+    iterator = progress.bar(files, "images") if progress is not None else files
+    for file in iterator:
+        try:
+            with Image.open(file) as image:
+                image = image.convert("L" if preprocess.channels == 1 else "RGB")
+                if preprocess.resize:
+                    height, width = preprocess.resize
+                    image = image.resize((width, height), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise SparseCompileError(f"cannot read calibration image '{file}': {exc}") from None
+        if images and array.shape != images[0].shape:
+            raise SparseCompileError(
+                f"calibration image '{file.name}' is {array.shape[1]}x{array.shape[0]} but '{files[0].name}' is "
+                f"{images[0].shape[1]}x{images[0].shape[0]}; pass --preprocess resize=H,W"
+            )
+        images.append(array)
+    batch = np.stack(images) * np.float32(preprocess.scale)  # [N, H, W] or [N, H, W, C]
+    if batch.ndim == 3:
+        batch = batch[..., None]
+    for name in ("mean", "std"):
+        values = getattr(preprocess, name)
+        if values is not None and len(values) not in (1, batch.shape[-1]):
+            raise SparseCompileError(f"--preprocess {name} has {len(values)} values for {batch.shape[-1]} channel(s)")
+    if preprocess.mean is not None:
+        batch = batch - np.asarray(preprocess.mean, np.float32)
+    if preprocess.std is not None:
+        batch = batch / np.asarray(preprocess.std, np.float32)
+    if preprocess.layout == "nchw":
+        batch = batch.transpose(0, 3, 1, 2)
+    return CalibrationData((torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)),), str(path))
+
+
+def _as_tensors(item, label: str) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(item, dict):
+        return [(str(k), _as_tensor(v, label)) for k, v in item.items()]
+    if isinstance(item, (tuple, list)):
+        return [("", _as_tensor(v, label)) for v in item]
+    return [("", _as_tensor(item, label))]
+
+
+def _as_tensor(value, label: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise SparseCompileError(f"{label} yielded a {type(value).__name__}; expected arrays or tensors")
+
+
+def _load_callable(spec: str, max_samples: int | None) -> CalibrationData:
+    from sparsecompile.frontend import import_callable
+
+    function = import_callable(spec, "--calib")
+    label = f"--calib {spec}"
+    try:
+        batches = function()
+        collected: list[list[tuple[str, torch.Tensor]]] = []
+        count = 0
+        for item in batches:
+            tensors = _as_tensors(item, label)
+            if collected and len(tensors) != len(collected[0]):
+                raise SparseCompileError(f"{label} yielded batches with different numbers of arrays")
+            collected.append(tensors)
+            count += int(tensors[0][1].shape[0]) if tensors[0][1].dim() else 1
+            if max_samples and count >= max_samples:
+                break
+    except SparseCompileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code
+        raise SparseCompileError(f"{label} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not collected:
+        raise SparseCompileError(f"{label} yielded no batches")
+    keys = tuple(k for k, _ in collected[0])
+    try:
+        inputs = tuple(torch.cat([batch[i][1] for batch in collected]) for i in range(len(keys)))
+    except RuntimeError as exc:
+        raise SparseCompileError(f"{label} yielded batches whose shapes do not stack: {exc}") from None
+    if max_samples:
+        inputs = tuple(t[:max_samples] for t in inputs)
+    return CalibrationData(inputs, spec, keys if all(keys) else ())
+
+
+def _load_array_file(path: Path, max_samples: int | None) -> CalibrationData:
     with open(path, "rb") as handle:
         magic = handle.read(6)
     if magic != b"\x93NUMPY" and not zipfile.is_zipfile(path):

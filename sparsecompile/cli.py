@@ -83,8 +83,11 @@ def _pattern(text: str) -> tuple[int, int]:
               help="Build directory to write (replaced atomically).")
 @click.option("-t", "--target", default="a100", show_default=True, metavar="NAME",
               help=f"Deployment target: {', '.join(sorted(TARGETS))}.")
-@click.option("--calib", type=click.Path(dir_okay=False),
-              help="Calibration inputs: .npy (one input) or .npz (one array per input), samples on axis 0.")
+@click.option("--calib", metavar="PATH|DIR|PKG.MOD:FN",
+              help="Calibration inputs: .npy (one input) or .npz (one array per input), samples on axis 0; a "
+                   "directory of images (with --preprocess); or a Python callable returning batches.")
+@click.option("--preprocess", metavar="'KEY=V ...'",
+              help="For an image directory: resize=H,W scale=1/255 mean=.. std=.. layout=nchw|nhwc channels=1|3.")
 @click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most this many calibration samples.")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="D0,D1,...",
               help="Input shape, e.g. 1,3,224,224; repeat for several inputs. Overrides the model's examples.")
@@ -118,7 +121,7 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--force", is_flag=True, help="Replace --output even if it is not a previous build.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
 @click.pass_context
-def build(ctx, model, output, target, calib, calib_samples, input_shapes, model_factory, weights, trust_pickle,
+def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
           method, correct, sequential, update_weights, pattern, exclude, min_weights, lower_conv, sparsify,
           weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
@@ -133,7 +136,7 @@ def build(ctx, model, output, target, calib, calib_samples, input_shapes, model_
 
     options = BuildOptions(
         model=model, output=output, target=target, model_factory=model_factory, weights=weights,
-        trust_pickle=trust_pickle, calib=calib, calib_samples=calib_samples,
+        trust_pickle=trust_pickle, calib=calib, preprocess=preprocess, calib_samples=calib_samples,
         input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, correct=correct,
         sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, sparsify=sparsify,

@@ -249,9 +249,10 @@ def _example_inputs_of(ep) -> tuple[torch.Tensor, ...] | None:
     return tuple(a.detach().clone() for a in args)
 
 
-def _import_factory(spec: str):
+def import_callable(spec: str, flag: str):
+    """Import ``package.module:function`` (from the current directory too) for ``flag``."""
     if ":" not in spec:
-        raise SparseCompileError(f"--model-factory '{spec}' must look like 'package.module:function'")
+        raise SparseCompileError(f"{flag} '{spec}' must look like 'package.module:function'")
     module_name, function_name = spec.split(":", 1)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -259,11 +260,11 @@ def _import_factory(spec: str):
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, ...
         raise SparseCompileError(
-            f"cannot import '{module_name}' for --model-factory: {type(exc).__name__}: {_first_line(exc)}"
+            f"cannot import '{module_name}' for {flag}: {type(exc).__name__}: {_first_line(exc)}"
         ) from None
     factory = getattr(module, function_name, None)
     if not callable(factory):
-        raise SparseCompileError(f"'{module_name}' has no callable '{function_name}' (from --model-factory)")
+        raise SparseCompileError(f"'{module_name}' has no callable '{function_name}' (from {flag})")
     return factory
 
 
@@ -311,7 +312,7 @@ def load_model(
     if factory is not None:
         if path is not None:
             raise SparseCompileError("pass either a model file or --model-factory, not both")
-        build_fn = _import_factory(factory)
+        build_fn = import_callable(factory, "--model-factory")
         try:
             module = build_fn()
         except Exception as exc:  # noqa: BLE001

@@ -75,4 +75,7 @@ def test_option_errors(model_files, tmp_path):
         build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "x"), update_weights=True))
     with pytest.raises(SparseCompileError, match="unknown --correct"):
         build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "x"), correct="magic"))
+    with pytest.raises(SparseCompileError, match="--preprocess applies"):
+        build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "x"),
+                           calib=str(model_files / "calib.npy"), preprocess="resize=8,8"))
     assert not (tmp_path / "x").exists()
