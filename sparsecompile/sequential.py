@@ -21,7 +21,7 @@ evaluated on demand, so a weight a hook just changed is what the layer uses.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx
@@ -88,6 +88,7 @@ class LockstepRunner:
         watched_nodes: set[str],
         before: BeforeHook | None = None,
         after: AfterHook | None = None,
+        show_progress: Callable[[list], "Iterable"] | None = None,
     ) -> tuple[list, list]:
         """Run every chunk; returns the (reference, working) graph outputs, one entry per chunk."""
         reference_env: dict[torch.fx.Node, Values] = {}
@@ -98,7 +99,8 @@ class LockstepRunner:
             reference_env[node] = column
             working_env[node] = list(column)
         outputs: tuple[list, list] = ([], [])
-        for node in self.gm.graph.nodes:
+        nodes = list(self.gm.graph.nodes)
+        for node in show_progress(nodes) if show_progress else nodes:
             if node.op == "output":
                 for env, out, reference in ((reference_env, outputs[0], True), (working_env, outputs[1], False)):
                     for i in range(len(chunks)):

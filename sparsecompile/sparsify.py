@@ -23,6 +23,8 @@ import torch.fx
 from sparsecompile.graph import get_tensor, set_tensor
 from sparsecompile.masks import MaskContext, MaskMethod
 from sparsecompile.masks.statistics import InputStatistics, activation_input, gemm_columns, gemm_matrix
+from sparsecompile.passes import ApplyMasks, PassContext, PassManager
+from sparsecompile.passes.apply_masks import masked
 from sparsecompile.passes.correct_statistics import StatisticsCorrector
 from sparsecompile.sequential import LockstepRunner, snapshot
 
@@ -32,11 +34,6 @@ class SparsifyResult:
     masks: dict[str, torch.Tensor]  # weight target -> keep-mask
     corrections: dict[str, dict] = field(default_factory=dict)  # layer name -> before/after errors
     updated_weights: bool = False
-
-
-def masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Kept entries bit for bit, dropped entries +0.0."""
-    return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype))
 
 
 def sparsify(
@@ -56,10 +53,8 @@ def sparsify(
     result = SparsifyResult(masks={}, updated_weights=update_weights and method.can_update_weights)
     if not method.needs and correct == "none":
         for layer in eligible:
-            weight = get_tensor(gm, layer.weight_target)
-            mask = method.select(weight, layer, MaskContext())
-            result.masks[layer.weight_target] = mask
-            set_tensor(gm, layer.weight_target, masked(weight, mask))
+            result.masks[layer.weight_target] = method.select(get_tensor(gm, layer.weight_target), layer, MaskContext())
+        PassManager([ApplyMasks(result.masks)]).run(gm, PassContext())
         return result
 
     corrector = None
@@ -97,6 +92,7 @@ def sparsify(
     watched = set(by_node) | (corrector.node_names if corrector else set())
     LockstepRunner(gm, reference_state).run(
         chunks, watched, before=before, after=corrector.after if corrector else None,
+        show_progress=(lambda nodes: progress.bar(nodes, "calibration")) if progress is not None else None,
     )
     gm.graph.lint()
     gm.recompile()

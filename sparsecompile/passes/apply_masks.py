@@ -14,6 +14,11 @@ from sparsecompile.graph import get_tensor, set_tensor
 from sparsecompile.passes.manager import PassContext, PassResult
 
 
+def masked(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Kept entries bit for bit, dropped entries +0.0."""
+    return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype))
+
+
 class ApplyMasks:
     name = "apply_masks"
 
@@ -27,6 +32,6 @@ class ApplyMasks:
             if mask.shape != weight.shape or mask.dtype != torch.bool:
                 raise ValueError(f"mask for '{target}' has shape {tuple(mask.shape)}/{mask.dtype}, "
                                  f"weight has {tuple(weight.shape)}")
-            set_tensor(gm, target, torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype)))
+            set_tensor(gm, target, masked(weight, mask))
             zeroed += int((~mask).sum())
         return PassResult(gm, bool(self.masks), {"layers": len(self.masks), "zeroed_weights": zeroed})

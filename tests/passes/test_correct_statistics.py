@@ -14,7 +14,7 @@ from sparsecompile.masks import get_method
 from sparsecompile.passes import FoldBatchNorm, PassContext, PassManager
 from sparsecompile.passes.correct_statistics import CorrectStatistics
 from sparsecompile.sequential import LockstepRunner, snapshot
-from sparsecompile.sparsify import masked
+from sparsecompile.passes.apply_masks import masked
 
 
 class ConvBNChain(nn.Module):
