@@ -65,13 +65,15 @@ def sparsify(
     if corrector is not None:
         corrector.prepare(reference_state)
     by_node = {layer.node_name: layer for layer in eligible}
+    corrected = corrector.node_names if corrector is not None else set()
 
     def before(node, reference_env, working_env):
         layer = by_node.get(node.name)
         if layer is None:
             return
         weight = get_tensor(gm, layer.weight_target)
-        context = MaskContext()
+        # A corrected layer gets its mean shift back through the bias, so only the centered error counts.
+        context = MaskContext(options={"centered": correct != "none" and node.name in corrected})
         if method.needs:
             source, kind = activation_input(node, layer.weight_target)
             values = (working_env if sequential else reference_env)[source]

@@ -43,7 +43,7 @@ def _hessian(context: MaskContext) -> torch.Tensor:
     stats = context.statistics
     if stats is None or stats.gram is None:
         raise ValueError("the hessian method needs the calibration Hessian")
-    return stats.gram / max(stats.count, 1)
+    return stats.hessian(centered=bool(context.options.get("centered")))
 
 
 def _row_errors(w: torch.Tensor, keep: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -98,11 +98,13 @@ class InputStatistics:
 
     def __init__(self, columns: int, hessian: bool):
         self.count = 0
+        self.sums = torch.zeros(columns, dtype=torch.float64)
         self.sq_norms = torch.zeros(columns, dtype=torch.float64)
         self.gram = torch.zeros(columns, columns, dtype=torch.float64) if hessian else None
 
     def update(self, cols: torch.Tensor) -> None:
         self.count += cols.shape[0]
+        self.sums += cols.double().sum(0)
         self.sq_norms += cols.double().pow(2).sum(0)
         if self.gram is not None:
             c = cols.double()
@@ -111,3 +113,11 @@ class InputStatistics:
     @property
     def column_norms(self) -> torch.Tensor:
         return self.sq_norms.sqrt()
+
+    def hessian(self, centered: bool = False) -> torch.Tensor:
+        """``X^T X / S``; centered: the input covariance, the error left once a bias absorbs the mean shift."""
+        second_moment = self.gram / max(self.count, 1)
+        if not centered:
+            return second_moment
+        mean = self.sums / max(self.count, 1)
+        return second_moment - torch.outer(mean, mean)

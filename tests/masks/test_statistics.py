@@ -93,3 +93,13 @@ def test_gram_matrix_accumulates_over_chunks():
     assert stats.count == 10
     torch.testing.assert_close(stats.gram, both.T @ both)
     torch.testing.assert_close(stats.column_norms, both.norm(dim=0))
+
+
+def test_centered_hessian_is_the_input_covariance():
+    x = torch.randn(500, 4) * torch.tensor([1.0, 2.0, 0.5, 3.0]) + torch.tensor([5.0, -1.0, 0.0, 2.0])
+    stats = InputStatistics(4, hessian=True)
+    stats.update(x)
+    x64 = x.double()
+    torch.testing.assert_close(stats.hessian(), x64.T @ x64 / 500)
+    centered = x64 - x64.mean(0)
+    torch.testing.assert_close(stats.hessian(centered=True), centered.T @ centered / 500)
