@@ -28,12 +28,20 @@ def _bytes(count) -> str:
 
 
 def layer_table(report: dict, markdown: bool = False) -> str:
-    header = ["layer", "op", "weight shape", "status", "kept |w|", "out err", "why dense"]
+    header = ["layer", "op", "weight shape", "status", "kept |w|", "out err", "corrected", "why dense"]
     rows = []
     for layer in report["layers"]:
+        correction = layer.get("correction")
+        if correction is None:
+            corrected = "-"
+        elif "skipped" in correction:
+            corrected = f"skipped: {correction['skipped']}"
+        else:
+            corrected = f"{correction['mode']} {correction['error_before']:.2e}->{correction['error_after']:.2e}"
         rows.append([
             layer["name"], layer["op"], "x".join(map(str, layer["shape"])) or "-", layer["status"],
-            _pct(layer.get("retained_magnitude")), _err(layer.get("output_error")), layer.get("reason") or "",
+            _pct(layer.get("retained_magnitude")), _err(layer.get("output_error")), corrected,
+            layer.get("reason") or "",
         ])
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -73,6 +81,9 @@ def summary_lines(report: dict) -> list[str]:
             f"({compression['ratio_vs_dense_fp16']:.4f}x); file {_bytes(compression['file_bytes'])}, "
             f"ONNX {_bytes(compression['onnx_bytes'])}"
         )
+    options = report.get("options", {})
+    if options.get("correct", "none") != "none":
+        lines.append(f"correct: {options['correct']} ({'sequential' if options.get('sequential') else 'one-shot'})")
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines
@@ -90,7 +101,8 @@ def write_reports(directory: Path, report: dict) -> None:
     markdown += [
         "Columns: *kept |w|* is the fraction of the layer's weight magnitude the mask keeps; "
         "*out err* is the layer's relative output error from its mask alone, on the dense model's "
-        "activations over the calibration inputs.",
+        "activations over the calibration inputs; *corrected* is the layer's output error against the "
+        "dense model (everything upstream included) before and after statistics correction.",
         "",
     ]
     (directory / "report.md").write_text("\n".join(markdown))
