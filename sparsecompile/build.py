@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import hashlib
 import json
 import platform
 import time
@@ -31,7 +30,7 @@ from sparsecompile.calibration import (
 )
 from sparsecompile.compress import compress, save_weights, size_summary
 from sparsecompile.errors import SparseCompileError
-from sparsecompile.frontend import check_readable, load_model
+from sparsecompile.frontend import check_readable, file_sha256, load_model
 from sparsecompile.graph import get_tensor
 from sparsecompile.layers import find_layers, unmatched_patterns
 from sparsecompile.masks import get_method
@@ -85,14 +84,6 @@ class BuildOptions:
 class BuildResult:
     output: Path
     report: dict
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -364,7 +355,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 },
             }
             write_reports(staging, report)
-            files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
             manifest = {
                 "format": BUILD_FORMAT, "version": BUILD_FORMAT_VERSION,
                 "sparsecompile_version": __version__, "created": report["created"],

@@ -67,12 +67,15 @@ class LockstepRunner:
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self._constant(n, reference))
         return node.target(*args, **kwargs)
 
-    def _execute(self, node, env, index: int, reference: bool):
-        def value(n):
-            return self._constant(n, reference) if n in self.constant else env[n][index]
+    def _gather(self, arguments, env, index: int, reference: bool):
+        """``arguments`` with every node replaced by its value for chunk ``index``."""
+        return torch.fx.node.map_arg(
+            arguments, lambda n: self._constant(n, reference) if n in self.constant else env[n][index]
+        )
 
-        args = torch.fx.node.map_arg(node.args, value)
-        kwargs = torch.fx.node.map_arg(node.kwargs, value)
+    def _execute(self, node, env, index: int, reference: bool):
+        args = self._gather(node.args, env, index, reference)
+        kwargs = self._gather(node.kwargs, env, index, reference)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_module":
@@ -103,9 +106,7 @@ class LockstepRunner:
         for node in show_progress(nodes) if show_progress else nodes:
             if node.op == "output":
                 for env, out, reference in ((reference_env, outputs[0], True), (working_env, outputs[1], False)):
-                    for i in range(len(chunks)):
-                        out.append(torch.fx.node.map_arg(
-                            node.args[0], lambda n: self._constant(n, reference) if n in self.constant else env[n][i]))
+                    out.extend(self._gather(node.args[0], env, i, reference) for i in range(len(chunks)))
                 continue
             if node.op == "placeholder" or node in self.constant:
                 continue

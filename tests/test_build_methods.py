@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.errors import SparseCompileError

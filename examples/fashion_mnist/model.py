@@ -13,7 +13,6 @@ BasicBlock = conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU.
 Convolutions followed by BatchNorm have no bias.
 """
 
-import torch
 from torch import nn
 
 # Normalization applied to images scaled to [0, 1] (Fashion-MNIST training-set
