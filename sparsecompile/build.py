@@ -217,41 +217,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         )
         masks = outcome.masks
         sparse_gm = gm
-        weights_changed = outcome.updated_weights or bool(outcome.corrections)
 
     # 4. verify
     with progress.stage("verifying"), _timed(timings, "verify"):
-        layer_records = []
-        for layer in layers:
-            record = {
-                "name": layer.name, "op": layer.op, "node": layer.node_name, "weight": layer.weight_target,
-                "shape": list(layer.weight_shape), "reduction_axis": layer.reduction_axis,
-                "weights": layer.numel, "status": "dense", "reason": layer.reason,
-            }
-            if layer.weight_target in masks:
-                dense_weight = get_tensor(dense_gm, layer.weight_target)
-                sparse_weight = get_tensor(sparse_gm, layer.weight_target)
-                violations = count_nm_violations(sparse_weight, layer.reduction_axis, n, m)
-                if violations:
-                    raise SparseCompileError(
-                        f"internal error: layer '{layer.name}' is not {n}:{m} along axis {layer.reduction_axis} "
-                        f"({violations} bad groups); please report this"
-                    )
-                mask = masks[layer.weight_target]
-                kept = torch.equal(sparse_weight[mask], dense_weight[mask])
-                if not kept and not weights_changed:
-                    raise SparseCompileError(f"internal error: kept weights of '{layer.name}' changed value")
-                record["kept_weights"] = "unchanged" if kept else (
-                    "updated (--update-weights)" if outcome.updated_weights else "rescaled per output row (--correct)")
-                total = float(dense_weight.abs().double().sum())
-                record.update(
-                    status="sparse", reason=None,
-                    retained_magnitude=float((dense_weight.abs().double() * mask).sum()) / total if total else 1.0,
-                    zero_fraction=float((sparse_weight == 0).double().mean()),
-                )
-            if layer.name in outcome.corrections:
-                record["correction"] = outcome.corrections[layer.name]
-            layer_records.append(record)
+        layer_records = _verify_layers(layers, outcome, dense_gm, sparse_gm, n, m)
         sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
         agreement = compare_outputs(dense_outputs, sparse_outputs)
         if masks:
@@ -286,26 +255,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
 
         # 7. compressed weights
         with progress.stage("compressing weights"), _timed(timings, "compress"):
-            dtype = _DTYPES[weights_dtype_name]
-            sparse_entries, dense_entries = {}, {}
-            by_target = {r["weight"]: r for r in layer_records}
-            for name, tensor in list(sparse_gm.named_parameters()) + list(sparse_gm.named_buffers()):
-                value = tensor.detach()
-                if value.is_floating_point():
-                    value = value.to(dtype)
-                record = by_target.get(name)
-                if record is not None and record["status"] == "sparse":
-                    entry = compress(value, record["reduction_axis"], n, m)
-                    sparse_entries[name] = entry
-                    record["compressed_bytes"] = entry.nbytes
-                    record["dense_fp16_bytes"] = entry.dense_nbytes(torch.float16)
-                else:
-                    dense_entries[name] = value.contiguous()
-            save_weights(staging / "weights.safetensors", sparse_entries, dense_entries,
-                         {"target": target.name, "pattern": f"{n}:{m}", "dtype": weights_dtype_name})
-            compression = size_summary(sparse_entries) if sparse_entries else {}
-            compression["weights_dtype"] = weights_dtype_name
-            compression["file_bytes"] = (staging / "weights.safetensors").stat().st_size
+            compression = _write_weights(staging / "weights.safetensors", sparse_gm, layer_records,
+                                         weights_dtype_name, n, m, target)
             compression["onnx_bytes"] = (staging / "model.onnx").stat().st_size
 
         # 8. report + manifest
@@ -366,3 +317,64 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     report["timings"]["total"] = round(time.perf_counter() - started, 3)
     return BuildResult(out, report)
+
+
+def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list[dict]:
+    """Per-layer report records; checks every sparse weight independently (N:M, kept values)."""
+    weights_changed = outcome.updated_weights or bool(outcome.corrections)
+    records = []
+    for layer in layers:
+        record = {
+            "name": layer.name, "op": layer.op, "node": layer.node_name, "weight": layer.weight_target,
+            "shape": list(layer.weight_shape), "reduction_axis": layer.reduction_axis,
+            "weights": layer.numel, "status": "dense", "reason": layer.reason,
+        }
+        mask = outcome.masks.get(layer.weight_target)
+        if mask is not None:
+            dense_weight = get_tensor(dense_gm, layer.weight_target)
+            sparse_weight = get_tensor(sparse_gm, layer.weight_target)
+            violations = count_nm_violations(sparse_weight, layer.reduction_axis, n, m)
+            if violations:
+                raise SparseCompileError(
+                    f"internal error: layer '{layer.name}' is not {n}:{m} along axis {layer.reduction_axis} "
+                    f"({violations} bad groups); please report this"
+                )
+            kept = torch.equal(sparse_weight[mask], dense_weight[mask])
+            if not kept and not weights_changed:
+                raise SparseCompileError(f"internal error: kept weights of '{layer.name}' changed value")
+            total = float(dense_weight.abs().double().sum())
+            record.update(
+                status="sparse", reason=None,
+                kept_weights="unchanged" if kept else (
+                    "updated (--update-weights)" if outcome.updated_weights else "rescaled per output row (--correct)"),
+                retained_magnitude=float((dense_weight.abs().double() * mask).sum()) / total if total else 1.0,
+                zero_fraction=float((sparse_weight == 0).double().mean()),
+            )
+        if layer.name in outcome.corrections:
+            record["correction"] = outcome.corrections[layer.name]
+        records.append(record)
+    return records
+
+
+def _write_weights(path: Path, gm, layer_records: list[dict], dtype_name: str, n: int, m: int, target) -> dict:
+    """weights.safetensors: sparse layers compressed, everything else plain; returns the size summary."""
+    dtype = _DTYPES[dtype_name]
+    sparse_entries, dense_entries = {}, {}
+    by_target = {r["weight"]: r for r in layer_records}
+    for name, tensor in list(gm.named_parameters()) + list(gm.named_buffers()):
+        value = tensor.detach()
+        if value.is_floating_point():
+            value = value.to(dtype)
+        record = by_target.get(name)
+        if record is not None and record["status"] == "sparse":
+            entry = compress(value, record["reduction_axis"], n, m)
+            sparse_entries[name] = entry
+            record["compressed_bytes"] = entry.nbytes
+            record["dense_fp16_bytes"] = entry.dense_nbytes(torch.float16)
+        else:
+            dense_entries[name] = value.contiguous()
+    save_weights(path, sparse_entries, dense_entries, {"target": target.name, "pattern": f"{n}:{m}", "dtype": dtype_name})
+    compression = size_summary(sparse_entries) if sparse_entries else {}
+    compression["weights_dtype"] = dtype_name
+    compression["file_bytes"] = path.stat().st_size
+    return compression
