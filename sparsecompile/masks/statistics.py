@@ -93,11 +93,18 @@ def gemm_columns(node: torch.fx.Node, kind: str, x: torch.Tensor, weight_shape: 
     return cols.reshape(n * length, positions * cin)
 
 
+# Rows of one update that enter the Gram matrix. A convolution yields one row per output
+# position per sample (hundreds of thousands); a seeded random subset estimates H well at a
+# fraction of the O(rows * K^2) cost. Means and norms always use every row.
+GRAM_ROWS_PER_UPDATE = 16384
+
+
 class InputStatistics:
     """Running sums over input columns: count, ``sum x_j^2`` and optionally ``X^T X``."""
 
     def __init__(self, columns: int, hessian: bool):
         self.count = 0
+        self.gram_count = 0
         self.sums = torch.zeros(columns, dtype=torch.float64)
         self.sq_norms = torch.zeros(columns, dtype=torch.float64)
         self.gram = torch.zeros(columns, columns, dtype=torch.float64) if hessian else None
@@ -107,8 +114,14 @@ class InputStatistics:
         self.sums += cols.double().sum(0)
         self.sq_norms += cols.double().pow(2).sum(0)
         if self.gram is not None:
-            c = cols.double()
-            self.gram += c.T @ c
+            sample = cols.float()
+            if cols.shape[0] > GRAM_ROWS_PER_UPDATE:
+                # Random rows, not a stride: a stride aliases with the image width and keeps
+                # picking the same (often zero-padded) columns.
+                generator = torch.Generator().manual_seed(self.gram_count + cols.shape[0])
+                sample = sample[torch.randperm(cols.shape[0], generator=generator)[:GRAM_ROWS_PER_UPDATE]]
+            self.gram_count += sample.shape[0]
+            self.gram += (sample.T @ sample).double()  # fp32 products, fp64 accumulation across updates
 
     @property
     def column_norms(self) -> torch.Tensor:
@@ -116,7 +129,7 @@ class InputStatistics:
 
     def hessian(self, centered: bool = False) -> torch.Tensor:
         """``X^T X / S``; centered: the input covariance, the error left once a bias absorbs the mean shift."""
-        second_moment = self.gram / max(self.count, 1)
+        second_moment = self.gram / max(self.gram_count, 1)
         if not centered:
             return second_moment
         mean = self.sums / max(self.count, 1)
