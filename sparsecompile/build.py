@@ -287,6 +287,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "zeroed_weights": int(sum(r["weights"] * r.get("zero_fraction", 0.0) for r in layer_records)),
                 },
                 "layers": layer_records,
+                "batchnorm_reestimated": outcome.batchnorm_reestimated,
                 "verification": {
                     "calibration": {"source": calib.source, "samples": calib.num_samples},
                     "nm_check": "passed" if masks else "no sparse layers",

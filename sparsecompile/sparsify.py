@@ -33,6 +33,7 @@ from sparsecompile.sequential import LockstepRunner, snapshot
 class SparsifyResult:
     masks: dict[str, torch.Tensor]  # weight target -> keep-mask
     corrections: dict[str, dict] = field(default_factory=dict)  # layer name -> before/after errors
+    batchnorm_reestimated: dict[str, dict] = field(default_factory=dict)  # unfolded BN node -> what changed
     updated_weights: bool = False
 
 
@@ -68,6 +69,8 @@ def sparsify(
     corrected = corrector.node_names if corrector is not None else set()
 
     def before(node, reference_env, working_env):
+        if corrector is not None:
+            corrector.before(node, reference_env, working_env)
         layer = by_node.get(node.name)
         if layer is None:
             return
@@ -100,4 +103,5 @@ def sparsify(
     gm.recompile()
     if corrector is not None:
         result.corrections = corrector.records
+        result.batchnorm_reestimated = corrector.batchnorm_records
     return result

@@ -16,7 +16,9 @@ Modes (``--correct``):
     the pre-BN variance is ``var_m = var_o / s^2`` and the re-estimated BN is
     ``o' = sqrt(var + eps) / sqrt(var_m + eps) * (o - mu_o) + beta``: exactly
     ``BN(z)`` with running statistics re-measured on the calibration data,
-    then folded again. Layers without a folded BN are left alone.
+    then folded again. BatchNorms the fold could not remove (after an
+    activation, say) get their running mean and (biased) variance replaced by
+    the calibration statistics of their input, in place.
 ``bias``
     Match the dense model's statistics: ``t = std_dense / std_sparse``,
     ``c = mean_dense - t * mean_sparse`` per output channel, for every sparse
@@ -34,6 +36,7 @@ import torch
 import torch.fx
 
 from sparsecompile.graph import CONV_OPS, add_bias, arg, get_tensor, set_tensor
+from sparsecompile.passes.fold_batchnorm import BN_OPS
 from sparsecompile.masks.statistics import activation_input
 from sparsecompile.passes.manager import PassContext, PassResult
 from sparsecompile.sequential import LockstepRunner
@@ -95,9 +98,35 @@ class StatisticsCorrector:
             elif mode == "bias" and layer.weight_target in sparse_targets:
                 self.by_node[layer.node_name] = layer
 
+        # BatchNorm nodes the fold could not remove (e.g. conv -> ReLU -> BN): re-estimated in place.
+        self.batchnorms = {
+            node.name: node for node in gm.graph.nodes
+            if mode == "bn" and node.op == "call_function" and node.target in BN_OPS
+            and all(isinstance(arg(node, i, name), torch.fx.Node) and arg(node, i, name).op == "get_attr"
+                    for i, name in ((3, "running_mean"), (4, "running_var")))
+        }
+        self.batchnorm_records: dict[str, dict] = {}
+
     @property
     def node_names(self) -> set[str]:
-        return set(self.by_node)
+        return set(self.by_node) | set(self.batchnorms)
+
+    def before(self, node, reference_env, working_env) -> None:
+        """Re-estimate an unfolded BatchNorm's running statistics from its (working) input."""
+        bn = self.batchnorms.get(node.name)
+        if bn is None:
+            return
+        values = working_env[bn.args[0]]
+        mean, var = _channel_moments(values, 1)
+        targets = (arg(bn, 3, "running_mean").target, arg(bn, 4, "running_var").target)
+        old_mean, old_var = (get_tensor(self.gm, t) for t in targets)
+        set_tensor(self.gm, targets[0], mean.to(old_mean.dtype))
+        set_tensor(self.gm, targets[1], var.to(old_var.dtype))
+        self.batchnorm_records[bn.name] = {
+            "mode": "bn", "running_mean": targets[0],
+            "mean_shift": float((mean - old_mean.double()).abs().max()),
+            "var_ratio_max": float((var / old_var.double().clamp_min(_EPS)).max()),
+        }
 
     def prepare(self, reference_state: dict[str, torch.Tensor]) -> None:
         """Give every layer to correct a bias (zero: the function is unchanged) before running."""
@@ -175,5 +204,7 @@ class CorrectStatistics:
         if not self.corrector.node_names:
             return PassResult(gm, False, {"mode": self.mode, "corrected": []})
         self.corrector.prepare(self.dense_state)
-        LockstepRunner(gm, self.dense_state).run(self.chunks, self.corrector.node_names, after=self.corrector.after)
-        return PassResult(gm, True, {"mode": self.mode, "corrected": sorted(self.corrector.records)})
+        LockstepRunner(gm, self.dense_state).run(self.chunks, self.corrector.node_names,
+                                                 before=self.corrector.before, after=self.corrector.after)
+        return PassResult(gm, True, {"mode": self.mode, "corrected": sorted(self.corrector.records),
+                                     "batchnorm_reestimated": sorted(self.corrector.batchnorm_records)})

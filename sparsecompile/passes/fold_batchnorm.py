@@ -40,7 +40,7 @@ from sparsecompile.passes.manager import PassContext, PassResult
 aten = torch.ops.aten
 
 # op -> (index of the `training` argument or None, returns a tuple?)
-_BN_OPS = {
+BN_OPS = {
     aten.batch_norm.default: (5, False),
     aten._native_batch_norm_legit_no_training.default: (None, True),
     aten.native_batch_norm.default: (5, True),
@@ -84,7 +84,7 @@ class FoldBatchNorm:
         folded: list[str] = []
         skipped: dict[str, str] = {}
         for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in _BN_OPS:
+            if node.op != "call_function" or node.target not in BN_OPS:
                 continue
             reason = self._try_fold(gm, node, folded)
             if reason:
@@ -94,7 +94,7 @@ class FoldBatchNorm:
         return PassResult(gm, bool(folded), {"folded": folded, "skipped": skipped})
 
     def _try_fold(self, gm, bn: torch.fx.Node, folded: list[str]) -> str | None:
-        training_index, returns_tuple = _BN_OPS[bn.target]
+        training_index, returns_tuple = BN_OPS[bn.target]
         if training_index is not None and arg(bn, training_index, "training", False):
             return "batch norm in training mode (export the model after model.eval())"
         if returns_tuple and not all(is_getitem(u, 0) for u in bn.users):

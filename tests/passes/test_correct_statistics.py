@@ -138,3 +138,43 @@ def test_reference_stream_keeps_dense_weights():
     reference, working = LockstepRunner(gm, state).run([(calib,)], set())
     torch.testing.assert_close(reference[0][0], model(calib))
     torch.testing.assert_close(working[0][0], gm.fc.bias.expand(64, 8))
+
+
+class BNAfterReLU(nn.Module):
+    """conv -> ReLU -> BN: the fold cannot remove this BN, so bn mode re-estimates it in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.bn(torch.relu(self.conv1(x))))
+
+
+def test_bn_mode_reestimates_batchnorm_the_fold_left_in_place():
+    torch.manual_seed(4)
+    model = BNAfterReLU().eval()
+    model.bn.running_mean.uniform_(0.0, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    calib = torch.randn(32, 8, 6, 6)
+    gm, fold, layers, masks, dense_state = _folded_and_masked(model, calib)
+    assert fold.folded_params == {}  # nothing foldable
+    correction = CorrectStatistics("bn", layers, fold.folded_params, set(masks), [(calib[:16],), (calib[16:],)],
+                                   dense_state)
+    gm, record = run_pass(correction, gm, (calib[:4],))
+    assert record.modified and len(record.stats["batchnorm_reestimated"]) == 1
+
+    eager = copy.deepcopy(model)
+    with torch.no_grad():
+        eager.conv1.weight.mul_(masks["conv1.weight"])
+        eager.conv2.weight.mul_(masks["conv2.weight"])
+        eager.bn.reset_running_stats()
+        eager.bn.momentum = None
+        eager.train()
+        eager(calib)
+        eager.eval()
+        n = 32 * 6 * 6
+        eager.bn.running_var.mul_((n - 1) / n)
+        torch.testing.assert_close(gm(calib), eager(calib), rtol=2e-4, atol=2e-4)
