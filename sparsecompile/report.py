@@ -84,6 +84,9 @@ def summary_lines(report: dict) -> list[str]:
     options = report.get("options", {})
     if options.get("correct", "none") != "none":
         lines.append(f"correct: {options['correct']} ({'sequential' if options.get('sequential') else 'one-shot'})")
+    if report.get("batchnorm_reestimated"):
+        names = ", ".join(sorted(report["batchnorm_reestimated"]))
+        lines.append(f"         batch norms re-estimated in place (not foldable): {names}")
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines
