@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +44,7 @@ from torch import nn
 # Make `import sparsecompile` work when run from a checkout without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import sparsecompile  # noqa: E402
 from sparsecompile.build import BuildOptions, build  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
 
@@ -155,6 +157,19 @@ def export_model(model: nn.Module, batch: int, path: Path) -> int:
 # --------------------------------------------------------------------------- reporting
 
 
+def source_revision() -> str:
+    """The git commit of the sparsecompile being measured (+dirty if its sources are modified)."""
+    root = Path(sparsecompile.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsecompile"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
 def busy_cpu_seconds() -> float | None:
     """CPU seconds all processes on the machine have used (Linux /proc/stat), or None elsewhere."""
     try:
@@ -224,7 +239,8 @@ def main() -> int:
     try:
         model = make_model()
         params = sum(p.numel() for p in model.parameters())
-        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+              f"sparsecompile {sparsecompile.__version__} ({source_revision()})")
         print(f"model:   ResNet-50-shaped, {params:,} parameters ({params / 1e6:.1f}M), random weights, seed {SEED}")
 
         start = time.perf_counter()
@@ -297,7 +313,9 @@ def main() -> int:
         onnx_path = last.output / "model.onnx"
         onnx_bytes = onnx_path.stat().st_size
         sidecars = [p for p in last.output.iterdir() if p.name.startswith("model.onnx") and p != onnx_path]
-        print("artifact (last run)")
+        options = report.get("options", {})
+        print(f"artifact (last run; method {report.get('method')}, correct={options.get('correct', 'n/a')}, "
+              f"sequential={options.get('sequential', 'n/a')})")
         ratio = compression.get("ratio_vs_dense_fp16")
         size_rows = [
             ["layers (sparse / dense)", f"{summary['sparse_layers']} / {summary['dense_layers']}"
