@@ -175,7 +175,19 @@ def train_model(spec: ModelSpec, train_x, train_y, test_x, test_y, log) -> dict:
                                                 pct_start=0.25)
     start = time.time()
     history = []
-    for epoch in range(1, spec.epochs + 1):
+    first_epoch, spent = 1, 0.0
+    ckpt = CACHE / "models" / f"{spec.key}.partial.pt"
+    if ckpt.exists():  # resume an interrupted training run (per-epoch checkpoint)
+        state = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        first_epoch, history, spent = state["epoch"] + 1, state["history"], state["seconds"]
+        log(f"  resuming from the epoch {state['epoch']} checkpoint")
+    start -= spent
+    for epoch in range(first_epoch, spec.epochs + 1):
         net.train()
         t0 = time.time()
         order = rng.permutation(len(train_x))
@@ -194,6 +206,10 @@ def train_model(spec: ModelSpec, train_x, train_y, test_x, test_y, log) -> dict:
         history.append(round(acc, 4))
         log(f"  epoch {epoch}/{spec.epochs} loss {loss_sum / len(train_x):.4f} test acc {acc:.4f} "
             f"({time.time() - t0:.0f}s)")
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                    "history": history, "seconds": time.time() - start}, ckpt)
     train_seconds = time.time() - start
     net = net.to(memory_format=torch.contiguous_format).eval()
 
@@ -213,6 +229,7 @@ def train_model(spec: ModelSpec, train_x, train_y, test_x, test_y, log) -> dict:
             "train_seconds": round(train_seconds, 1), "test_acc_per_epoch": history,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     spec.meta.write_text(json.dumps(meta, indent=2) + "\n")
+    ckpt.unlink(missing_ok=True)
     log(f"  trained {spec.key} in {train_seconds:.0f}s, wrote {spec.pt2.relative_to(ROOT)}")
     return meta
 

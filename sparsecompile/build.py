@@ -217,6 +217,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         )
         masks = outcome.masks
         sparse_gm = gm
+        for name, why in outcome.fallbacks.items():
+            progress.warn(f"{name}: {why}")
+            notes.append(f"{name}: {why}")
 
     # 4. verify
     with progress.stage("verifying"), _timed(timings, "verify"):
@@ -351,6 +354,8 @@ def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list
                 retained_magnitude=float((dense_weight.abs().double() * mask).sum()) / total if total else 1.0,
                 zero_fraction=float((sparse_weight == 0).double().mean()),
             )
+        if layer.name in outcome.fallbacks:
+            record["mask_note"] = outcome.fallbacks[layer.name]
         if layer.name in outcome.corrections:
             record["correction"] = outcome.corrections[layer.name]
         records.append(record)

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 
 from sparsecompile.graph import get_tensor, set_tensor
-from sparsecompile.masks import MaskContext, MaskMethod
+from sparsecompile.masks import MaskContext, MaskMethod, topn_mask
 from sparsecompile.masks.statistics import InputStatistics, activation_input, gemm_columns, gemm_matrix
 from sparsecompile.passes import ApplyMasks, PassContext, PassManager
 from sparsecompile.passes.apply_masks import masked
@@ -29,11 +29,17 @@ from sparsecompile.passes.correct_statistics import StatisticsCorrector
 from sparsecompile.sequential import LockstepRunner, snapshot
 
 
+# Largest reduction size whose K x K float64 Hessian (plus its Cholesky factors) fits comfortably
+# in memory: 12288^2 * 8 B = 1.2 GB.
+MAX_HESSIAN_COLUMNS = 12288
+
+
 @dataclass
 class SparsifyResult:
     masks: dict[str, torch.Tensor]  # weight target -> keep-mask
     corrections: dict[str, dict] = field(default_factory=dict)  # layer name -> before/after errors
     batchnorm_reestimated: dict[str, dict] = field(default_factory=dict)  # unfolded BN node -> what changed
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layer name -> why it got another method
     updated_weights: bool = False
 
 
@@ -77,10 +83,18 @@ def sparsify(
         weight = get_tensor(gm, layer.weight_target)
         # A corrected layer gets its mean shift back through the bias, so only the centered error counts.
         context = MaskContext(options={"centered": correct != "none" and node.name in corrected})
+        columns = gemm_matrix(weight, layer.reduction_axis).shape[1]
+        if "hessian" in method.needs and columns > MAX_HESSIAN_COLUMNS:
+            # A K x K float64 Hessian would not fit in memory: magnitude for this layer, said in the report.
+            mask = topn_mask(weight.abs(), layer.reduction_axis, method.n, method.m)
+            result.masks[layer.weight_target] = mask
+            result.fallbacks[layer.name] = (f"magnitude mask: reduction size {columns} > {MAX_HESSIAN_COLUMNS} "
+                                            "is too large for the Hessian")
+            set_tensor(gm, layer.weight_target, masked(weight, mask))
+            return
         if method.needs:
             source, kind = activation_input(node, layer.weight_target)
             values = (working_env if sequential else reference_env)[source]
-            columns = gemm_matrix(weight, layer.reduction_axis).shape[1]
             stats = InputStatistics(columns, hessian="hessian" in method.needs)
             for value in values:
                 stats.update(gemm_columns(node, kind, value, tuple(weight.shape)))

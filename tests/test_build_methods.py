@@ -78,3 +78,13 @@ def test_option_errors(model_files, tmp_path):
         build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "x"),
                            calib=str(model_files / "calib.npy"), preprocess="resize=8,8"))
     assert not (tmp_path / "x").exists()
+
+
+def test_hessian_falls_back_to_magnitude_where_the_hessian_would_not_fit(builds, monkeypatch):
+    monkeypatch.setattr("sparsecompile.sparsify.MAX_HESSIAN_COLUMNS", 100)  # conv2: K = 9 * 16 = 144
+    result = builds("fallback", method="hessian", correct="none")
+    layers = _layers(result)
+    assert "too large for the Hessian" in layers["conv2"]["mask_note"]
+    assert "mask_note" not in layers["conv1"]  # K = 36
+    assert result.report["verification"]["nm_check"] == "passed"
+    assert any("too large for the Hessian" in note for note in result.report["notes"])
