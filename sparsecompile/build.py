@@ -227,7 +227,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
         agreement = compare_outputs(dense_outputs, sparse_outputs)
         if masks:
-            subset = calib.subset(max(min(options.error_samples, calib.num_samples), batch_size))
+            subset = calib.subset(_sample_count(options.error_samples, calib.num_samples, loaded, batch_size))
             errors = layer_output_errors(dense_gm, layers, masks, batches(subset))
             for record in layer_records:
                 if record["name"] in errors:
@@ -241,7 +241,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
 
         # 6. ONNX Runtime check
         with progress.stage("checking ONNX Runtime against torch"), _timed(timings, "onnxruntime"):
-            check_data = calib.subset(max(min(16, calib.num_samples), batch_size))
+            check_data = calib.subset(_sample_count(16, calib.num_samples, loaded, batch_size))
             with OrtRunner(staging / "model.onnx") as runner:
                 ort_outputs = [[] for _ in onnx_info["outputs"]]
                 for batch in batches(check_data):
@@ -384,3 +384,9 @@ def _write_weights(path: Path, gm, layer_records: list[dict], dtype_name: str, n
     compression["weights_dtype"] = dtype_name
     compression["file_bytes"] = path.stat().st_size
     return compression
+
+
+def _sample_count(wanted: int, available: int, loaded, batch_size: int) -> int:
+    """Samples for a check: ``wanted`` (capped by what exists); a static batch needs one full batch."""
+    count = min(wanted, available)
+    return count if loaded.dynamic_batch else max(count, batch_size)
