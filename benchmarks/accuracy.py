@@ -136,11 +136,18 @@ class ModelSpec:
 
     @property
     def weights(self) -> Path:
-        return EXAMPLE / "weights.pt" if self.shipped else CACHE / "models" / f"{self.key}.weights.pt"
+        return EXAMPLE / "weights.safetensors" if self.shipped else CACHE / "models" / f"{self.key}.weights.pt"
 
     @property
     def meta(self) -> Path:
         return CACHE / "models" / f"{self.key}.json"
+
+
+def load_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    return torch.load(path, weights_only=True)
 
 
 def sha256(path: Path) -> str:
@@ -329,7 +336,7 @@ def modelopt_rows(specs, calibs, ctx, log) -> dict | None:
         for spec in specs:
             try:
                 net = fm_model.FashionResNet(widths=spec.widths)
-                net.load_state_dict(torch.load(spec.weights, weights_only=True))
+                net.load_state_dict(load_state(spec.weights))
                 net.eval()
                 calib = torch.from_numpy(np.load(calibs[spec.key]))
                 config = {"data_loader": [calib[i:i + 64] for i in range(0, len(calib), 64)],
