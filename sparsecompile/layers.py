@@ -110,6 +110,7 @@ def _describe(gm, node: torch.fx.Node) -> GemmLayer | None:
             layer.reason = "3-D convolution (only 1-D and 2-D convolutions)"
         elif p["groups"] != 1:
             layer.reason = "depthwise convolution" if shape[1] == 1 else f"grouped convolution (groups={p['groups']})"
+        layer.extra.update(input_arg=0, groups=p["groups"])
         return layer
     if node.target == aten.linear.default:
         located = _constant_operand(node.args[1])
@@ -117,7 +118,8 @@ def _describe(gm, node: torch.fx.Node) -> GemmLayer | None:
             return GemmLayer(node.name, node.name, op, None, (), None, "weight is not a constant")
         weight_node = located[0]
         shape = tuple(get_tensor(gm, weight_node.target).shape)
-        return GemmLayer(layer_name_for(weight_node.target), node.name, op, weight_node.target, shape, len(shape) - 1)
+        return GemmLayer(layer_name_for(weight_node.target), node.name, op, weight_node.target, shape, len(shape) - 1,
+                         extra={"input_arg": 0})
     if node.target in _MATMUL_OPS:
         left_index, right_index = _MATMUL_OPS[node.target]
         left, right = _constant_operand(node.args[left_index]), _constant_operand(node.args[right_index])
@@ -132,7 +134,10 @@ def _describe(gm, node: torch.fx.Node) -> GemmLayer | None:
                              f"{len(shape)}-D constant operand (only 2-D weights)")
         operand_axis = 0 if right else 1  # right operand [K, N]; left operand [M, K]
         axis = _stored_axis(axis_map, operand_axis, 2)
-        return GemmLayer(layer_name_for(weight_node.target), node.name, op, weight_node.target, shape, axis)
+        # input_arg: the activation operand; weight_side: which side of the product the constant is on.
+        extra = {"input_arg": left_index if right else right_index, "weight_side": "right" if right else "left"}
+        return GemmLayer(layer_name_for(weight_node.target), node.name, op, weight_node.target, shape, axis,
+                         extra=extra)
     return None
 
 
