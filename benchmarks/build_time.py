@@ -50,7 +50,7 @@ from sparsecompile.progress import Progress  # noqa: E402
 
 TARGET_SECONDS = 30.0
 FORMAT_FLOOR = 0.5625  # (2 * 16 + 4) / (4 * 16): 2:4 values in fp16 plus 2-bit indices
-STAGES = ["load", "normalize", "masks", "verify", "onnx", "onnxruntime", "compress", "report"]
+STAGES = ["load", "normalize", "permute", "masks", "verify", "onnx", "onnxruntime", "compress", "report"]
 SEED = 0
 
 
@@ -217,6 +217,9 @@ def main() -> int:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for the machine to be idle (shared machines)")
     parser.add_argument("--calib-samples", type=int, default=8, help="samples in calib.npy (default 8)")
+    parser.add_argument("--permute", action="store_true",
+                        help="include the channel-permutation search (off by default so the numbers compare with "
+                             "earlier runs; benchmarks/permutation.py measures it on its own)")
     parser.add_argument("--correct", default="none", choices=["none", "bn", "bias"],
                         help="statistics correction (default none: magnitude masks alone; the CLI's default "
                              "with --calib is bias)")
@@ -262,6 +265,7 @@ def main() -> int:
             options = BuildOptions(
                 model=str(model_path), output=str(out), target="a100", method="magnitude",
                 calib=str(calib_path), error_samples=8, seed=SEED, correct=args.correct,
+                permute=args.permute,
             )
             if args.wait_idle > 0 and not wait_until_idle(args.wait_idle):
                 print(f"note: the machine was still busy after waiting {args.wait_idle:.0f} s; running anyway")

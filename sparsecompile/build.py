@@ -38,6 +38,7 @@ from sparsecompile.passes import (
     FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, RemoveIdentity, ShapePropagation,
 )
 from sparsecompile.passes.correct_statistics import CORRECTION_MODES
+from sparsecompile.passes.permute_channels import PermuteChannels
 from sparsecompile.progress import Progress
 from sparsecompile.report import write_reports
 from sparsecompile.sparsify import sparsify
@@ -70,6 +71,8 @@ class BuildOptions:
     exclude: list[str] = field(default_factory=list)
     min_weights: int = 4096
     lower_conv: str = "none"  # "none" | "im2col"
+    permute: bool | None = None  # channel permutation; None: on when masks go to sparse tensor cores
+    permute_budget: float = 10.0  # seconds of search per channel group
     sparsify: bool | None = None  # None: the target decides
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
     force: bool = False
@@ -93,18 +96,14 @@ def _timed(timings: dict[str, float], name: str):
     timings[name] = round(time.perf_counter() - start, 3)
 
 
-def _normalization_passes(options: BuildOptions, alignment: int, fold_pass: FoldBatchNorm) -> list:
-    passes = [RemoveIdentity(), fold_pass, ShapePropagation()]
+def _lowering_passes(options: BuildOptions, alignment: int) -> list:
     if options.lower_conv == "im2col":
-        passes += [LowerConvIm2col(alignment=alignment), ShapePropagation()]
-    elif options.lower_conv != "none":
-        raise SparseCompileError(f"unknown --lower-conv '{options.lower_conv}'; valid: none, im2col")
-    return passes
+        return [LowerConvIm2col(alignment=alignment), ShapePropagation()]
+    return []
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     progress = progress or Progress(quiet=True)
-    progress.total = 8
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
@@ -128,10 +127,23 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         raise SparseCompileError(f"unknown --correct '{options.correct}'; valid: auto, none, {', '.join(CORRECTION_MODES)}")
     if options.update_weights and not method.can_update_weights:
         raise SparseCompileError(f"--update-weights needs a method that can update weights (hessian), not '{method.name}'")
+    if options.lower_conv not in ("none", "im2col"):
+        raise SparseCompileError(f"unknown --lower-conv '{options.lower_conv}'; valid: none, im2col")
+    if options.permute_budget <= 0:
+        raise SparseCompileError("--permute-budget must be positive (seconds per channel group)")
     sparsify_layers = target.sparse_tensor_cores if options.sparsify is None else options.sparsify
+    permute = (sparsify_layers and target.sparse_tensor_cores) if options.permute is None else options.permute
+    if permute and not sparsify_layers:
+        notes.append("--permute has no effect without masks (--no-sparsify or a target without sparse tensor cores)")
+        permute = False
+    if permute and m != 4:
+        notes.append(f"channel permutation searches M=4 patterns only; skipped for {n}:{m}")
+        permute = False
     weights_dtype_name = target.default_precision if options.weights_dtype == "auto" else options.weights_dtype
     if weights_dtype_name not in _DTYPES:
         raise SparseCompileError(f"unknown --weights-dtype '{weights_dtype_name}'; valid: auto, {', '.join(_DTYPES)}")
+
+    progress.total = 9 if permute else 8
 
     # 1. load
     with progress.stage("loading model"), _timed(timings, "load"):
@@ -162,22 +174,58 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         return data.batches(batch_size, static=not loaded.dynamic_batch)
 
     # 2. normalize
+    context = PassContext(example_inputs=loaded.example_inputs)
+    on_pass = lambda name: progress.detail(f"pass {name}")  # noqa: E731
     with progress.stage("normalizing graph (remove identity, fold batch norm, shapes)"), _timed(timings, "normalize"):
-        original = copy.deepcopy(loaded.module)
+        reference_outputs = run_batches(loaded.module, batches(calib))
         fold_pass = FoldBatchNorm()
-        manager = PassManager(_normalization_passes(options, target.reduction_alignment, fold_pass),
-                              on_pass=lambda name: progress.detail(f"pass {name}"))
-        gm = manager.run(loaded.module, PassContext(example_inputs=loaded.example_inputs))
-        reference_outputs = run_batches(original, batches(calib))
+        manager = PassManager([RemoveIdentity(), fold_pass, ShapePropagation()], on_pass=on_pass)
+        gm = manager.run(loaded.module, context)
+
+    # 2b. permute channels (before lowering: groups are found on convolution nodes)
+    permute_pass = None
+    if permute:
+        with progress.stage("permuting channels"), _timed(timings, "permute"):
+            candidates = find_layers(gm, n=n, m=m, alignment=target.reduction_alignment,
+                                     min_weights=options.min_weights, exclude=options.exclude)
+            unpermuted = copy.deepcopy(gm)
+            permute_pass = PermuteChannels(
+                candidates, {layer.node_name for layer in candidates if layer.reason is None}, n=n, m=m,
+                budget_s=options.permute_budget, seed=options.seed,
+                importance=method.permutation_importance,
+                importance_name="|w|" if method.needs or method.name == "magnitude" else f"{method.name} score", on_group=progress.detail,
+            )
+            permute_manager = PassManager([permute_pass], on_pass=on_pass)
+            gm = permute_manager.run(gm, context)
+            manager.records.extend(permute_manager.records)
+
+    lowering = _lowering_passes(options, target.reduction_alignment)
+    if lowering:
+        lower_manager = PassManager(lowering, on_pass=on_pass)
+        gm = lower_manager.run(gm, context)
+        manager.records.extend(lower_manager.records)
+    dense_outputs = run_batches(gm, batches(calib))
+    normalization = compare_outputs(reference_outputs, dense_outputs)
+    worst = max((o["relative_error"] for o in normalization), default=0.0)
+    if worst > NORMALIZATION_TOLERANCE and permute_pass is not None:
+        # never ship a wrong network: undo the permutation and say so
+        message = (f"channel permutation changed the model's outputs (relative error {worst:.2e}); "
+                   "built without it - please report this with the model")
+        progress.warn(message)
+        notes.append(message)
+        permute_pass.discard(message)
+        gm = unpermuted
+        if lowering:
+            gm = PassManager(_lowering_passes(options, target.reduction_alignment)).run(gm, context)
         dense_outputs = run_batches(gm, batches(calib))
         normalization = compare_outputs(reference_outputs, dense_outputs)
         worst = max((o["relative_error"] for o in normalization), default=0.0)
-        if worst > NORMALIZATION_TOLERANCE:
-            raise SparseCompileError(
-                f"internal error: graph normalization changed the model's outputs (relative error {worst:.2e}); "
-                "please report this with the model"
-            )
-        del original
+    if worst > NORMALIZATION_TOLERANCE:
+        raise SparseCompileError(
+            f"internal error: graph normalization changed the model's outputs (relative error {worst:.2e}); "
+            "please report this with the model"
+        )
+    unpermuted = None
 
     # 3. layers and masks
     with progress.stage(f"selecting {n}:{m} masks ({method.name})"), _timed(timings, "masks"):
@@ -224,6 +272,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     # 4. verify
     with progress.stage("verifying"), _timed(timings, "verify"):
         layer_records = _verify_layers(layers, outcome, dense_gm, sparse_gm, n, m)
+        if permute_pass is not None:
+            for record in layer_records:
+                if record["name"] in permute_pass.layer_stats:
+                    record["permutation"] = permute_pass.layer_stats[record["name"]]
         sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
         agreement = compare_outputs(dense_outputs, sparse_outputs)
         if masks:
@@ -279,7 +331,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "correct": correct, "sequential": options.sequential, "update_weights": options.update_weights,
                     "exclude": options.exclude, "min_weights": options.min_weights,
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
+                    "permute": permute_pass is not None, "permute_budget": options.permute_budget,
                 },
+                "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
                 "inputs": onnx_info["inputs"],
                 "outputs": onnx_info["outputs"],
                 "notes": notes,

@@ -45,6 +45,13 @@ class MaskMethod(ABC):
     def scores(self, weight: torch.Tensor, layer, context: MaskContext) -> torch.Tensor:
         """Importance of every weight entry (same shape); the top N per group are kept."""
 
+    def permutation_importance(self, weight: torch.Tensor, layer) -> torch.Tensor:
+        """What the channel-permutation search keeps most of: the method's own score when it needs no
+        calibration statistics, else ``|w|`` (permutation runs before statistics are collected)."""
+        if self.needs:
+            return weight.detach().abs()
+        return self.scores(weight, layer, MaskContext())
+
     def select(self, weight: torch.Tensor, layer, context: MaskContext | None = None) -> torch.Tensor:
         scores = self.scores(weight, layer, context or MaskContext())
         return topn_mask(scores, layer.reduction_axis, self.n, self.m)

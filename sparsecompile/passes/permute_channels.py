@@ -1,0 +1,194 @@
+"""Permute channels so N:M masks keep more of the weights, at zero runtime cost.
+
+For every channel group (:mod:`sparsecompile.permutation.groups`: the
+tensors that must share one input-channel permutation, with their producers,
+consumers and channel-wise parameters) the pass searches a permutation ``p``
+of the group's channels (:mod:`sparsecompile.permutation.search`) and
+applies it to every stored tensor involved:
+
+* producers' output channels: ``W'[i] = W[p[i]]``, ``b'[i] = b[p[i]]``;
+* consumers' input channels: ``W'[:, i] = W[:, p[i]]`` (a flattened read
+  permutes blocks of features, a grouped conv permutes within its groups);
+* channel-wise parameters on the way (BatchNorm statistics, LayerNorm and
+  PReLU weights, per-channel constants, depthwise conv weights).
+
+Every activation in the group is then the original one with its channels
+reordered by ``p``, and every consumer undoes the reordering in its
+reduction, so the function is unchanged (exactly, up to float summation
+order). Only the grouping of input channels into N:M groups changes.
+
+The objective is the importance kept by an N:M mask summed over the group's
+scored consumers (eligible layers reading the channels directly), each
+consumer's importance normalized to sum 1 so a large layer does not drown a
+small one. Importance is ``|w|`` unless a callable is given. Groups that
+cannot be permuted safely keep their channel order, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.fx
+
+from sparsecompile.compress import gemm_view
+from sparsecompile.graph import get_tensor
+from sparsecompile.layers import GemmLayer
+from sparsecompile.passes.manager import PassContext, PassResult
+from sparsecompile.permutation.groups import ChannelGroup, apply_permutation, find_groups
+from sparsecompile.permutation.search import kept_magnitude, search_permutation, unstructured_bound
+
+Importance = Callable[[torch.Tensor, GemmLayer], torch.Tensor]
+
+
+def magnitude_importance(weight: torch.Tensor, layer: GemmLayer) -> torch.Tensor:
+    return weight.detach().abs()
+
+
+class PermuteChannels:
+    name = "permute_channels"
+
+    def __init__(self, layers: list[GemmLayer], eligible: set[str], *, n: int = 2, m: int = 4,
+                 budget_s: float = 10.0, seed: int = 0, importance: Importance | None = None,
+                 importance_name: str = "magnitude", on_group: Callable[[str], None] | None = None):
+        self.layers = layers
+        self.eligible = eligible  # node names of layers that will be masked
+        self.n, self.m = n, m
+        self.budget_s = budget_s
+        self.seed = seed
+        self.importance = importance or magnitude_importance
+        self.importance_name = importance_name
+        self.on_group = on_group
+        self.groups: list[ChannelGroup] = []
+        self.layer_stats: dict[str, dict] = {}  # layer name -> kept fractions, efficacy, group id
+        self.group_stats: list[dict] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
+        self.groups = find_groups(gm, self.layers, self.eligible)
+        modified = False
+        for group in self.groups:
+            started = time.perf_counter()
+            record = self._permute_group(gm, group)
+            record["seconds"] = round(time.perf_counter() - started, 3)
+            modified |= record["status"] == "permuted"
+            self.group_stats.append(record)
+            if self.on_group:
+                self.on_group(_describe(record))
+        permuted = [g for g in self.group_stats if g["status"] == "permuted"]
+        stats = {
+            "groups": len(self.groups), "permuted_groups": len(permuted),
+            "unpermuted": {str(g["id"]): g["reason"] for g in self.group_stats if g["status"] != "permuted"},
+        }
+        return PassResult(gm, modified, stats)
+
+    def discard(self, reason: str) -> None:
+        """The permuted graph was not used (see the build): report every group as unpermuted."""
+        for record in self.group_stats:
+            if record["status"] == "permuted":
+                record.update(status="unpermuted", reason=reason)
+        self.layer_stats = {name: {"group": stats["group"], "reason": reason}
+                            for name, stats in self.layer_stats.items()}
+
+    def report(self) -> dict:
+        permuted = [g for g in self.group_stats if g["status"] == "permuted"]
+        return {
+            "enabled": True, "budget_s": self.budget_s, "importance": self.importance_name,
+            "groups": self.group_stats, "permuted_groups": len(permuted),
+            "search_seconds": round(sum(g.get("search_seconds", 0.0) for g in self.group_stats), 3),
+        }
+
+    def _permute_group(self, gm, group: ChannelGroup) -> dict:
+        record = {
+            "id": group.id, "channels": group.size,
+            "consumers": [c.layer.name for c in group.consumers],
+            "producers": list(group.producers), "status": "unpermuted", "reason": group.reason,
+        }
+        if group.reason:
+            for consumer in group.consumers:
+                self.layer_stats.setdefault(consumer.layer.name, {"group": group.id, "reason": group.reason})
+            return record
+        scored = [c for c in group.consumers if c.scored]
+        if not scored:
+            record["reason"] = "no eligible layer reads these channels directly (only flattened or grouped reads)"
+            for consumer in group.consumers:
+                self.layer_stats.setdefault(consumer.layer.name, {"group": group.id, "reason": record["reason"]})
+            return record
+        matrices = {}
+        for consumer in scored:
+            layer = consumer.layer
+            weight = get_tensor(gm, layer.weight_target)
+            scores = gemm_view(self.importance(weight.detach(), layer).float(), layer.reduction_axis)
+            total = float(scores.sum())
+            matrices[layer.name] = (consumer, scores / total if total > 0 else scores)
+        segments, skipped = self._searchable_segments(group, scored)
+        record["segments"] = len(segments)
+        if skipped:
+            record["unaligned_segments"] = skipped
+        if not segments:
+            record["reason"] = (f"no channel segment is a multiple of {self.m} aligned with every reader "
+                                f"(segments {group.segments()})")
+            self._record_layers(group, matrices, None)
+            return record
+        stacked = torch.zeros(sum(s.shape[0] for _, s in matrices.values()), group.size)
+        row = 0
+        for consumer, scores in matrices.values():
+            stacked[row:row + scores.shape[0], consumer.offset:consumer.offset + consumer.size] = scores
+            row += scores.shape[0]
+        result = search_permutation(stacked, n=self.n, m=self.m, budget_s=self.budget_s,
+                                    seed=self.seed + group.id, segments=segments)
+        record.update(
+            kept_plain=round(result.kept_plain / len(matrices), 6),
+            kept_permuted=round(result.kept_permuted / len(matrices), 6),
+            bound=round(result.bound / len(matrices), 6),
+            efficacy=round(result.efficacy, 4), search_seconds=round(result.seconds, 3),
+            rounds=result.rounds, budget_exhausted=result.budget_exhausted,
+        )
+        perm = result.permutation
+        if torch.equal(perm, torch.arange(group.size)):
+            record["reason"] = "the search found no better channel order"
+            self._record_layers(group, matrices, None)
+            return record
+        apply_permutation(gm, group, perm)
+        record["status"] = "permuted"
+        record["reason"] = None
+        if result.budget_exhausted:
+            record["note"] = f"search stopped by --permute-budget {self.budget_s:g}s; best order found so far used"
+        self._record_layers(group, matrices, perm)
+        return record
+
+    def _searchable_segments(self, group: ChannelGroup, scored) -> tuple[list[tuple[int, int]], list]:
+        """Segments whose length is a multiple of M and whose start is group-aligned for every reader."""
+        usable, skipped = [], []
+        for start, end in group.segments():
+            readers = [c for c in scored if c.offset <= start and end <= c.offset + c.size]
+            aligned = (end - start) % self.m == 0 and all((start - c.offset) % self.m == 0 for c in readers)
+            if not readers or end - start <= self.m:
+                continue  # nothing to gain
+            (usable if aligned else skipped).append((start, end))
+        return usable, skipped
+
+    def _record_layers(self, group: ChannelGroup, matrices: dict, perm: torch.Tensor | None) -> None:
+        for name, (consumer, scores) in matrices.items():
+            plain = kept_magnitude(scores, self.n, self.m)
+            bound = unstructured_bound(scores, self.n, self.m)
+            stats = {"group": group.id, "kept_plain": round(plain, 6), "bound": round(bound, 6)}
+            if perm is not None:
+                local = perm[consumer.offset:consumer.offset + consumer.size] - consumer.offset
+                kept = kept_magnitude(scores[:, local], self.n, self.m)
+                stats["kept_permuted"] = round(kept, 6)
+                stats["efficacy"] = round((kept - plain) / (bound - plain), 4) if bound - plain > 1e-12 else 0.0
+            self.layer_stats[name] = stats
+        for consumer in group.consumers:
+            if consumer.layer.name not in self.layer_stats:
+                why = ("reads the channels flattened; permuted for consistency, not scored" if consumer.block > 1
+                       else "permuted for consistency, not scored")
+                self.layer_stats[consumer.layer.name] = {"group": group.id, "note": why}
+
+
+def _describe(record: dict) -> str:
+    head = f"permutation group {record['id']} ({record['channels']} channels, {len(record['consumers'])} readers)"
+    if record["status"] == "permuted":
+        return (f"{head}: kept {record['kept_plain']:.4f} -> {record['kept_permuted']:.4f} "
+                f"(efficacy {record['efficacy']:.2f}, {record['search_seconds']:.2f}s)")
+    return f"{head}: unpermuted - {record['reason']}"

@@ -1,0 +1,144 @@
+"""PermuteChannels: searched permutations keep the function and keep more weight under 2:4."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from helpers import assert_same_function, export_graph, randomize_batchnorm, run_pass, seeded
+from sparsecompile.graph import get_tensor
+from sparsecompile.layers import find_layers
+from sparsecompile.masks import get_method
+from sparsecompile.passes.permute_channels import PermuteChannels
+from sparsecompile.permutation.search import kept_magnitude
+
+aten = torch.ops.aten
+
+
+class Net(nn.Module):
+    """conv -> BN (unfolded) -> relu -> conv, a residual add, and a pooled linear head."""
+
+    def __init__(self):
+        super().__init__()
+        g = seeded(5)
+        self.c1 = nn.Conv2d(8, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        randomize_batchnorm(self.bn, g)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(32, 16)
+        with torch.no_grad():  # heavy-tailed weights: groupings matter, as in trained layers
+            for conv in (self.c2, self.c3):
+                conv.weight.mul_(torch.randn(conv.weight.shape[1], generator=g).exp()[None, :, None, None])
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))
+        y = torch.relu(self.c2(y)) + y
+        y = torch.relu(self.c3(y))
+        return self.fc(y.mean((2, 3)))
+
+
+def _pass(gm, **kw):
+    layers = find_layers(gm, min_weights=0)
+    eligible = {layer.node_name for layer in layers if layer.reason is None}
+    return PermuteChannels(layers, eligible, budget_s=2.0, **kw)
+
+
+def _kept(gm, target, axis=1):
+    weight = get_tensor(gm, target).detach().abs()
+    matrix = weight.movedim(axis, -1).reshape(-1, weight.shape[axis])
+    return kept_magnitude(matrix) / float(matrix.sum())
+
+
+def test_permutation_keeps_the_function_and_raises_kept_magnitude():
+    model = Net().eval()
+    x = torch.randn(4, 8, 6, 6)
+    gm = export_graph(model, x)
+    before = {t: _kept(gm, t) for t in ("c2.weight", "c3.weight")}
+    permute = _pass(gm)
+    gm, record = run_pass(permute, gm, (x,))
+    assert record.modified and record.stats["permuted_groups"] >= 1
+    assert_same_function(model, gm, (x,), rtol=1e-4, atol=1e-5)
+    after = {t: _kept(gm, t) for t in before}
+    # c2 and c3 read one group (the residual joins them): their summed kept fraction must rise
+    assert sum(after.values()) > sum(before.values()) + 1e-3, (before, after)
+    stats = permute.layer_stats
+    for name in ("c2", "c3"):
+        assert stats[name]["kept_permuted"] == round(after[f"{name}.weight"], 6) or abs(
+            stats[name]["kept_permuted"] - after[f"{name}.weight"]) < 1e-5
+        assert stats[name]["kept_plain"] == round(before[f"{name}.weight"], 6) or abs(
+            stats[name]["kept_plain"] - before[f"{name}.weight"]) < 1e-5
+        assert stats[name]["bound"] >= stats[name]["kept_permuted"]
+    groups = {g["id"]: g for g in permute.report()["groups"]}
+    joined = next(g for g in groups.values() if "c2" in g["consumers"] and "c3" in g["consumers"])
+    assert joined["status"] == "permuted" and set(joined["producers"]) == {"c1", "c2"}
+    assert 0.0 < joined["efficacy"] <= 1.0
+
+
+def test_bn_statistics_follow_the_permutation():
+    model = Net().eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm = export_graph(model, x)
+    mean_before = get_tensor(gm, "bn.running_mean").clone()
+    gm, _ = run_pass(_pass(gm), gm, (x,))
+    mean_after = get_tensor(gm, "bn.running_mean")
+    assert not torch.equal(mean_before, mean_after)
+    assert torch.equal(mean_before.sort().values, mean_after.sort().values)
+
+
+def test_deterministic_for_a_seed():
+    model = Net().eval()
+    x = torch.randn(2, 8, 6, 6)
+    results = []
+    for _ in range(2):
+        gm = export_graph(model, x)
+        gm, _ = run_pass(_pass(gm, seed=7), gm, (x,))
+        results.append(get_tensor(gm, "c2.weight").clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_unpermutable_group_is_left_alone_with_a_reason():
+    class ExposedChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 16, 3, padding=1)
+            self.b = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.b(y), y  # y's channel order is part of the model's interface
+
+    model = ExposedChannels().eval()
+    x = torch.randn(2, 4, 5, 5)
+    gm = export_graph(model, x)
+    weights = {t: get_tensor(gm, t).clone() for t in ("a.weight", "b.weight")}
+    permute = _pass(gm)
+    gm, record = run_pass(permute, gm, (x,))
+    assert not record.modified
+    reasons = record.stats["unpermuted"]
+    assert "model input" in reasons["0"] and "model output" in reasons["1"], reasons
+    assert "model output" in permute.layer_stats["b"]["reason"]
+    for target, value in weights.items():
+        assert torch.equal(get_tensor(gm, target), value)
+    assert_same_function(model, gm, (x,))
+
+
+def test_a_method_score_can_drive_the_search():
+    """The search maximizes whatever importance it is given (here: only the first 8 output rows count)."""
+    model = Net().eval()
+    x = torch.randn(2, 8, 6, 6)
+
+    def first_rows(weight, layer):
+        score = torch.zeros_like(weight)
+        score[:8] = weight[:8].abs()
+        return score
+
+    gm = export_graph(model, x)
+    permute = _pass(gm, importance=first_rows, importance_name="first rows")
+    gm, _ = run_pass(permute, gm, (x,))
+    assert permute.report()["importance"] == "first rows"
+    assert_same_function(model, gm, (x,), rtol=1e-4, atol=1e-5)
+    magnitude = get_method("magnitude")
+    assert torch.equal(magnitude.permutation_importance(torch.tensor([-2.0, 1.0]), None), torch.tensor([2.0, 1.0]))
+    hessian = get_method("hessian")  # needs calibration statistics: the search falls back to |w|
+    assert torch.equal(hessian.permutation_importance(torch.tensor([-2.0, 1.0]), None), torch.tensor([2.0, 1.0]))
