@@ -72,7 +72,7 @@ class BuildOptions:
     min_weights: int = 4096
     lower_conv: str = "none"  # "none" | "im2col"
     permute: bool | None = None  # channel permutation; None: on when masks go to sparse tensor cores
-    permute_budget: float = 10.0  # seconds of search per channel group
+    permute_budget: float = 3.0  # seconds of search per channel group
     sparsify: bool | None = None  # None: the target decides
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
     force: bool = False

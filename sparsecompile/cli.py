@@ -117,7 +117,7 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--permute/--no-permute", default=None,
               help="Reorder channels so the masks keep more weight (function unchanged, no runtime cost). "
                    "Default: on when masks are applied for a target with sparse tensor cores.")
-@click.option("--permute-budget", default=10.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+@click.option("--permute-budget", default=3.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               metavar="SECONDS", help="Time limit of the permutation search per channel group.")
 @click.option("--sparsify/--no-sparsify", default=None,
               help="Force masks on or off. Default: on for targets with sparse tensor cores.")

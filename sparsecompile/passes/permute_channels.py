@@ -50,7 +50,7 @@ class PermuteChannels:
     name = "permute_channels"
 
     def __init__(self, layers: list[GemmLayer], eligible: set[str], *, n: int = 2, m: int = 4,
-                 budget_s: float = 10.0, seed: int = 0, importance: Importance | None = None,
+                 budget_s: float = 3.0, seed: int = 0, importance: Importance | None = None,
                  importance_name: str = "magnitude", on_group: Callable[[str], None] | None = None):
         self.layers = layers
         self.eligible = eligible  # node names of layers that will be masked
