@@ -288,7 +288,7 @@ def print_model(result: dict) -> list[str]:
     ]
     for g in groups:
         if "kept_permuted" not in g:
-            lines.append(f"| g{g['id']} | {g['channels']} | {', '.join(g['consumers'])} | - | - | - | - | "
+            lines.append(f"| g{g['id']} | {g['channels'] or '-'} | {', '.join(g['consumers'])} | - | - | - | - | "
                          f"{g.get('reason') or ''} |")
             continue
         lines.append(f"| g{g['id']} | {g['channels']} | {', '.join(g['consumers'])} | {g['kept_plain']:.4f} | "

@@ -97,7 +97,7 @@ def permutation_table(report: dict) -> str:
         kept = f"{_pct(g['kept_plain'])} -> {_pct(g['kept_permuted'])}" if "kept_permuted" in g else "-"
         status = "permuted" + (" (budget hit)" if g.get("budget_exhausted") else "") if g["status"] == "permuted" \
             else f"unpermuted: {g['reason']}"
-        cells = [f"g{g['id']}", str(g["channels"]), ", ".join(g["consumers"]), ", ".join(g["producers"]) or "-",
+        cells = [f"g{g['id']}", str(g["channels"] or "-"), ", ".join(g["consumers"]), ", ".join(g["producers"]) or "-",
                  kept, f"{g['efficacy']:.2f}" if "efficacy" in g else "-",
                  f"{g.get('search_seconds', 0.0):.2f}", status]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

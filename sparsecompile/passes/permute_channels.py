@@ -100,7 +100,7 @@ class PermuteChannels:
 
     def _permute_group(self, gm, group: ChannelGroup) -> dict:
         record = {
-            "id": group.id, "channels": group.size,
+            "id": group.id, "channels": group.size or None,  # None: exploration stopped before sizing
             "consumers": [c.layer.name for c in group.consumers],
             "producers": list(group.producers), "status": "unpermuted", "reason": group.reason,
         }
@@ -181,13 +181,14 @@ class PermuteChannels:
             self.layer_stats[name] = stats
         for consumer in group.consumers:
             if consumer.layer.name not in self.layer_stats:
-                why = ("reads the channels flattened; permuted for consistency, not scored" if consumer.block > 1
-                       else "permuted for consistency, not scored")
+                why = ("reads them flattened; permuted along, not scored" if consumer.block > 1
+                       else "permuted along, not scored")
                 self.layer_stats[consumer.layer.name] = {"group": group.id, "note": why}
 
 
 def _describe(record: dict) -> str:
-    head = f"permutation group {record['id']} ({record['channels']} channels, {len(record['consumers'])} readers)"
+    channels = f"{record['channels']} channels, " if record["channels"] else ""
+    head = f"permutation group {record['id']} ({channels}{len(record['consumers'])} readers)"
     if record["status"] == "permuted":
         return (f"{head}: kept {record['kept_plain']:.4f} -> {record['kept_permuted']:.4f} "
                 f"(efficacy {record['efficacy']:.2f}, {record['search_seconds']:.2f}s)")
