@@ -194,6 +194,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 budget_s=options.permute_budget, seed=options.seed,
                 importance=method.permutation_importance,
                 importance_name="|w|" if method.needs or method.name == "magnitude" else f"{method.name} score", on_group=progress.detail,
+                iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
             )
             permute_manager = PassManager([permute_pass], on_pass=on_pass)
             gm = permute_manager.run(gm, context)

@@ -51,7 +51,8 @@ class PermuteChannels:
 
     def __init__(self, layers: list[GemmLayer], eligible: set[str], *, n: int = 2, m: int = 4,
                  budget_s: float = 3.0, seed: int = 0, importance: Importance | None = None,
-                 importance_name: str = "magnitude", on_group: Callable[[str], None] | None = None):
+                 importance_name: str = "magnitude", on_group: Callable[[str], None] | None = None,
+                 iterate: Callable | None = None):
         self.layers = layers
         self.eligible = eligible  # node names of layers that will be masked
         self.n, self.m = n, m
@@ -60,6 +61,7 @@ class PermuteChannels:
         self.importance = importance or magnitude_importance
         self.importance_name = importance_name
         self.on_group = on_group
+        self.iterate = iterate  # e.g. a progress bar over the groups: iterate(groups) -> iterable
         self.groups: list[ChannelGroup] = []
         self.layer_stats: dict[str, dict] = {}  # layer name -> kept fractions, efficacy, group id
         self.group_stats: list[dict] = []
@@ -67,7 +69,7 @@ class PermuteChannels:
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         self.groups = find_groups(gm, self.layers, self.eligible)
         modified = False
-        for group in self.groups:
+        for group in self.iterate(self.groups) if self.iterate else self.groups:
             started = time.perf_counter()
             record = self._permute_group(gm, group)
             record["seconds"] = round(time.perf_counter() - started, 3)
