@@ -165,8 +165,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads (default 2)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached build results")
+    ap.add_argument("--corrections", nargs="+", default=CORRECTIONS, choices=["bias", "none", "bn"],
+                    help="--correct modes to compare (default: bias none)")
     ap.add_argument("--output", help="Markdown output (default benchmarks/results/permutation_accuracy.md)")
     args = ap.parse_args()
+    CORRECTIONS[:] = args.corrections
     command = "python benchmarks/permutation_accuracy.py" + "".join(f" {a}" for a in sys.argv[1:])
 
     warnings.filterwarnings("ignore")

@@ -227,6 +227,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             "please report this with the model"
         )
     unpermuted = None
+    if permute_pass is not None:  # folded BN parameters are per output channel: reorder them too
+        for weight_target, index in permute_pass.output_orders.items():
+            if weight_target in fold_pass.folded_params:
+                fold_pass.folded_params[weight_target] = fold_pass.folded_params[weight_target].reindexed(index)
 
     # 3. layers and masks
     with progress.stage(f"selecting {n}:{m} masks ({method.name})"), _timed(timings, "masks"):

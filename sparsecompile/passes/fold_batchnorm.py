@@ -73,6 +73,11 @@ class FoldedBatchNorm:
     beta: torch.Tensor  # float64
     output_axis: int  # output-channel axis of the stored weight
 
+    def reindexed(self, index: torch.Tensor) -> FoldedBatchNorm:
+        """The same BN after the layer's output channels were reordered (new channel i = old index[i])."""
+        return FoldedBatchNorm(self.scale[index], self.running_var[index], self.eps, self.beta[index],
+                               self.output_axis)
+
 
 class FoldBatchNorm:
     name = "fold_batchnorm"

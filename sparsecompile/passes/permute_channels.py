@@ -65,6 +65,9 @@ class PermuteChannels:
         self.groups: list[ChannelGroup] = []
         self.layer_stats: dict[str, dict] = {}  # layer name -> kept fractions, efficacy, group id
         self.group_stats: list[dict] = []
+        # weight target -> index applied along its output channels: per-channel state kept outside
+        # the graph (e.g. folded BatchNorm parameters for statistics correction) must follow it
+        self.output_orders: dict[str, torch.Tensor] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         self.groups = find_groups(gm, self.layers, self.eligible)
@@ -86,6 +89,7 @@ class PermuteChannels:
 
     def discard(self, reason: str) -> None:
         """The permuted graph was not used (see the build): report every group as unpermuted."""
+        self.output_orders = {}
         for record in self.group_stats:
             if record["status"] == "permuted":
                 record.update(status="unpermuted", reason=reason)
@@ -152,6 +156,11 @@ class PermuteChannels:
             self._record_layers(group, matrices, None)
             return record
         apply_permutation(gm, group, perm)
+        for edit in group.edits:
+            if edit.role in ("producer", "passthrough") and edit.kind == "axis" and edit.block == 1:
+                local = perm[edit.offset:edit.offset + edit.size] - edit.offset
+                previous = self.output_orders.get(edit.target)
+                self.output_orders[edit.target] = local if previous is None else previous[local]
         record["status"] = "permuted"
         record["reason"] = None
         if result.budget_exhausted:

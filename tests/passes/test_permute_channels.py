@@ -142,3 +142,22 @@ def test_a_method_score_can_drive_the_search():
     assert torch.equal(magnitude.permutation_importance(torch.tensor([-2.0, 1.0]), None), torch.tensor([2.0, 1.0]))
     hessian = get_method("hessian")  # needs calibration statistics: the search falls back to |w|
     assert torch.equal(hessian.permutation_importance(torch.tensor([-2.0, 1.0]), None), torch.tensor([2.0, 1.0]))
+
+
+def test_output_orders_say_how_each_producer_was_reordered():
+    """Per-channel state kept outside the graph (folded BN) is reordered with ``output_orders``."""
+    model = Net().eval()
+    x = torch.randn(2, 8, 6, 6)
+    gm = export_graph(model, x)
+    before = {t: get_tensor(gm, t).detach().clone() for t in ("c1.weight", "c2.weight", "c3.weight")}
+    permute = _pass(gm)
+    gm, _ = run_pass(permute, gm, (x,))
+    assert set(permute.output_orders) >= {"c1.weight"}
+    for target, index in permute.output_orders.items():
+        if target in before:
+            assert sorted(index.tolist()) == list(range(before[target].shape[0]))
+            # rows (output channels) of the stored weight are the old rows in that order; columns may
+            # have been reordered too (the layer is also a reader), so compare sorted rows
+            after = get_tensor(gm, target).detach()
+            reordered = before[target][index]
+            assert torch.equal(after.flatten(1).sort(1).values, reordered.flatten(1).sort(1).values)
