@@ -78,7 +78,9 @@ RESULTS = BENCH / "results"
 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(EXAMPLE))
+sys.path.insert(0, str(BENCH))
 
+from common import source_hash  # noqa: E402  (benchmarks/common.py)
 import data as fm_data  # noqa: E402  (examples/fashion_mnist/data.py)
 import model as fm_model  # noqa: E402  (examples/fashion_mnist/model.py)
 import train as fm_train  # noqa: E402  (examples/fashion_mnist/train.py)
@@ -156,15 +158,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def source_hash() -> str:
-    """Hash of sparsecompile/**/*.py: other people edit that tree, results depend on it."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "sparsecompile").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def train_model(spec: ModelSpec, train_x, train_y, test_x, test_y, log) -> dict:

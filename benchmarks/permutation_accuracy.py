@@ -50,6 +50,7 @@ import accuracy as acc  # noqa: E402  (benchmarks/accuracy.py; puts the repo roo
 import torch  # noqa: E402
 
 from sparsecompile.build import BuildOptions, build  # noqa: E402
+from common import source_hash  # noqa: E402  (benchmarks/common.py)
 from sparsecompile.progress import Progress  # noqa: E402
 
 ROOT = BENCH.parent
@@ -67,15 +68,6 @@ SPECS = [
     acc.ModelSpec((16, 32, 64), 1, 5),
     acc.ModelSpec((32, 64, 128), 1, 5),
 ]
-
-
-def source_hash() -> str:
-    """sha256 of sparsecompile/**/*.py (path + bytes), first 16 hex digits."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "sparsecompile").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def summarize_report(report: dict) -> dict:

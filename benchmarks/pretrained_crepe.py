@@ -86,7 +86,9 @@ RESULTS = BENCH / "results"
 OUTPUT_MD = RESULTS / "pretrained_crepe.md"
 
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
 
+from common import source_hash  # noqa: E402  (benchmarks/common.py)
 from sparsecompile.build import BuildOptions, build  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
 
@@ -295,14 +297,6 @@ def run_onnx(path: Path, frames: np.ndarray, threads: int, batch: int = 256) -> 
 
 
 # --------------------------------------------------------------------------- builds
-
-
-def source_hash() -> str:
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "sparsecompile").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def git_state() -> str:
