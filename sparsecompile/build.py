@@ -35,10 +35,9 @@ from sparsecompile.graph import get_tensor
 from sparsecompile.layers import find_layers, unmatched_patterns
 from sparsecompile.masks import get_method
 from sparsecompile.passes import (
-    FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, RemoveIdentity, ShapePropagation,
+    FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, PermuteChannels, RemoveIdentity, ShapePropagation,
 )
 from sparsecompile.passes.correct_statistics import CORRECTION_MODES
-from sparsecompile.passes.permute_channels import PermuteChannels
 from sparsecompile.progress import Progress
 from sparsecompile.report import write_reports
 from sparsecompile.sparsify import sparsify
@@ -192,8 +191,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             permute_pass = PermuteChannels(
                 candidates, {layer.node_name for layer in candidates if layer.reason is None}, n=n, m=m,
                 budget_s=options.permute_budget, seed=options.seed,
-                importance=method.permutation_importance,
-                importance_name="|w|" if method.needs or method.name == "magnitude" else f"{method.name} score", on_group=progress.detail,
+                importance=method.permutation_importance, importance_name=method.permutation_importance_name,
+                on_group=progress.detail,
                 iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
             )
             permute_manager = PassManager([permute_pass], on_pass=on_pass)

@@ -52,6 +52,11 @@ class MaskMethod(ABC):
             return weight.detach().abs()
         return self.scores(weight, layer, MaskContext())
 
+    @property
+    def permutation_importance_name(self) -> str:
+        """How reports name :meth:`permutation_importance`."""
+        return "|w|" if self.needs or self.name == "magnitude" else f"{self.name} score"
+
     def select(self, weight: torch.Tensor, layer, context: MaskContext | None = None) -> torch.Tensor:
         scores = self.scores(weight, layer, context or MaskContext())
         return topn_mask(scores, layer.reduction_axis, self.n, self.m)

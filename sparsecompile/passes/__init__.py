@@ -8,10 +8,11 @@ from sparsecompile.passes.apply_masks import ApplyMasks
 from sparsecompile.passes.fold_batchnorm import FoldBatchNorm
 from sparsecompile.passes.lower_conv_im2col import LowerConvIm2col
 from sparsecompile.passes.manager import PassContext, PassManager, PassResult
+from sparsecompile.passes.permute_channels import PermuteChannels
 from sparsecompile.passes.remove_identity import RemoveIdentity
 from sparsecompile.passes.shape_prop import ShapePropagation
 
 __all__ = [
     "ApplyMasks", "FoldBatchNorm", "LowerConvIm2col", "PassContext", "PassManager",
-    "PassResult", "RemoveIdentity", "ShapePropagation",
+    "PassResult", "PermuteChannels", "RemoveIdentity", "ShapePropagation",
 ]
