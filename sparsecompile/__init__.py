@@ -5,4 +5,16 @@ __version__ = "0.1.0"
 
 from sparsecompile.errors import SparseCompileError  # noqa: E402
 
-__all__ = ["SparseCompileError", "__version__"]
+
+
+def load(path, threads=None, allow_other_target=False):
+    """Load a ``.scpkg`` bundle (hashes verified, nothing unpickled); returns a callable runner.
+
+    ``runner(x)`` returns the model's output as a NumPy array (a list for several outputs).
+    """
+    from sparsecompile.package.runner import load as _load
+
+    return _load(path, threads=threads, allow_other_target=allow_other_target)
+
+
+__all__ = ["SparseCompileError", "__version__", "load"]

@@ -336,6 +336,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "exclude": options.exclude, "min_weights": options.min_weights,
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
+                    "preprocess": options.preprocess,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
                 "inputs": onnx_info["inputs"],

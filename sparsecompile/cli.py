@@ -17,6 +17,7 @@ import click
 from sparsecompile import __version__
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.masks import MASK_METHODS
+from sparsecompile.package.edges import EDGE_TARGETS as EDGE_NAMES
 from sparsecompile.targets import TARGETS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -154,14 +155,23 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
 
 
 @main.command(context_settings=_CONTEXT)
-@click.argument("build_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
-def inspect(build_dir, as_json):
-    """Show what a build made sparse, what stayed dense and why."""
+@click.argument("target", metavar="BUILD_DIR|PACKAGE", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print report.json (a package: manifest.json) instead of the table.")
+def inspect(target, as_json):
+    """Show what a build made sparse, what stayed dense and why; or a package's manifest."""
+    from pathlib import Path
+
+    if Path(target).is_file():
+        from sparsecompile.package.archive import open_package
+        from sparsecompile.package.describe import describe_package
+
+        package = open_package(target)
+        click.echo(json.dumps(package.manifest, indent=2) if as_json else describe_package(package))
+        return
     from sparsecompile.builddir import open_build
     from sparsecompile.report import format_report
 
-    path, _ = open_build(build_dir)
+    path, _ = open_build(target)
     try:
         report = json.loads((path / "report.json").read_text())
     except (OSError, ValueError) as exc:
@@ -170,17 +180,68 @@ def inspect(build_dir, as_json):
 
 
 @main.command(context_settings=_CONTEXT)
-@click.argument("build_dir", type=click.Path())
+@click.argument("target", metavar="BUILD_DIR|PACKAGE", type=click.Path())
 @click.option("-i", "--input", "inputs", multiple=True, required=True, type=click.Path(dir_okay=False),
               help=".npy per model input (repeat in input order) or one .npz with an array per input.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write outputs: .npy for one output, .npz for several (default: print a summary).")
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
-def run(build_dir, inputs, output, threads):
-    """Run a build on the CPU with ONNX Runtime (the fallback backend)."""
+@click.option("--allow-other-target", is_flag=True,
+              help="Run a package on a machine it was not packaged for (CPU fallback).")
+def run(target, inputs, output, threads, allow_other_target):
+    """Run a build or a .scpkg package on the CPU with ONNX Runtime (the fallback backend).
+
+    A package is verified (every member's SHA-256) before anything runs.
+    """
+    from pathlib import Path
+
+    if Path(target).is_file():
+        from sparsecompile.runtime import run_package
+
+        run_package(target, list(inputs), output, threads, allow_other_target)
+        return
     from sparsecompile.runtime import run_build_dir
 
-    run_build_dir(build_dir, list(inputs), output, threads)
+    run_build_dir(target, list(inputs), output, threads)
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("build_dir", type=click.Path())
+@click.option("--edge", type=click.Choice(sorted(EDGE_NAMES)), metavar="TARGET",
+              help=f"Device to ship to: {', '.join(sorted(EDGE_NAMES))}. Default: the build's target "
+                   "(a cpu build: this machine's CPU architecture).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="The bundle to write, e.g. model.scpkg.")
+@click.option("--note", help="Preprocessing note for the manifest (what inputs the model expects).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file that is not a package.")
+def package(build_dir, edge, output, note, force):
+    """Bundle a build into one verified .scpkg file for an edge device.
+
+    \b
+    The bundle holds the compressed weights, the ONNX graph without its
+    weights, the build report, a manifest with a SHA-256 per member, and for
+    GPU targets the trtexec recipe that builds the TensorRT engine there.
+    """
+    from sparsecompile.package.pack import package_build, size_lines
+    from sparsecompile.progress import Progress
+
+    result = package_build(build_dir, output, edge, force=force, note=note, progress=Progress())
+    click.echo("\n".join(size_lines(result)))
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("package_path", metavar="PACKAGE", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="ONNX file to write, or an existing directory: model.onnx and, for GPU targets, build_engine.sh.")
+def unpack(package_path, output):
+    """Write a package's ONNX model with its weights restored (for trtexec or other tools)."""
+    from pathlib import Path
+
+    from sparsecompile.package.runner import write_onnx
+
+    written = write_onnx(package_path, output)
+    click.echo(f"wrote {written}")
+    if Path(output).is_dir() and (Path(output) / "build_engine.sh").exists():
+        click.echo(f"wrote {Path(output) / 'build_engine.sh'} (run it on the target: sh build_engine.sh PACKAGE)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""``sparsecompile run``: inference on a build with the CPU fallback (ONNX Runtime)."""
+"""``sparsecompile run``: inference on a build or a package with the CPU fallback (ONNX Runtime)."""
 
 from __future__ import annotations
 
@@ -76,18 +76,38 @@ def write_outputs(path: Path, names: list[str], arrays: list[np.ndarray]) -> Non
             os.remove(temp)
 
 
+def _print_outputs(names: list[str], outputs: list[np.ndarray]) -> None:
+    for name, array in zip(names, outputs):
+        line = f"{name}: shape {'x'.join(map(str, array.shape))} {array.dtype}"
+        if array.ndim == 2 and array.shape[1] > 1:
+            line += f", argmax {array.argmax(1)[:8].tolist()}{' ...' if array.shape[0] > 8 else ''}"
+        click.echo(line)
+
+
 def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads: int | None) -> list[np.ndarray]:
     path, manifest = open_build(build_dir)
     arrays = read_inputs(inputs, manifest["inputs"])
     with OrtRunner(path / "model.onnx", threads=threads) as runner:
         outputs = runner.infer(arrays)
     names = [spec["name"] for spec in manifest["outputs"]]
-    for name, array in zip(names, outputs):
-        line = f"{name}: shape {'x'.join(map(str, array.shape))} {array.dtype}"
-        if array.ndim == 2 and array.shape[1] > 1:
-            line += f", argmax {array.argmax(1)[:8].tolist()}{' ...' if array.shape[0] > 8 else ''}"
-        click.echo(line)
+    _print_outputs(names, outputs)
     if output:
         write_outputs(Path(output), names, outputs)
+        click.echo(f"wrote {output}")
+    return outputs
+
+
+def run_package(package_path: str, inputs: list[str], output: str | None, threads: int | None,
+                allow_other_target: bool = False) -> list[np.ndarray]:
+    from sparsecompile.package.runner import PackageRunner
+
+    with PackageRunner(package_path, threads=threads, allow_other_target=allow_other_target) as runner:
+        for note in runner.notes:
+            click.echo(f"note: {note}", err=True)
+        arrays = read_inputs(inputs, runner.input_specs)
+        outputs = runner.run(arrays)
+        _print_outputs(runner.output_names, outputs)
+    if output:
+        write_outputs(Path(output), runner.output_names, outputs)
         click.echo(f"wrote {output}")
     return outputs

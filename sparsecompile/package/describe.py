@@ -1,0 +1,59 @@
+"""``sparsecompile inspect model.scpkg``: the manifest, readable."""
+
+from __future__ import annotations
+
+from sparsecompile.package.archive import Package
+
+
+def _shape(spec: dict) -> str:
+    return "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in spec["shape"])
+
+
+def describe_package(package: Package) -> str:
+    m = package.manifest
+    kib = 1024.0
+    target = m["target"]
+    source = m["model"]["source"]
+    lines = [
+        f"package   {package.path} ({package.size / kib:.1f} KiB, format {m['format']} v{m['version']}, "
+        f"all {len(m['members'])} members verified)",
+        f"model     {m['model']['name']} (source sha256 {str(source.get('sha256'))[:16]}..., built {m.get('created')})",
+        f"target    {target['name']}: {target['description']} (built for {m['build_target']})",
+        f"precision {m['precision']}, pattern {m['pattern']}, masks {m['masks']['method']}"
+        f" (correct={m['masks']['options'].get('correct')}, permute={m['masks']['options'].get('permute')})",
+    ]
+    for kind in ("inputs", "outputs"):
+        for spec in m[kind]:
+            lines.append(f"{kind[:-1]:<9} {spec['name']}: {spec['dtype']} {_shape(spec)}")
+    pre = m["preprocessing"]
+    lines.append(f"preproc.  {pre['note']}"
+                 + (f"; --preprocess {pre['preprocess']}" if pre.get("preprocess") else "")
+                 + f" (calibration: {pre['calibration']['source']}, {pre['calibration']['samples']} samples)")
+    summary = m["sparsity"]["summary"]
+    lines.append(f"sparsity  {summary['sparse_layers']} of {summary['layers']} layers sparse, "
+                 f"{summary['sparse_layer_weights']} of {summary['gemm_weights']} GEMM weights in sparse layers")
+    for layer in m["sparsity"]["layers"]:
+        status = layer["status"] if layer["status"] == "sparse" else f"dense ({layer.get('reason') or '-'})"
+        zeros = f"{layer['zero_fraction']:.2f} zeros" if layer.get("zero_fraction") is not None else ""
+        lines.append(f"  {layer['name']:<28} {'x'.join(map(str, layer['shape'])):<14} {status} {zeros}".rstrip())
+    for entry in m["accuracy"]["sparse_vs_dense"]:
+        agree = entry.get("top1_agreement")
+        lines.append(f"accuracy  output {entry['output']}: top-1 agreement with dense "
+                     f"{'n/a' if agree is None else f'{agree:.4f}'}, relative error {entry['relative_error']:.3g} "
+                     "(build's calibration set)")
+    check = m["accuracy"]["bundle_vs_build_onnx"]
+    lines.append(f"bundle    vs build ONNX max abs diff {check['max_abs_diff']:.3g}")
+    sizes = m["sizes"]
+    sparse = sizes["sparse_layers"]
+    if sparse:
+        lines.append(f"sizes     sparse layers {sparse['compressed_bytes'] / kib:.1f} KiB = "
+                     f"{sparse['ratio_vs_dense_fp16']:.4f}x of dense fp16; bundle {package.size / sizes['dense_onnx_bytes']:.2f}x "
+                     f"of the dense ONNX ({sizes['dense_onnx_bytes'] / kib:.1f} KiB)")
+    engine = m.get("engine")
+    lines.append(f"engine    {engine['member']}: {engine['note']}" if engine else "engine    none (CPU target)")
+    libs = m["libraries"]
+    lines.append("libraries " + ", ".join(f"{k} {v}" for k, v in sorted(libs.items())))
+    for name, entry in m["members"].items():
+        lines.append(f"member    {name:<24} {entry['bytes']:>10} B  sha256 {entry['sha256'][:16]}...")
+    lines.extend(f"note      {n}" for n in m.get("notes", []))
+    return "\n".join(lines)

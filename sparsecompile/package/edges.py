@@ -1,0 +1,105 @@
+"""Edge targets for ``sparsecompile package --edge`` and the host they run on.
+
+An edge target names the device a bundle is shipped to: every GPU target of
+:mod:`sparsecompile.targets` (the TensorRT engine is built on the device from
+the bundle's recipe) plus CPU-only servers by architecture, which run the
+ONNX Runtime fallback. The runner compares a bundle's edge target with the
+host (:func:`detect_host`) before it runs anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+from dataclasses import dataclass
+
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.targets import TARGETS
+
+
+@dataclass(frozen=True)
+class EdgeTarget:
+    name: str
+    description: str
+    kind: str  # "gpu" or "cpu"
+    arch: str | None  # CPU architecture a cpu-* bundle needs; None for GPU targets
+    compute_capability: tuple[int, int] | None
+
+    def to_json(self) -> dict:
+        cc = self.compute_capability
+        return {"name": self.name, "description": self.description, "kind": self.kind, "arch": self.arch,
+                "compute_capability": ".".join(map(str, cc)) if cc else None}
+
+
+EDGE_TARGETS: dict[str, EdgeTarget] = {
+    **{t.name: EdgeTarget(t.name, t.description, "gpu", None, t.compute_capability)
+       for t in TARGETS.values() if t.kind == "gpu"},
+    "cpu-x86_64": EdgeTarget("cpu-x86_64", "x86-64 server or PC without a GPU (ONNX Runtime)", "cpu", "x86_64", None),
+    "cpu-aarch64": EdgeTarget("cpu-aarch64", "Arm64 server or board without a GPU (ONNX Runtime)", "cpu", "aarch64", None),
+}
+
+
+def get_edge(name: str) -> EdgeTarget:
+    try:
+        return EDGE_TARGETS[name]
+    except KeyError:
+        raise SparseCompileError(f"unknown edge target '{name}'; valid: {', '.join(sorted(EDGE_TARGETS))}") from None
+
+
+def normalize_arch(machine: str) -> str:
+    machine = machine.lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}.get(machine, machine)
+
+
+def default_edge(build_target: str) -> str:
+    """A build for a GPU ships to that GPU; a CPU build to CPUs like this machine's."""
+    if build_target in EDGE_TARGETS:
+        return build_target
+    arch = normalize_arch(platform.machine())
+    return f"cpu-{arch}" if f"cpu-{arch}" in EDGE_TARGETS else "cpu-x86_64"
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    arch: str
+    gpu_name: str | None = None
+    gpu_capability: tuple[int, int] | None = None
+    tensorrt: bool = False
+
+    def describe(self) -> str:
+        if self.gpu_capability:
+            return f"{self.arch} with {self.gpu_name} (sm_{self.gpu_capability[0]}{self.gpu_capability[1]})"
+        return f"{self.arch} without a CUDA GPU"
+
+
+def detect_host() -> HostInfo:
+    """This machine: CPU architecture and, if torch sees one, the CUDA GPU.
+
+    TensorRT is only looked up (``find_spec``), never imported: without a
+    CUDA device its runtime can crash the process.
+    """
+    arch = normalize_arch(platform.machine())
+    name = capability = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            capability = tuple(torch.cuda.get_device_capability(0))
+    except Exception:  # noqa: BLE001 - a broken CUDA setup means "no GPU" here
+        name = capability = None
+    tensorrt = capability is not None and importlib.util.find_spec("tensorrt") is not None
+    return HostInfo(arch, name, capability, tensorrt)
+
+
+def check_host(edge: EdgeTarget, host: HostInfo) -> str | None:
+    """Why a bundle for ``edge`` must not run on ``host`` (None when it may)."""
+    if edge.kind == "cpu":
+        if host.arch != edge.arch:
+            return f"the bundle was built for {edge.name} but this machine is {host.arch}"
+        return None
+    if host.gpu_capability is not None and host.gpu_capability != edge.compute_capability:
+        cc = edge.compute_capability
+        return (f"the bundle was built for {edge.name} (sm_{cc[0]}{cc[1]}) but this machine has "
+                f"{host.gpu_name} (sm_{host.gpu_capability[0]}{host.gpu_capability[1]})")
+    return None

@@ -1,0 +1,245 @@
+"""``sparsecompile package``: one verified bundle per edge target.
+
+The bundle (a ``.scpkg`` zip, see :mod:`sparsecompile.package.archive`) holds
+
+* ``manifest.json``: format and version, model name and source hash, edge and
+  build target, precision, inputs/outputs, preprocessing, mask method and
+  settings, per-layer sparsity, the build's accuracy checks, library versions,
+  sizes, and the size and SHA-256 of every other member;
+* ``graph.onnx``: the build's ONNX graph without the weights below;
+* ``weights.safetensors``: the weights the graph needs, sparse layers compressed;
+* ``report.json``: the full build report;
+* ``engine/build_engine.sh`` for GPU targets: the ``trtexec`` recipe that builds
+  the TensorRT engine on the device (no engine is built here; see README).
+
+Before anything is written the bundle is read back the way a device reads it
+(reconstituted graph run by ONNX Runtime) and compared with the build's ONNX on
+seeded inputs; the difference is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsecompile import __version__
+from sparsecompile.builddir import open_build
+from sparsecompile.compress import load_weights, size_summary
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.frontend import file_sha256
+from sparsecompile.package.archive import (
+    MANIFEST, PACKAGE_FORMAT, PACKAGE_VERSION, is_package_file, sha256_bytes, write_archive,
+)
+from sparsecompile.package.edges import EdgeTarget, default_edge, get_edge
+from sparsecompile.package.weights import restore_weights, strip_weights, weights_file_bytes
+from sparsecompile.targets import TARGETS
+
+FORMAT_FLOOR_FP16 = 0.5625  # 2 fp16 values + 4 index bits per group of 4
+_TRT_PRECISION_FLAG = {"fp16": " --fp16", "bf16": " --bf16", "fp32": ""}
+
+
+@dataclass
+class PackResult:
+    path: Path
+    manifest: dict
+    size: int
+
+
+def _library_versions() -> dict:
+    import onnx
+    import onnxruntime
+    import safetensors
+    import torch
+
+    return {"sparsecompile": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "safetensors": safetensors.__version__, "numpy": np.__version__}
+
+
+def _verify_build_files(path: Path, manifest: dict) -> None:
+    for name, digest in manifest.get("files", {}).items():
+        if file_sha256(path / name) != digest:
+            raise SparseCompileError(f"build '{path}': '{name}' changed since the build (SHA-256 mismatch); rebuild it")
+
+
+def _example_feed(specs: list[dict], batch: int = 4) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = []
+    for spec in specs:
+        shape = [batch if not isinstance(d, int) or d == 0 else d for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        arrays.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+    return arrays
+
+
+def _trtexec_recipe(edge: EdgeTarget, precision: str, inputs: list[dict], dynamic: bool) -> str:
+    shapes = ""
+    if dynamic:
+        def shape_arg(batch):
+            return ",".join(f"{s['name']}:" + "x".join(str(batch if not isinstance(d, int) or d == 0 else d)
+                                                       for d in s["shape"]) for s in inputs)
+        shapes = f" --minShapes={shape_arg(1)} --optShapes={shape_arg(8)} --maxShapes={shape_arg(32)}"
+    return (
+        "#!/bin/sh\n"
+        f"# Build the TensorRT engine for {edge.name} ON THE TARGET DEVICE (needs TensorRT's trtexec and the GPU).\n"
+        "# Written by sparsecompile package; not run where the bundle was made. The batch range 1/8/32 is a default:\n"
+        "# edit the shapes to your serving batch sizes. --sparsity=enable lets TensorRT pick sparse kernels\n"
+        "# where they are faster; its verbose log lists which layers did.\n"
+        "# Usage: sh build_engine.sh model.scpkg\n"
+        "set -e\n"
+        'sparsecompile unpack "${1:?usage: build_engine.sh PACKAGE.scpkg}" -o model.onnx\n'
+        f"trtexec --onnx=model.onnx --sparsity=enable{_TRT_PRECISION_FLAG.get(precision, '')}{shapes} "
+        f"--saveEngine=model.{edge.name}.engine --verbose > trtexec.log\n"
+    )
+
+
+def _drop_exporter_traces(model) -> None:
+    """The exporter stores each node's Python stack trace and FX source (file paths of the build
+    machine) in metadata; a bundle keeps only the module ``namespace`` that maps nodes to layers."""
+    for node in model.graph.node:
+        kept = [p for p in node.metadata_props if not p.key.startswith("pkg.torch.onnx.")]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+
+
+def _compare(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
+    worst = max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+                for x, y in zip(a, b))
+    scale = max(float(np.max(np.abs(x))) if x.size else 0.0 for x in a)
+    return {"max_abs_diff": worst, "relative_diff": worst / scale if scale else worst}
+
+
+def package_build(build_dir: str | Path, output: str | Path, edge_name: str | None = None,
+                  force: bool = False, note: str | None = None, progress=None) -> PackResult:
+    """Bundle a build for ``edge_name`` into ``output`` (a ``.scpkg`` file)."""
+    import onnx
+
+    from sparsecompile.backends.onnxruntime_runner import OrtRunner
+
+    path, build_manifest = open_build(build_dir)
+    output = Path(output)
+    if output.is_dir():
+        raise SparseCompileError(f"output '{output}' is a directory; give a file name such as model.scpkg")
+    if not output.resolve().parent.is_dir():
+        raise SparseCompileError(f"output directory '{output.parent}' does not exist")
+    if output.exists() and not force and not is_package_file(output):
+        raise SparseCompileError(f"'{output}' exists and is not a sparsecompile package; choose another -o or pass --force")
+    _verify_build_files(path, build_manifest)
+    try:
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SparseCompileError(f"cannot read '{path / 'report.json'}': {exc}") from None
+    build_target = report["target"]["name"]
+    edge = get_edge(edge_name or default_edge(build_target))
+    notes = []
+    if edge.kind == "gpu" and not report.get("sparsified"):
+        notes.append(f"the build has no sparse layers (target {build_target}): the {edge.name} engine runs dense")
+    if edge.kind == "gpu" and build_target in TARGETS and not TARGETS[build_target].sparse_tensor_cores \
+            and TARGETS[edge.name].sparse_tensor_cores:
+        notes.append(f"built for {build_target}, which has no sparse tensor cores; rebuild with --target {edge.name} "
+                     "for masks and precision chosen for it")
+
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    sparse, dense, weights_meta = load_weights(path / "weights.safetensors")
+    specs, sparse_kept, dense_kept = strip_weights(model, sparse, dense)
+    _drop_exporter_traces(model)
+    precision = (weights_meta or {}).get("dtype", report["options"].get("weights_dtype"))
+    graph_bytes = model.SerializeToString()
+    weights_bytes = weights_file_bytes(sparse_kept, dense_kept, {"pattern": report["pattern"], "dtype": precision})
+
+    # Read the bundle back as a device would and compare with the build's ONNX.
+    if progress:
+        progress.info("checking the bundle against the build's ONNX ...")
+    restored = onnx.load_from_string(graph_bytes)
+    restore_weights(restored, specs, sparse_kept, dense_kept, "bundle")
+    feed = _example_feed(build_manifest["inputs"], 4 if build_manifest.get("dynamic_batch") else 0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sparsecompile-") as tmp:
+        onnx.save(restored, f"{tmp}/restored.onnx")
+        with OrtRunner(f"{tmp}/restored.onnx", threads=1) as runner:
+            got = runner.infer(feed)
+    with OrtRunner(path / "model.onnx", threads=1) as runner:
+        want = runner.infer(feed)
+    check = {**_compare(want, got), "inputs": "seeded random, batch 4" if build_manifest.get("dynamic_batch") else "seeded random"}
+    if precision == "fp32" and check["max_abs_diff"] != 0.0:
+        raise SparseCompileError(f"internal error: the fp32 bundle does not reproduce the build's ONNX "
+                                 f"(max abs diff {check['max_abs_diff']:.3g})")
+
+    sizes = size_summary(sparse_kept) if sparse_kept else {}
+    members = {"graph.onnx": graph_bytes, "weights.safetensors": weights_bytes,
+               "report.json": (path / "report.json").read_bytes()}
+    if edge.kind == "gpu":
+        members["engine/build_engine.sh"] = _trtexec_recipe(
+            edge, precision, build_manifest["inputs"], bool(build_manifest.get("dynamic_batch"))).encode()
+    dense_onnx_bytes = (path / "model.onnx").stat().st_size
+    layers = report.get("layers", [])
+    manifest = {
+        "format": PACKAGE_FORMAT, "version": PACKAGE_VERSION,
+        "created": report.get("created"),
+        "model": {"name": Path(report["source"]["path"] or "model").stem, "source": report["source"]},
+        "target": edge.to_json(),
+        "build_target": build_target,
+        "precision": precision,
+        "pattern": report["pattern"],
+        "inputs": build_manifest["inputs"], "outputs": build_manifest["outputs"],
+        "dynamic_batch": build_manifest.get("dynamic_batch", False),
+        "preprocessing": {
+            "calibration": report["verification"]["calibration"],
+            "preprocess": report["options"].get("preprocess"),
+            "note": note or "feed inputs preprocessed exactly like the calibration data the build used",
+        },
+        "masks": {"method": report["method"], "options": report["options"],
+                  "permutation": {"enabled": report.get("permutation", {}).get("enabled", False)}},
+        "sparsity": {
+            "summary": report["summary"],
+            "layers": [{"name": r["name"], "status": r["status"], "shape": r["shape"],
+                        "zero_fraction": r.get("zero_fraction"), "reason": r.get("reason")} for r in layers],
+        },
+        "accuracy": {"sparse_vs_dense": report["verification"]["sparse_vs_dense"],
+                     "bundle_vs_build_onnx": check},
+        "engine": ({"kind": "recipe", "member": "engine/build_engine.sh",
+                    "note": "TensorRT engines are built on the target from this recipe; none was built here"}
+                   if edge.kind == "gpu" else None),
+        "graph": {"external_initializers": specs,
+                  "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)},
+        "sizes": {
+            "sparse_layers": sizes,
+            "format_floor_vs_dense_fp16": FORMAT_FLOOR_FP16,
+            "dense_onnx_bytes": dense_onnx_bytes,
+            "graph_bytes": len(graph_bytes), "weights_bytes": len(weights_bytes),
+        },
+        "libraries": _library_versions(),
+        "notes": notes,
+        "members": {name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in sorted(members.items())},
+    }
+    members[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    write_archive(output, members)
+    return PackResult(output, manifest, output.stat().st_size)
+
+
+def size_lines(result: PackResult) -> list[str]:
+    """What the user sees after packaging: the bundle against the dense ONNX, and the sparse layers' floor."""
+    sizes = result.manifest["sizes"]
+    kb = 1024.0
+    dense_onnx = sizes["dense_onnx_bytes"]
+    lines = [f"wrote {result.path}: {result.size / kb:.1f} KiB for {result.manifest['target']['name']} "
+             f"({result.size / dense_onnx:.2f}x of the dense ONNX, {dense_onnx / kb:.1f} KiB)"]
+    for name, entry in result.manifest["members"].items():
+        lines.append(f"  {name:<24} {entry['bytes'] / kb:9.1f} KiB")
+    sparse = sizes["sparse_layers"]
+    if sparse:
+        lines.append(f"  sparse layers: {sparse['compressed_bytes'] / kb:.1f} KiB compressed vs "
+                     f"{sparse['dense_fp16_bytes'] / kb:.1f} KiB dense fp16 = {sparse['ratio_vs_dense_fp16']:.4f}x "
+                     f"(format floor {FORMAT_FLOOR_FP16}x at fp16; {result.manifest['precision']} values here)")
+    else:
+        lines.append("  no sparse layers in this build: weights are stored dense")
+    check = result.manifest["accuracy"]["bundle_vs_build_onnx"]
+    lines.append(f"  bundle vs build ONNX: max abs diff {check['max_abs_diff']:.3g} "
+                 f"(relative {check['relative_diff']:.2g}; {result.manifest['precision']} weights)")
+    lines.extend(f"  note: {n}" for n in result.manifest["notes"])
+    return lines

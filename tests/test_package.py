@@ -1,0 +1,334 @@
+"""Edge bundles: packaging, verified loading, running, inspecting, and every kind of bad bundle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import platform
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sparsecompile
+from sparsecompile.backends.onnxruntime_runner import OrtRunner
+from sparsecompile.cli import main
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.package import EDGE_TARGETS, load, open_package, package_build
+from sparsecompile.package.edges import HostInfo, check_host, default_edge, get_edge, normalize_arch
+from sparsecompile.package.runner import PackageRunner
+
+HOST_ARCH = normalize_arch(platform.machine())
+OTHER_CPU = "cpu-aarch64" if HOST_ARCH == "x86_64" else "cpu-x86_64"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def fp32_build(tmp_path_factory, model_files):
+    """A CPU-target build forced sparse: fp32 weights, so a bundle must reproduce it exactly."""
+    from sparsecompile.build import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("builds") / "cpu"
+    return build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(out), target="cpu", sparsify=True,
+                              calib=str(model_files / "calib.npy"), min_weights=0))
+
+
+@pytest.fixture(scope="module")
+def gpu_package(tmp_path_factory, sample_build):
+    path = tmp_path_factory.mktemp("pkg") / "model.scpkg"
+    return package_build(sample_build.output, path, "a100")
+
+
+@pytest.fixture(scope="module")
+def cpu_package(tmp_path_factory, fp32_build):
+    path = tmp_path_factory.mktemp("pkg") / "cpu.scpkg"
+    return package_build(fp32_build.output, path, f"cpu-{HOST_ARCH}")
+
+
+def _build_outputs(build_dir, x):
+    with OrtRunner(build_dir / "model.onnx") as runner:
+        return runner.infer([x])
+
+
+def _x(batch=6, seed=3):
+    return np.random.default_rng(seed).standard_normal((batch, 4, 8, 8)).astype(np.float32)
+
+
+def _rewrite(src, dst, replace=None, drop=(), add=None, manifest=None):
+    """Copy a bundle changing members (the manifest stays as it was unless given)."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        for info in a.infolist():
+            if info.filename in drop:
+                continue
+            data = a.read(info)
+            if info.filename == "manifest.json" and manifest is not None:
+                data = json.dumps(manifest).encode()
+            if replace and info.filename in replace:
+                data = replace[info.filename]
+            b.writestr(info.filename, data)
+        for name, data in (add or {}).items():
+            b.writestr(name, data)
+    return dst
+
+
+# --- what a bundle holds -------------------------------------------------------------------------
+
+
+def test_bundle_members_and_manifest(gpu_package, sample_build):
+    manifest = gpu_package.manifest
+    with zipfile.ZipFile(gpu_package.path) as archive:
+        names = archive.namelist()
+    assert names[0] == "manifest.json"
+    assert set(names) == {"manifest.json", "graph.onnx", "weights.safetensors", "report.json", "engine/build_engine.sh"}
+    assert manifest["format"] == "sparsecompile-package" and manifest["version"] == 1
+    assert manifest["target"]["name"] == "a100" and manifest["build_target"] == "a100"
+    assert manifest["precision"] == "fp16" and manifest["pattern"] == "2:4"
+    assert manifest["model"]["source"]["sha256"] == sample_build.report["source"]["sha256"]
+    assert [i["name"] for i in manifest["inputs"]] == [i["name"] for i in sample_build.report["inputs"]]
+    assert manifest["masks"]["method"] == sample_build.report["method"]
+    assert {layer["name"] for layer in manifest["sparsity"]["layers"]} == {r["name"] for r in sample_build.report["layers"]}
+    assert manifest["accuracy"]["sparse_vs_dense"] == sample_build.report["verification"]["sparse_vs_dense"]
+    for library in ("sparsecompile", "torch", "onnx", "onnxruntime"):
+        assert manifest["libraries"][library]
+    assert set(manifest["members"]) == set(names) - {"manifest.json"}
+
+
+def test_graph_ships_without_its_weights(gpu_package, sample_build):
+    package = open_package(gpu_package.path)
+    graph = onnx.load_from_string(package.members["graph.onnx"]).graph
+    build_graph = onnx.load(str(sample_build.output / "model.onnx")).graph
+    stripped = {s["name"] for s in package.manifest["graph"]["external_initializers"]}
+    sparse_weights = {r["weight"] for r in sample_build.report["layers"] if r["status"] == "sparse"}
+    assert sparse_weights and sparse_weights <= stripped
+    assert not stripped & {i.name for i in graph.initializer}
+    stripped_bytes = sum(4 * int(np.prod(s["shape"])) for s in package.manifest["graph"]["external_initializers"])
+    assert len(package.members["graph.onnx"]) + stripped_bytes <= (sample_build.output / "model.onnx").stat().st_size
+    assert {i.name for i in graph.initializer} | stripped == {i.name for i in build_graph.initializer}
+    # the build machine's stack traces do not travel
+    assert b"stack_trace" not in package.members["graph.onnx"]
+
+
+def test_sparse_layers_at_the_format_floor(gpu_package):
+    sizes = gpu_package.manifest["sizes"]
+    sparse = sizes["sparse_layers"]
+    assert sparse["tensors"] >= 2
+    # 2 fp16 values + 4 index bits per group of 4 = 0.5625 (+1 padding byte per odd-sized tensor)
+    assert sparse["compressed_bytes"] <= 0.5625 * sparse["dense_fp16_bytes"] + sparse["tensors"]
+    assert gpu_package.size < sizes["dense_onnx_bytes"]
+
+
+def test_recipe_for_gpu_targets_only(gpu_package, cpu_package):
+    recipe = open_package(gpu_package.path).members["engine/build_engine.sh"].decode()
+    assert "--sparsity=enable" in recipe and "--fp16" in recipe
+    assert "--minShapes=x:1x4x8x8" in recipe and "--maxShapes=x:32x4x8x8" in recipe
+    assert "sparsecompile unpack" in recipe
+    assert gpu_package.manifest["engine"]["member"] == "engine/build_engine.sh"
+    assert cpu_package.manifest["engine"] is None
+    assert "engine/build_engine.sh" not in open_package(cpu_package.path).members
+
+
+def test_packaging_twice_is_byte_identical(tmp_path, sample_build):
+    first = package_build(sample_build.output, tmp_path / "a.scpkg", "jetson-orin")
+    (tmp_path / "again").mkdir()
+    second = package_build(sample_build.output, tmp_path / "again" / "a.scpkg", "jetson-orin")
+    assert first.path.read_bytes() == second.path.read_bytes()
+    with zipfile.ZipFile(first.path) as archive:
+        assert {i.date_time for i in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+# --- running a bundle ----------------------------------------------------------------------------
+
+
+def test_fp32_bundle_reproduces_the_build_exactly(cpu_package, fp32_build):
+    x = _x()
+    with load(cpu_package.path) as runner:
+        got = runner(x)
+        assert runner.backend == "onnxruntime-cpu"
+    np.testing.assert_array_equal(got, _build_outputs(fp32_build.output, x)[0])
+    assert cpu_package.manifest["accuracy"]["bundle_vs_build_onnx"]["max_abs_diff"] == 0.0
+
+
+def test_fp16_bundle_matches_the_build_within_fp16_rounding(gpu_package, sample_build):
+    x = _x()
+    runner = sparsecompile.load(gpu_package.path)
+    got = runner(x)
+    want = _build_outputs(sample_build.output, x)[0]
+    scale = np.abs(want).max()
+    assert 0 < np.abs(got - want).max() <= 5e-3 * scale  # weights were rounded to fp16, not more
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.8
+    assert any("no CUDA GPU" in n for n in runner.notes) or torch.cuda.is_available()
+    runner.close()
+    with pytest.raises(SparseCompileError, match="closed"):
+        runner(x)
+
+
+def test_loading_never_unpickles(gpu_package, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling during package load")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    with load(gpu_package.path) as runner:
+        assert runner(_x()).shape == (6, 10)
+
+
+def test_wrong_input_is_refused(gpu_package):
+    with load(gpu_package.path) as runner:
+        with pytest.raises(SparseCompileError, match="shape"):
+            runner(np.zeros((2, 3, 8, 8), np.float32))
+        with pytest.raises(SparseCompileError, match="float32"):
+            runner(np.zeros((2, 4, 8, 8), np.float64))
+
+
+def test_cli_package_run_inspect_unpack(tmp_path, sample_build):
+    out = tmp_path / "m.scpkg"
+    result = invoke("package", sample_build.output, "--edge", "jetson-orin", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "jetson-orin" in result.output and "0.5625x" in result.output and "dense ONNX" in result.output
+    x = _x(3)
+    np.save(tmp_path / "x.npy", x)
+    result = invoke("run", out, "-i", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert result.exit_code == 0, result.output
+    with load(out) as runner:
+        np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), runner(x))
+    result = invoke("inspect", out)
+    assert result.exit_code == 0, result.output
+    for fragment in ("jetson-orin", "members verified", "sha256", "top-1 agreement", "engine/build_engine.sh"):
+        assert fragment in result.output
+    assert json.loads(invoke("inspect", out, "--json").output)["target"]["name"] == "jetson-orin"
+    result = invoke("unpack", out, "-o", tmp_path / "model.onnx")
+    assert result.exit_code == 0, result.output
+    restored = onnx.load(str(tmp_path / "model.onnx"))
+    onnx.checker.check_model(restored)
+    with OrtRunner(tmp_path / "model.onnx") as runner:
+        np.testing.assert_array_equal(runner.infer([x])[0], np.load(tmp_path / "y.npy"))
+    (tmp_path / "engine").mkdir()
+    result = invoke("unpack", out, "-o", tmp_path / "engine")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "engine" / "model.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
+    assert "--sparsity=enable" in (tmp_path / "engine" / "build_engine.sh").read_text()
+
+
+# --- targets and hosts ---------------------------------------------------------------------------
+
+
+def test_edge_targets_and_defaults():
+    assert {"jetson-orin", "a100", "cpu-x86_64", "cpu-aarch64"} <= set(EDGE_TARGETS)
+    assert default_edge("a100") == "a100"
+    assert default_edge("cpu") == f"cpu-{HOST_ARCH}"
+    with pytest.raises(SparseCompileError, match="valid: .*jetson-orin"):
+        get_edge("tpu")
+
+
+def test_host_checks():
+    orin, cpu = get_edge("jetson-orin"), get_edge("cpu-x86_64")
+    assert check_host(orin, HostInfo("x86_64")) is None  # no GPU: the CPU fallback runs
+    assert check_host(orin, HostInfo("aarch64", "Orin", (8, 7))) is None
+    problem = check_host(orin, HostInfo("x86_64", "NVIDIA H100", (9, 0)))
+    assert "built for jetson-orin (sm_87)" in problem and "sm_90" in problem
+    assert "built for cpu-x86_64" in check_host(cpu, HostInfo("aarch64"))
+    assert check_host(cpu, HostInfo("x86_64")) is None
+
+
+def test_bundle_for_another_target_is_refused(tmp_path, fp32_build):
+    path = package_build(fp32_build.output, tmp_path / "other.scpkg", OTHER_CPU).path
+    with pytest.raises(SparseCompileError, match=f"built for {OTHER_CPU}"):
+        load(path)
+    np.save(tmp_path / "x.npy", _x(2))
+    _one_line_error(invoke("run", path, "-i", tmp_path / "x.npy"), f"built for {OTHER_CPU}")
+    result = invoke("run", path, "-i", tmp_path / "x.npy", "--allow-other-target")
+    assert result.exit_code == 0, result.output
+    with pytest.raises(SparseCompileError, match="sm_87"):
+        PackageRunner(package_build(fp32_build.output, tmp_path / "orin.scpkg", "jetson-orin").path,
+                      host=HostInfo("x86_64", "NVIDIA H100", (9, 0)))
+
+
+# --- bad bundles ---------------------------------------------------------------------------------
+
+
+def test_tampered_member_is_named(tmp_path, gpu_package):
+    weights = open_package(gpu_package.path).members["weights.safetensors"]
+    flipped = weights[:-10] + bytes([weights[-10] ^ 1]) + weights[-9:]
+    bad = _rewrite(gpu_package.path, tmp_path / "bad.scpkg", replace={"weights.safetensors": flipped})
+    with pytest.raises(SparseCompileError, match="'weights.safetensors' fails its SHA-256"):
+        load(bad)
+    _one_line_error(invoke("inspect", bad), "weights.safetensors")
+
+
+def test_resized_member_is_named(tmp_path, gpu_package):
+    bad = _rewrite(gpu_package.path, tmp_path / "bad.scpkg", replace={"report.json": b"{}"})
+    with pytest.raises(SparseCompileError, match="'report.json' has 2 bytes"):
+        open_package(bad)
+
+
+def test_truncated_bundle(tmp_path, gpu_package):
+    data = gpu_package.path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 30):
+        bad = tmp_path / f"cut{cut}.scpkg"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(SparseCompileError, match="truncated"):
+            open_package(bad)
+    np.save(tmp_path / "x.npy", _x(2))
+    _one_line_error(invoke("run", bad, "-i", tmp_path / "x.npy"), "truncated")
+
+
+def test_missing_and_extra_members(tmp_path, gpu_package):
+    missing = _rewrite(gpu_package.path, tmp_path / "missing.scpkg", drop={"graph.onnx"})
+    with pytest.raises(SparseCompileError, match="member 'graph.onnx' is missing"):
+        open_package(missing)
+    extra = _rewrite(gpu_package.path, tmp_path / "extra.scpkg", add={"payload.py": b"print('hi')"})
+    with pytest.raises(SparseCompileError, match="unexpected member 'payload.py'"):
+        open_package(extra)
+
+
+def test_wrong_manifest_version_and_format(tmp_path, gpu_package):
+    manifest = dict(gpu_package.manifest, version=99)
+    bad = _rewrite(gpu_package.path, tmp_path / "v99.scpkg", manifest=manifest)
+    with pytest.raises(SparseCompileError, match="version 99 is not supported"):
+        open_package(bad)
+    other = _rewrite(gpu_package.path, tmp_path / "other.scpkg", manifest={"format": "something-else"})
+    with pytest.raises(SparseCompileError, match="not a sparsecompile package"):
+        open_package(other)
+    junk = tmp_path / "junk.scpkg"
+    junk.write_bytes(b"not a zip at all")
+    with pytest.raises(SparseCompileError, match="not a sparsecompile package"):
+        open_package(junk)
+
+
+def test_package_errors_are_one_line(tmp_path, sample_build):
+    _one_line_error(invoke("package", tmp_path / "nope", "-o", tmp_path / "m.scpkg"), "does not exist")
+    _one_line_error(invoke("run", tmp_path / "nope.scpkg", "-i", tmp_path / "x.npy"), "does not exist")
+    (tmp_path / "keep.txt").write_text("precious")
+    _one_line_error(invoke("package", sample_build.output, "-o", tmp_path / "keep.txt"), "not a sparsecompile package")
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+    _one_line_error(invoke("package", sample_build.output, "-o", tmp_path / "no" / "m.scpkg"), "does not exist")
+    result = invoke("package", sample_build.output, "--edge", "tpu", "-o", tmp_path / "m.scpkg")
+    assert result.exit_code == 2 and "tpu" in result.output
+
+
+def test_changed_build_is_refused(tmp_path, fp32_build):
+    import shutil
+
+    copy = tmp_path / "build"
+    shutil.copytree(fp32_build.output, copy)
+    report = json.loads((copy / "report.json").read_text())
+    report["method"] = "edited"
+    (copy / "report.json").write_text(json.dumps(report))
+    with pytest.raises(SparseCompileError, match="'report.json' changed since the build"):
+        package_build(copy, tmp_path / "m.scpkg", "cpu-x86_64")
+    assert not (tmp_path / "m.scpkg").exists()
+    assert not list(tmp_path.glob(".m.scpkg.*"))
