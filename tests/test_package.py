@@ -194,6 +194,13 @@ def test_wrong_input_is_refused(gpu_package):
             runner(np.zeros((2, 4, 8, 8), np.float64))
 
 
+def test_cli_run_refuses_wrong_input_files(tmp_path, gpu_package):
+    np.save(tmp_path / "shape.npy", np.zeros((2, 3, 8, 8), np.float32))
+    _one_line_error(invoke("run", gpu_package.path, "-i", tmp_path / "shape.npy"), "must have shape")
+    np.save(tmp_path / "dtype.npy", np.zeros((2, 4, 8, 8), np.float64))
+    _one_line_error(invoke("run", gpu_package.path, "-i", tmp_path / "dtype.npy"), "must be float32")
+
+
 def test_cli_package_run_inspect_unpack(tmp_path, sample_build):
     out = tmp_path / "m.scpkg"
     result = invoke("package", sample_build.output, "--edge", "jetson-orin", "-o", out)
