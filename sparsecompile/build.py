@@ -29,6 +29,7 @@ from sparsecompile.calibration import (
     CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
 )
 from sparsecompile.compress import compress, save_weights, size_summary
+from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_command, write_recipe
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import check_readable, file_sha256, load_model
 from sparsecompile.graph import get_tensor
@@ -74,6 +75,7 @@ class BuildOptions:
     permute_budget: float = 3.0  # seconds of search per channel group
     sparsify: bool | None = None  # None: the target decides
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
+    batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max) for a dynamic batch
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
     sequential: bool = True  # layer k's statistics with layers < k already sparse
@@ -166,6 +168,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 f"the model has a static batch of {batch_size} but the calibration data has only "
                 f"{calib.num_samples} samples"
             )
+        if not loaded.dynamic_batch and options.batch and options.batch != (batch_size,) * 3:
+            raise SparseCompileError(f"--batch {','.join(map(str, options.batch))}: the model has a static batch "
+                                     f"of {batch_size}; export it with a dynamic batch to build a batch range")
         progress.detail(f"{loaded.source_kind} model, inputs {loaded.input_names}, "
                         f"{'dynamic' if loaded.dynamic_batch else 'static'} batch, {calib.num_samples} calibration samples")
 
@@ -318,7 +323,17 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                                          weights_dtype_name, n, m, target)
             compression["onnx_bytes"] = (staging / "model.onnx").stat().st_size
 
-        # 8. report + manifest
+        # 8. TensorRT recipe (GPU targets); the engine itself is built on the target (sparsecompile engine)
+        engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
+        if target.kind == "gpu":
+            recipe = make_recipe(target, weights_dtype_name, onnx_info["inputs"], onnx_info["dynamic_batch"],
+                                 options.batch)
+            write_recipe(staging / ENGINE_DIR, recipe)
+            engine_info = {"status": "recipe", "recipe": f"{ENGINE_DIR}/recipe.json", "precision": recipe["precision"],
+                           "profile": recipe["profile"], "trtexec": trtexec_command(recipe),
+                           "note": "build the engine on the target: sparsecompile engine BUILD_DIR"}
+
+        # 9. report + manifest
         with progress.stage("writing report"), _timed(timings, "report"):
             sparse_count = sum(1 for r in layer_records if r["status"] == "sparse")
             total_weights = sum(r["weights"] for r in layer_records)
@@ -358,6 +373,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "onnxruntime_vs_torch": ort_check,
                 },
                 "compression": compression,
+                "engine": engine_info,
                 "passes": [
                     {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
                     for r in manager.records
@@ -369,7 +385,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 },
             }
             write_reports(staging, report)
-            files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
             manifest = {
                 "format": BUILD_FORMAT, "version": BUILD_FORMAT_VERSION,
                 "sparsecompile_version": __version__, "created": report["created"],

@@ -122,6 +122,9 @@ def _pattern(text: str) -> tuple[int, int]:
               metavar="SECONDS", help="Time limit of the permutation search per channel group.")
 @click.option("--sparsify/--no-sparsify", default=None,
               help="Force masks on or off. Default: on for targets with sparse tensor cores.")
+@click.option("--batch", "batch", metavar="MIN,OPT,MAX",
+              help="TensorRT optimization profile for a dynamic batch (default 1,8,32), written into the "
+                   "engine recipe of GPU targets.")
 @click.option("--weights-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               show_default=True, help="Dtype of the compressed weight file (auto: the target's precision).")
 @click.option("--force", is_flag=True, help="Replace --output even if it is not a previous build.")
@@ -129,12 +132,15 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
           method, correct, sequential, update_weights, pattern, exclude, min_weights, lower_conv, permute,
-          permute_budget, sparsify, weights_dtype, force, seed):
+          permute_budget, sparsify, batch, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
-    (compressed N:M weights), report.json, report.md and manifest.json.
+    (compressed N:M weights), report.json, report.md and manifest.json; for
+    GPU targets also engine/ (the recipe that builds the TensorRT engine on
+    the target: sparsecompile engine OUTPUT).
     """
+    from sparsecompile.engine.recipe import parse_batch
     from sparsecompile.build import BuildOptions, build as run_build
     from sparsecompile.frontend import parse_input_shape
     from sparsecompile.progress import Progress
@@ -147,6 +153,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
         permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
+        batch=parse_batch(batch) if batch else None,
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))
@@ -176,7 +183,15 @@ def inspect(target, as_json):
         report = json.loads((path / "report.json").read_text())
     except (OSError, ValueError) as exc:
         raise SparseCompileError(f"cannot read '{path / 'report.json'}': {exc}") from None
-    click.echo(json.dumps(report, indent=2) if as_json else format_report(report), nl=not as_json)
+    engine_json = path / "engine" / "engine.json"
+    if as_json or not engine_json.exists():
+        click.echo(json.dumps(report, indent=2) if as_json else format_report(report), nl=not as_json)
+        return
+    from sparsecompile.engine.run import engine_lines
+
+    click.echo(format_report(report))
+    click.echo("TensorRT engine (engine/engine.json):")
+    click.echo("\n".join(engine_lines(json.loads(engine_json.read_text()))))
 
 
 @main.command(context_settings=_CONTEXT)
@@ -229,9 +244,28 @@ def package(build_dir, edge, output, note, force):
 
 
 @main.command(context_settings=_CONTEXT)
+@click.argument("build_dir", type=click.Path())
+@click.option("--timing-cache", type=click.Path(dir_okay=False),
+              help="TensorRT timing cache to reuse and update (default: build_dir/engine/timing.cache).")
+@click.option("--allow-other-gpu", is_flag=True, help="Build for this GPU even if it is not the build's target.")
+def engine(build_dir, timing_cache, allow_other_gpu):
+    """Build the TensorRT engine of a GPU build, on the target machine.
+
+    \b
+    Needs a CUDA GPU of the build's target and TensorRT. Writes
+    engine/model.TARGET.engine, build.log, layers.json (tactics) and
+    engine.json: per layer, whether TensorRT picked a sparse kernel, found
+    the layer eligible but kept dense kernels, or could not use sparsity.
+    """
+    from sparsecompile.engine.run import build_engine, engine_lines
+
+    click.echo("\n".join(engine_lines(build_engine(build_dir, timing_cache, allow_other_gpu))))
+
+
+@main.command(context_settings=_CONTEXT)
 @click.argument("package_path", metavar="PACKAGE", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(),
-              help="ONNX file to write, or an existing directory: model.onnx and, for GPU targets, build_engine.sh.")
+              help="ONNX file to write, or an existing directory: model.onnx and, for GPU targets, engine/ (the recipe).")
 def unpack(package_path, output):
     """Write a package's ONNX model with its weights restored (for trtexec or other tools)."""
     from pathlib import Path
@@ -240,8 +274,9 @@ def unpack(package_path, output):
 
     written = write_onnx(package_path, output)
     click.echo(f"wrote {written}")
-    if Path(output).is_dir() and (Path(output) / "build_engine.sh").exists():
-        click.echo(f"wrote {Path(output) / 'build_engine.sh'} (run it on the target: sh build_engine.sh PACKAGE)")
+    if Path(output).is_dir() and (Path(output) / "engine" / "recipe.json").exists():
+        click.echo(f"wrote {Path(output) / 'engine'}/ (on the target GPU: python {Path(output) / 'engine'}/build_engine.py, "
+                   f"or sh {Path(output) / 'engine'}/trtexec.sh)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -138,6 +138,13 @@ def summary_lines(report: dict) -> list[str]:
         names = ", ".join(sorted(report["batchnorm_reestimated"]))
         lines.append(f"         batch norms re-estimated in place (not foldable): {names}")
     lines += permutation_lines(report)
+    engine = report.get("engine", {})
+    if engine.get("status") == "recipe":
+        profile = engine.get("profile")
+        batches = (" batch " + "/".join(str(next(iter(profile.values()))[k][0]) for k in ("min", "opt", "max"))
+                   if profile else "")
+        lines.append(f"engine:  TensorRT recipe in engine/ ({engine['precision']}, sparse weights{batches}); "
+                     "not built here: run 'sparsecompile engine BUILD_DIR' on the target GPU")
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines

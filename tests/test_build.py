@@ -30,7 +30,8 @@ def _layers(report):
 def test_build_writes_a_complete_verified_artifact(sample_build):
     out, report = sample_build.output, sample_build.report
     path, manifest = open_build(out)
-    assert set(manifest["files"]) == {"model.onnx", "weights.safetensors", "report.json", "report.md"}
+    assert set(manifest["files"]) == {"model.onnx", "weights.safetensors", "report.json", "report.md",
+                                      "engine/recipe.json", "engine/build_engine.py", "engine/trtexec.sh"}
     assert json.loads((out / "report.json").read_text())["layers"] == report["layers"]
     layers = _layers(report)
     assert {name for name, layer in layers.items() if layer["status"] == "sparse"} == {"conv1", "conv2", "fc1", "fc2"}
