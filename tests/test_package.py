@@ -18,7 +18,8 @@ from sparsecompile.backends.onnxruntime_runner import OrtRunner
 from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.package import EDGE_TARGETS, load, open_package, package_build
-from sparsecompile.package.edges import HostInfo, check_host, default_edge, get_edge, normalize_arch
+from sparsecompile.hardware import HostInfo, normalize_arch
+from sparsecompile.package.edges import check_host, default_edge, get_edge
 from sparsecompile.package.runner import PackageRunner
 
 HOST_ARCH = normalize_arch(platform.machine())
@@ -92,7 +93,8 @@ def test_bundle_members_and_manifest(gpu_package, sample_build):
     with zipfile.ZipFile(gpu_package.path) as archive:
         names = archive.namelist()
     assert names[0] == "manifest.json"
-    assert set(names) == {"manifest.json", "graph.onnx", "weights.safetensors", "report.json", "engine/build_engine.sh"}
+    assert set(names) == {"manifest.json", "graph.onnx", "weights.safetensors", "report.json",
+                          "engine/recipe.json", "engine/build_engine.py", "engine/trtexec.sh"}
     assert manifest["format"] == "sparsecompile-package" and manifest["version"] == 1
     assert manifest["target"]["name"] == "a100" and manifest["build_target"] == "a100"
     assert manifest["precision"] == "fp16" and manifest["pattern"] == "2:4"
@@ -130,14 +132,23 @@ def test_sparse_layers_at_the_format_floor(gpu_package):
     assert gpu_package.size < sizes["dense_onnx_bytes"]
 
 
-def test_recipe_for_gpu_targets_only(gpu_package, cpu_package):
-    recipe = open_package(gpu_package.path).members["engine/build_engine.sh"].decode()
-    assert "--sparsity=enable" in recipe and "--fp16" in recipe
-    assert "--minShapes=x:1x4x8x8" in recipe and "--maxShapes=x:32x4x8x8" in recipe
-    assert "sparsecompile unpack" in recipe
-    assert gpu_package.manifest["engine"]["member"] == "engine/build_engine.sh"
+def test_recipe_for_gpu_targets_only(gpu_package, cpu_package, tmp_path, sample_build):
+    members = open_package(gpu_package.path).members
+    recipe = json.loads(members["engine/recipe.json"])
+    assert recipe["target"] == "a100" and recipe["compute_capability"] == "8.0" and recipe["precision"] == "fp16"
+    assert recipe["profile"]["x"] == {"min": [1, 4, 8, 8], "opt": [8, 4, 8, 8], "max": [32, 4, 8, 8]}
+    script = members["engine/trtexec.sh"].decode()
+    assert "--sparsity=enable" in script and "--fp16" in script and "--maxShapes=x:32x4x8x8" in script
+    assert members["engine/build_engine.py"] == (sample_build.output / "engine" / "build_engine.py").read_bytes()
+    assert gpu_package.manifest["engine"]["members"] == ["engine/build_engine.py", "engine/recipe.json",
+                                                         "engine/trtexec.sh"]
     assert cpu_package.manifest["engine"] is None
-    assert "engine/build_engine.sh" not in open_package(cpu_package.path).members
+    assert not any(name.startswith("engine/") for name in open_package(cpu_package.path).members)
+    # re-targeted: a build for a100 shipped to a Jetson gets the Jetson's recipe
+    orin = package_build(sample_build.output, tmp_path / "orin.scpkg", "jetson-orin")
+    orin_recipe = json.loads(open_package(orin.path).members["engine/recipe.json"])
+    assert orin_recipe["target"] == "jetson-orin" and orin_recipe["compute_capability"] == "8.7"
+    assert orin_recipe["engine"] == "model.jetson-orin.engine"
 
 
 def test_packaging_twice_is_byte_identical(tmp_path, sample_build):
@@ -214,7 +225,7 @@ def test_cli_package_run_inspect_unpack(tmp_path, sample_build):
         np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), runner(x))
     result = invoke("inspect", out)
     assert result.exit_code == 0, result.output
-    for fragment in ("jetson-orin", "members verified", "sha256", "top-1 agreement", "engine/build_engine.sh"):
+    for fragment in ("jetson-orin", "members verified", "sha256", "top-1 agreement", "engine/recipe.json"):
         assert fragment in result.output
     assert json.loads(invoke("inspect", out, "--json").output)["target"]["name"] == "jetson-orin"
     result = invoke("unpack", out, "-o", tmp_path / "model.onnx")
@@ -227,7 +238,8 @@ def test_cli_package_run_inspect_unpack(tmp_path, sample_build):
     result = invoke("unpack", out, "-o", tmp_path / "engine")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "engine" / "model.onnx").read_bytes() == (tmp_path / "model.onnx").read_bytes()
-    assert "--sparsity=enable" in (tmp_path / "engine" / "build_engine.sh").read_text()
+    assert "--sparsity=enable" in (tmp_path / "engine" / "engine" / "trtexec.sh").read_text()
+    assert json.loads((tmp_path / "engine" / "engine" / "recipe.json").read_text())["onnx"] == "../model.onnx"
 
 
 # --- targets and hosts ---------------------------------------------------------------------------

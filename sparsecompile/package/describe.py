@@ -50,7 +50,7 @@ def describe_package(package: Package) -> str:
                      f"{sparse['ratio_vs_dense_fp16']:.4f}x of dense fp16; bundle {package.size / sizes['dense_onnx_bytes']:.2f}x "
                      f"of the dense ONNX ({sizes['dense_onnx_bytes'] / kib:.1f} KiB)")
     engine = m.get("engine")
-    lines.append(f"engine    {engine['member']}: {engine['note']}" if engine else "engine    none (CPU target)")
+    lines.append(f"engine    {', '.join(engine['members'])}: {engine['note']}" if engine else "engine    none (CPU target)")
     libs = m["libraries"]
     lines.append("libraries " + ", ".join(f"{k} {v}" for k, v in sorted(libs.items())))
     for name, entry in m["members"].items():

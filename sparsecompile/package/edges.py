@@ -4,16 +4,16 @@ An edge target names the device a bundle is shipped to: every GPU target of
 :mod:`sparsecompile.targets` (the TensorRT engine is built on the device from
 the bundle's recipe) plus CPU-only servers by architecture, which run the
 ONNX Runtime fallback. The runner compares a bundle's edge target with the
-host (:func:`detect_host`) before it runs anything.
+host (:func:`sparsecompile.hardware.detect_host`) before it runs anything.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import platform
 from dataclasses import dataclass
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.hardware import HostInfo, normalize_arch
 from sparsecompile.targets import TARGETS
 
 
@@ -46,50 +46,12 @@ def get_edge(name: str) -> EdgeTarget:
         raise SparseCompileError(f"unknown edge target '{name}'; valid: {', '.join(sorted(EDGE_TARGETS))}") from None
 
 
-def normalize_arch(machine: str) -> str:
-    machine = machine.lower()
-    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8": "aarch64"}.get(machine, machine)
-
-
 def default_edge(build_target: str) -> str:
     """A build for a GPU ships to that GPU; a CPU build to CPUs like this machine's."""
     if build_target in EDGE_TARGETS:
         return build_target
     arch = normalize_arch(platform.machine())
     return f"cpu-{arch}" if f"cpu-{arch}" in EDGE_TARGETS else "cpu-x86_64"
-
-
-@dataclass(frozen=True)
-class HostInfo:
-    arch: str
-    gpu_name: str | None = None
-    gpu_capability: tuple[int, int] | None = None
-    tensorrt: bool = False
-
-    def describe(self) -> str:
-        if self.gpu_capability:
-            return f"{self.arch} with {self.gpu_name} (sm_{self.gpu_capability[0]}{self.gpu_capability[1]})"
-        return f"{self.arch} without a CUDA GPU"
-
-
-def detect_host() -> HostInfo:
-    """This machine: CPU architecture and, if torch sees one, the CUDA GPU.
-
-    TensorRT is only looked up (``find_spec``), never imported: without a
-    CUDA device its runtime can crash the process.
-    """
-    arch = normalize_arch(platform.machine())
-    name = capability = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            name = torch.cuda.get_device_name(0)
-            capability = tuple(torch.cuda.get_device_capability(0))
-    except Exception:  # noqa: BLE001 - a broken CUDA setup means "no GPU" here
-        name = capability = None
-    tensorrt = capability is not None and importlib.util.find_spec("tensorrt") is not None
-    return HostInfo(arch, name, capability, tensorrt)
 
 
 def check_host(edge: EdgeTarget, host: HostInfo) -> str | None:

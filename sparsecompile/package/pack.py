@@ -9,8 +9,9 @@ The bundle (a ``.scpkg`` zip, see :mod:`sparsecompile.package.archive`) holds
 * ``graph.onnx``: the build's ONNX graph without the weights below;
 * ``weights.safetensors``: the weights the graph needs, sparse layers compressed;
 * ``report.json``: the full build report;
-* ``engine/build_engine.sh`` for GPU targets: the ``trtexec`` recipe that builds
-  the TensorRT engine on the device (no engine is built here; see README).
+* ``engine/`` for GPU targets: the build's TensorRT recipe re-targeted to the edge device
+  (``recipe.json``, ``build_engine.py``, ``trtexec.sh``, see :mod:`sparsecompile.engine.recipe`);
+  no engine is built here.
 
 Before anything is written the bundle is read back the way a device reads it
 (reconstituted graph run by ONNX Runtime) and compared with the build's ONNX on
@@ -34,12 +35,13 @@ from sparsecompile.frontend import file_sha256
 from sparsecompile.package.archive import (
     MANIFEST, PACKAGE_FORMAT, PACKAGE_VERSION, is_package_file, sha256_bytes, write_archive,
 )
+from sparsecompile.engine import build_engine as build_engine_script
+from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_script
 from sparsecompile.package.edges import EdgeTarget, default_edge, get_edge
 from sparsecompile.package.weights import restore_weights, strip_weights, weights_file_bytes
 from sparsecompile.targets import TARGETS
 
 FORMAT_FLOOR_FP16 = 0.5625  # 2 fp16 values + 4 index bits per group of 4
-_TRT_PRECISION_FLAG = {"fp16": " --fp16", "bf16": " --bf16", "fp32": ""}
 
 
 @dataclass
@@ -76,25 +78,22 @@ def _example_feed(specs: list[dict], batch: int = 4) -> list[np.ndarray]:
     return arrays
 
 
-def _trtexec_recipe(edge: EdgeTarget, precision: str, inputs: list[dict], dynamic: bool) -> str:
-    shapes = ""
-    if dynamic:
-        def shape_arg(batch):
-            return ",".join(f"{s['name']}:" + "x".join(str(batch if not isinstance(d, int) or d == 0 else d)
-                                                       for d in s["shape"]) for s in inputs)
-        shapes = f" --minShapes={shape_arg(1)} --optShapes={shape_arg(8)} --maxShapes={shape_arg(32)}"
-    return (
-        "#!/bin/sh\n"
-        f"# Build the TensorRT engine for {edge.name} ON THE TARGET DEVICE (needs TensorRT's trtexec and the GPU).\n"
-        "# Written by sparsecompile package; not run where the bundle was made. The batch range 1/8/32 is a default:\n"
-        "# edit the shapes to your serving batch sizes. --sparsity=enable lets TensorRT pick sparse kernels\n"
-        "# where they are faster; its verbose log lists which layers did.\n"
-        "# Usage: sh build_engine.sh model.scpkg\n"
-        "set -e\n"
-        'sparsecompile unpack "${1:?usage: build_engine.sh PACKAGE.scpkg}" -o model.onnx\n'
-        f"trtexec --onnx=model.onnx --sparsity=enable{_TRT_PRECISION_FLAG.get(precision, '')}{shapes} "
-        f"--saveEngine=model.{edge.name}.engine --verbose > trtexec.log\n"
-    )
+def _engine_members(edge: EdgeTarget, precision: str, build_manifest: dict, build_path: Path) -> dict[str, bytes]:
+    """The build's TensorRT recipe, re-targeted to ``edge`` (same batch profile), as bundle members."""
+    profile_batch = None
+    build_recipe = build_path / ENGINE_DIR / "recipe.json"
+    if build_recipe.exists():
+        profile = json.loads(build_recipe.read_text()).get("profile") or {}
+        first = next(iter(profile.values()), None)
+        if first:
+            profile_batch = (first["min"][0], first["opt"][0], first["max"][0])
+    recipe = make_recipe(edge, precision, build_manifest["inputs"], bool(build_manifest.get("dynamic_batch")),
+                         profile_batch)
+    return {
+        f"{ENGINE_DIR}/recipe.json": (json.dumps(recipe, indent=2) + "\n").encode(),
+        f"{ENGINE_DIR}/build_engine.py": Path(build_engine_script.__file__).read_bytes(),
+        f"{ENGINE_DIR}/trtexec.sh": trtexec_script(recipe).encode(),
+    }
 
 
 def _drop_exporter_traces(model) -> None:
@@ -174,8 +173,7 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
     members = {"graph.onnx": graph_bytes, "weights.safetensors": weights_bytes,
                "report.json": (path / "report.json").read_bytes()}
     if edge.kind == "gpu":
-        members["engine/build_engine.sh"] = _trtexec_recipe(
-            edge, precision, build_manifest["inputs"], bool(build_manifest.get("dynamic_batch"))).encode()
+        members.update(_engine_members(edge, precision, build_manifest, path))
     dense_onnx_bytes = (path / "model.onnx").stat().st_size
     layers = report.get("layers", [])
     manifest = {
@@ -202,8 +200,9 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         },
         "accuracy": {"sparse_vs_dense": report["verification"]["sparse_vs_dense"],
                      "bundle_vs_build_onnx": check},
-        "engine": ({"kind": "recipe", "member": "engine/build_engine.sh",
-                    "note": "TensorRT engines are built on the target from this recipe; none was built here"}
+        "engine": ({"kind": "recipe", "members": sorted(m for m in members if m.startswith(f"{ENGINE_DIR}/")),
+                    "note": "no engine inside: build it on the target (sparsecompile unpack PACKAGE -o DIR, then "
+                            "python DIR/engine/build_engine.py or sh DIR/engine/trtexec.sh)"}
                    if edge.kind == "gpu" else None),
         "graph": {"external_initializers": specs,
                   "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)},

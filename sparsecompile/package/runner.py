@@ -22,7 +22,8 @@ import numpy as np
 
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.package.archive import Package, open_package
-from sparsecompile.package.edges import HostInfo, check_host, detect_host, get_edge
+from sparsecompile.hardware import HostInfo, detect_host
+from sparsecompile.package.edges import check_host, get_edge
 from sparsecompile.package.weights import read_weights_bytes, restore_weights
 
 
@@ -60,7 +61,8 @@ class PackageRunner:
             self.notes.append(f"{problem}; running the CPU fallback anyway (--allow-other-target)")
         if edge.kind == "gpu" and host.gpu_capability is not None and not problem:
             self.notes.append("this version does not run TensorRT engines from a bundle; build one on this machine "
-                              "with the bundle's engine/build_engine.sh. Running the ONNX Runtime CPU fallback")
+                              "with the bundle's engine recipe (sparsecompile unpack PACKAGE -o DIR). "
+                              "Running the ONNX Runtime CPU fallback")
         elif edge.kind == "gpu" and host.gpu_capability is None:
             self.notes.append(f"no CUDA GPU here: running the {edge.name} bundle on the ONNX Runtime CPU fallback")
         self.backend = "onnxruntime-cpu"
@@ -109,17 +111,19 @@ def load(path: str | Path, threads: int | None = None, allow_other_target: bool 
 def write_onnx(path: str | Path, output: str | Path) -> Path:
     """``sparsecompile unpack``: the bundle's ONNX with weights restored, for trtexec or other tools.
 
-    ``output`` a directory: writes ``model.onnx`` there, and the engine recipe ``build_engine.sh`` if the
-    bundle has one. Returns the ONNX path."""
+    ``output`` a directory: writes ``model.onnx`` there and, for GPU targets, the engine recipe under
+    ``engine/`` (the layout of a build directory, so the recipe's ``../model.onnx`` resolves).
+    Returns the ONNX path."""
     import onnx
 
     package = open_package(path)
     output = Path(output)
     if output.is_dir():
-        output = output / "model.onnx"
-        recipe = package.members.get("engine/build_engine.sh")
-        if recipe is not None:
-            _atomic_write(output.parent / "build_engine.sh", lambda temp: Path(temp).write_bytes(recipe))
+        directory, output = output, output / "model.onnx"
+        for name, data in package.members.items():
+            if name.startswith("engine/"):
+                (directory / "engine").mkdir(exist_ok=True)
+                _atomic_write(directory / name, lambda temp, data=data: Path(temp).write_bytes(data))
     if not output.resolve().parent.is_dir():
         raise SparseCompileError(f"output directory '{output.parent}' does not exist")
     model = reconstitute_onnx(package)
