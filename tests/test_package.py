@@ -351,3 +351,43 @@ def test_changed_build_is_refused(tmp_path, fp32_build):
         package_build(copy, tmp_path / "m.scpkg", "cpu-x86_64")
     assert not (tmp_path / "m.scpkg").exists()
     assert not list(tmp_path.glob(".m.scpkg.*"))
+
+
+# --- backend choice (the TensorRT path itself cannot run here: no GPU) ----------------------------
+
+
+def test_backend_choice():
+    from sparsecompile.package.runner import choose_backend
+
+    orin = get_edge("jetson-orin")
+    assert choose_backend(orin, HostInfo("aarch64", "Orin", (8, 7), True)) == ("tensorrt", None)
+    backend, note = choose_backend(orin, HostInfo("aarch64", "Orin", (8, 7), False))
+    assert backend == "onnxruntime-cpu" and "pip install tensorrt" in note
+    backend, note = choose_backend(orin, HostInfo("x86_64"))
+    assert backend == "onnxruntime-cpu" and "no CUDA GPU" in note
+    assert choose_backend(get_edge("cpu-x86_64"), HostInfo("x86_64", "A100", (8, 0), True)) == ("onnxruntime-cpu", None)
+
+
+def test_engine_cache_key(gpu_package, tmp_path, monkeypatch):
+    from sparsecompile.package.runner import engine_cache_dir
+
+    monkeypatch.setenv("SPARSECOMPILE_CACHE", str(tmp_path))
+    package = open_package(gpu_package.path)
+    a100 = engine_cache_dir(package, HostInfo("x86_64", "A100", (8, 0), True))
+    assert a100.parent == tmp_path / "engines" and a100.name.endswith("-sm80")
+    assert a100 == engine_cache_dir(open_package(gpu_package.path), HostInfo("x86_64", "A100", (8, 0), True))
+    assert engine_cache_dir(package, HostInfo("x86_64", "H100", (9, 0), True)) != a100
+
+
+def test_failed_engine_build_falls_back_to_onnxruntime(gpu_package, tmp_path, monkeypatch):
+    # A host that claims an A100 and TensorRT: the recipe's builder finds no CUDA device and exits,
+    # and the runner must fall back to ONNX Runtime, saying why, with the same outputs.
+    monkeypatch.setenv("SPARSECOMPILE_CACHE", str(tmp_path))
+    runner = PackageRunner(gpu_package.path, host=HostInfo("x86_64", "NVIDIA A100", (8, 0), True))
+    assert runner.backend == "onnxruntime-cpu"
+    assert any("TensorRT engine unavailable" in n and "no CUDA device" in n for n in runner.notes), runner.notes
+    x = _x()
+    with load(gpu_package.path) as plain:
+        np.testing.assert_array_equal(runner(x), plain(x))
+    cached = list((tmp_path / "engines").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.onnx").exists() and (cached[0] / "engine" / "recipe.json").exists()

@@ -5,15 +5,22 @@ the bundle's edge target suits this machine, reconstitutes the ONNX graph
 from the compressed weights (decompression happens once, at load) and opens
 an ONNX Runtime session on the CPU.
 
-Backend choice: the TensorRT engine path (build the engine from the bundle's
-recipe on first use, cache it, run it) is not implemented in this version; on
-a machine with a matching GPU the runner says so and uses the CPU fallback.
-Nothing here imports TensorRT.
+Backend choice (:func:`choose_backend`): a GPU bundle on a machine with the
+target's GPU and TensorRT builds its engine from the bundle's recipe on first
+use, caches it (:func:`engine_cache_dir`) and runs it with TensorRT; if that
+fails, or anywhere else, the bundle runs with ONNX Runtime on the CPU, and the
+runner's ``notes`` say why. The TensorRT path has NOT been run here (no GPU):
+the choice, the cache key and the fallback after a failed engine build are
+tested; the engine build and TensorRT inference are not.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +48,47 @@ def reconstitute_onnx(package: Package):
     return restore_weights(model, specs, sparse, dense, where)
 
 
+def choose_backend(edge, host: HostInfo) -> tuple[str, str | None]:
+    """``("tensorrt" | "onnxruntime-cpu", note)`` for a bundle on this host (the host already accepted)."""
+    if edge.kind != "gpu":
+        return "onnxruntime-cpu", None
+    if host.gpu_capability is None:
+        return "onnxruntime-cpu", f"no CUDA GPU here: running the {edge.name} bundle on the ONNX Runtime CPU fallback"
+    if check_host(edge, host) is not None:
+        return "onnxruntime-cpu", None
+    if not host.tensorrt:
+        return "onnxruntime-cpu", ("TensorRT is not installed (pip install tensorrt): running the ONNX Runtime "
+                                   "CPU fallback")
+    return "tensorrt", None
+
+
+def engine_cache_dir(package: Package, host: HostInfo) -> Path:
+    """Where a bundle's engine for this GPU is built once and reused (``SPARSECOMPILE_CACHE`` overrides the root)."""
+    members = package.manifest["members"]
+    digest = hashlib.sha256("".join(f"{n}:{members[n]['sha256']};" for n in sorted(members)).encode()).hexdigest()
+    root = Path(os.environ.get("SPARSECOMPILE_CACHE") or Path.home() / ".cache" / "sparsecompile")
+    cc = host.gpu_capability or (0, 0)
+    return root / "engines" / f"{digest[:20]}-sm{cc[0]}{cc[1]}"
+
+
+def _tensorrt_runner(package: Package, host: HostInfo):
+    """Build the bundle's engine on first use (cached), then load it. Not run here: no GPU."""
+    from sparsecompile.backends.tensorrt_runner import TensorRTRunner
+
+    cache = engine_cache_dir(package, host)
+    recipe = json.loads(package.members["engine/recipe.json"])
+    engine_file = cache / "engine" / recipe["engine"]
+    if not engine_file.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        write_onnx(package, cache)
+        result = subprocess.run([sys.executable, str(cache / "engine" / "build_engine.py"),
+                                 "--recipe", str(cache / "engine" / "recipe.json")], capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+            raise SparseCompileError(last.removeprefix("error: "))
+    return TensorRTRunner(engine_file).load()
+
+
 class PackageRunner:
     """A callable over a verified bundle: ``runner(x)`` returns the output array (a list for several)."""
 
@@ -59,20 +107,24 @@ class PackageRunner:
                                      f"(sparsecompile package BUILD --edge ...) or pass --allow-other-target")
         if problem:
             self.notes.append(f"{problem}; running the CPU fallback anyway (--allow-other-target)")
-        if edge.kind == "gpu" and host.gpu_capability is not None and not problem:
-            self.notes.append("this version does not run TensorRT engines from a bundle; build one on this machine "
-                              "with the bundle's engine recipe (sparsecompile unpack PACKAGE -o DIR). "
-                              "Running the ONNX Runtime CPU fallback")
-        elif edge.kind == "gpu" and host.gpu_capability is None:
-            self.notes.append(f"no CUDA GPU here: running the {edge.name} bundle on the ONNX Runtime CPU fallback")
-        self.backend = "onnxruntime-cpu"
-        model = reconstitute_onnx(self.package)
-        import onnx
+        self.backend, note = choose_backend(edge, host)
+        if note:
+            self.notes.append(note)
+        self._runner = None
+        if self.backend == "tensorrt":
+            try:
+                self._runner = _tensorrt_runner(self.package, host)
+            except SparseCompileError as exc:
+                self.backend = "onnxruntime-cpu"
+                self.notes.append(f"TensorRT engine unavailable ({exc}): running the ONNX Runtime CPU fallback")
+        if self._runner is None:
+            model = reconstitute_onnx(self.package)
+            import onnx
 
-        with tempfile.TemporaryDirectory(prefix="sparsecompile-") as tmp:
-            onnx_path = os.path.join(tmp, "model.onnx")
-            onnx.save(model, onnx_path)
-            self._runner = OrtRunner(onnx_path, threads=threads).load()
+            with tempfile.TemporaryDirectory(prefix="sparsecompile-") as tmp:
+                onnx_path = os.path.join(tmp, "model.onnx")
+                onnx.save(model, onnx_path)
+                self._runner = OrtRunner(onnx_path, threads=threads).load()
 
     @property
     def input_specs(self) -> list[dict]:
@@ -108,7 +160,7 @@ def load(path: str | Path, threads: int | None = None, allow_other_target: bool 
     return PackageRunner(path, threads=threads, allow_other_target=allow_other_target)
 
 
-def write_onnx(path: str | Path, output: str | Path) -> Path:
+def write_onnx(path: str | Path | Package, output: str | Path) -> Path:
     """``sparsecompile unpack``: the bundle's ONNX with weights restored, for trtexec or other tools.
 
     ``output`` a directory: writes ``model.onnx`` there and, for GPU targets, the engine recipe under
@@ -116,7 +168,7 @@ def write_onnx(path: str | Path, output: str | Path) -> Path:
     Returns the ONNX path."""
     import onnx
 
-    package = open_package(path)
+    package = path if isinstance(path, Package) else open_package(path)
     output = Path(output)
     if output.is_dir():
         directory, output = output, output / "model.onnx"
