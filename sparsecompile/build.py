@@ -30,6 +30,7 @@ from sparsecompile.calibration import (
 )
 from sparsecompile.compress import compress, save_weights, size_summary
 from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_command, write_recipe
+from sparsecompile.engine.speed_model import DEVICES, MIN_CHANNELS, gemm_dims, not_faster_reason, predict
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import check_readable, file_sha256, load_model
 from sparsecompile.graph import get_tensor
@@ -76,6 +77,7 @@ class BuildOptions:
     sparsify: bool | None = None  # None: the target decides
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
     batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max) for a dynamic batch
+    sparse_only_if_faster: bool = False  # leave layers the speed model does not predict faster dense
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
     sequential: bool = True  # layer k's statistics with layers < k already sparse
@@ -243,6 +245,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         for pattern in unmatched_patterns(layers, options.exclude):
             progress.warn(f"--exclude '{pattern}' matches no layer")
             notes.append(f"--exclude '{pattern}' matched no layer")
+        speed_notes = _predict_speed(gm, layers, target, options, loaded.batch_size if not loaded.dynamic_batch else None)
+        notes.extend(speed_notes)
         eligible = [layer for layer in layers if layer.reason is None]
         if not sparsify_layers:
             for layer in eligible:
@@ -351,7 +355,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "exclude": options.exclude, "min_weights": options.min_weights,
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
-                    "preprocess": options.preprocess,
+                    "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
                 "inputs": onnx_info["inputs"],
@@ -398,6 +402,37 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     return BuildResult(out, report)
 
 
+def _predict_speed(gm, layers, target, options, static_batch: int | None) -> list[str]:
+    """Speed-model prediction per eligible layer (``layer.extra['speed']``); with
+    ``--sparse-only-if-faster`` the layers not predicted faster stay dense. Returns notes."""
+    if not target.sparse_tensor_cores or target.name not in DEVICES:
+        return []
+    batch = static_batch or (options.batch[1] if options.batch else 8)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    flagged = []
+    for layer in layers:
+        if layer.reason is not None or layer.node_name not in nodes:
+            continue
+        dims = gemm_dims(nodes[layer.node_name], layer.weight_shape, layer.reduction_axis, batch)
+        prediction = predict(dims, target.name, batch) if dims else None
+        if prediction is None:
+            continue
+        layer.extra["speed"] = prediction
+        reason = not_faster_reason(prediction, target.name)
+        if reason:
+            flagged.append(layer.name)
+            if options.sparse_only_if_faster:
+                layer.reason = reason
+    if not flagged:
+        return []
+    shown = ", ".join(flagged[:6]) + (f" and {len(flagged) - 6} more" if len(flagged) > 6 else "")
+    if options.sparse_only_if_faster:
+        return [f"--sparse-only-if-faster: {len(flagged)} layer(s) left dense, not predicted faster on "
+                f"{target.name} (speed model, uncalibrated): {shown}"]
+    return [f"speed model (uncalibrated): {len(flagged)} layer(s) will likely stay dense in TensorRT on {target.name} "
+            f"(under {MIN_CHANNELS} channels, or no predicted gain): {shown}; --sparse-only-if-faster leaves them dense"]
+
+
 def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list[dict]:
     """Per-layer report records; checks every sparse weight independently (N:M, kept values)."""
     weights_changed = outcome.updated_weights or bool(outcome.corrections)
@@ -408,6 +443,8 @@ def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list
             "shape": list(layer.weight_shape), "reduction_axis": layer.reduction_axis,
             "weights": layer.numel, "status": "dense", "reason": layer.reason,
         }
+        if "speed" in layer.extra:
+            record["speed"] = layer.extra["speed"]
         mask = outcome.masks.get(layer.weight_target)
         if mask is not None:
             dense_weight = get_tensor(dense_gm, layer.weight_target)

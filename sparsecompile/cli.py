@@ -125,6 +125,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--batch", "batch", metavar="MIN,OPT,MAX",
               help="TensorRT optimization profile for a dynamic batch (default 1,8,32), written into the "
                    "engine recipe of GPU targets.")
+@click.option("--sparse-only-if-faster", is_flag=True,
+              help="Leave layers dense that the (uncalibrated) speed model does not predict faster on the target.")
 @click.option("--weights-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               show_default=True, help="Dtype of the compressed weight file (auto: the target's precision).")
 @click.option("--force", is_flag=True, help="Replace --output even if it is not a previous build.")
@@ -132,7 +134,7 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
           method, correct, sequential, update_weights, pattern, exclude, min_weights, lower_conv, permute,
-          permute_budget, sparsify, batch, weights_dtype, force, seed):
+          permute_budget, sparsify, batch, sparse_only_if_faster, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
@@ -153,7 +155,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
         permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
-        batch=parse_batch(batch) if batch else None,
+        batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))

@@ -29,7 +29,7 @@ def _bytes(count) -> str:
 
 def layer_table(report: dict, markdown: bool = False) -> str:
     permute = report.get("permutation", {}).get("enabled", False)
-    header = ["layer", "op", "weight shape", "status", "kept |w|", "out err", "corrected", "why dense"]
+    header = ["layer", "op", "weight shape", "status", "kept |w|", "out err", "corrected", "predicted", "why dense"]
     if permute:
         header.insert(4, "permutation")
     rows = []
@@ -44,7 +44,7 @@ def layer_table(report: dict, markdown: bool = False) -> str:
         row = [
             layer["name"], layer["op"], "x".join(map(str, layer["shape"])) or "-", layer["status"],
             _pct(layer.get("retained_magnitude")), _err(layer.get("output_error")), corrected,
-            layer.get("reason") or "",
+            speed_cell(layer.get("speed")), layer.get("reason") or "",
         ]
         if permute:
             row.insert(4, permutation_cell(layer.get("permutation")))
@@ -58,6 +58,13 @@ def layer_table(report: dict, markdown: bool = False) -> str:
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def speed_cell(speed: dict | None) -> str:
+    """The speed model's call: ``1.38x`` or ``1.02x, likely dense`` (TensorRT keeps dense kernels)."""
+    if not speed:
+        return "-"
+    return f"{speed['speedup']:.2f}x" + (", likely dense" if speed["likely_dense"] else "")
 
 
 def permutation_cell(stats: dict | None) -> str:
