@@ -29,7 +29,9 @@ from sparsecompile.calibration import (
     CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
 )
 from sparsecompile.compress import compress, save_weights, size_summary
-from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_command, write_recipe
+from sparsecompile.engine.recipe import (
+    ENGINE_DIR, QUANTIZED, check_precision, has_qdq, make_recipe, trtexec_command, write_recipe,
+)
 from sparsecompile.engine.speed_model import DEVICES, MIN_CHANNELS, gemm_dims, not_faster_reason, predict
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import check_readable, file_sha256, load_model
@@ -78,6 +80,8 @@ class BuildOptions:
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
     batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max) for a dynamic batch
     sparse_only_if_faster: bool = False  # leave layers the speed model does not predict faster dense
+    precision: str = "auto"  # TensorRT engine precision: auto (= weights dtype), fp16, bf16, fp32, int8, fp8
+    engine: bool = True  # build the TensorRT engine now when this machine has the target GPU and TensorRT
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
     sequential: bool = True  # layer k's statistics with layers < k already sparse
@@ -145,6 +149,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     weights_dtype_name = target.default_precision if options.weights_dtype == "auto" else options.weights_dtype
     if weights_dtype_name not in _DTYPES:
         raise SparseCompileError(f"unknown --weights-dtype '{weights_dtype_name}'; valid: auto, {', '.join(_DTYPES)}")
+    engine_precision = weights_dtype_name if options.precision == "auto" else options.precision
+    if target.kind == "gpu" or options.precision != "auto":
+        check_precision(target, engine_precision)
 
     progress.total = 9 if permute else 8
 
@@ -330,7 +337,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         # 8. TensorRT recipe (GPU targets); the engine itself is built on the target (sparsecompile engine)
         engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
         if target.kind == "gpu":
-            recipe = make_recipe(target, weights_dtype_name, onnx_info["inputs"], onnx_info["dynamic_batch"],
+            if engine_precision in QUANTIZED and not has_qdq(staging / "model.onnx"):
+                raise SparseCompileError(
+                    f"--precision {engine_precision} needs an explicitly quantized model (QuantizeLinear/"
+                    "DequantizeLinear in the ONNX), e.g. quantized with nvidia-modelopt before export; this one has none")
+            recipe = make_recipe(target, engine_precision, onnx_info["inputs"], onnx_info["dynamic_batch"],
                                  options.batch)
             write_recipe(staging / ENGINE_DIR, recipe)
             engine_info = {"status": "recipe", "recipe": f"{ENGINE_DIR}/recipe.json", "precision": recipe["precision"],
@@ -356,6 +367,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
                     "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
+                    "precision": options.precision,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
                 "inputs": onnx_info["inputs"],
@@ -398,8 +410,31 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "dynamic_batch": onnx_info["dynamic_batch"], "files": files,
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if target.kind == "gpu" and options.engine:
+        _engine_now(out, target, progress)
     report["timings"]["total"] = round(time.perf_counter() - started, 3)
     return BuildResult(out, report)
+
+
+def _engine_now(out: Path, target, progress: Progress) -> None:
+    """Build the TensorRT engine right away where this machine is the target (NOT RUN here: no GPU).
+
+    The build is complete without it; a failure is a warning, and ``sparsecompile engine`` can retry.
+    """
+    from sparsecompile.engine.run import build_engine, engine_lines
+    from sparsecompile.hardware import detect_host
+
+    host = detect_host()
+    if host.gpu_capability != target.compute_capability or not host.tensorrt:
+        return
+    with progress.stage(f"building the TensorRT engine on this {host.gpu_name}"):
+        try:
+            summary = build_engine(out, host=host)
+        except SparseCompileError as exc:
+            progress.warn(f"TensorRT engine not built ({exc}); the recipe is in {out}/engine/")
+            return
+    for line in engine_lines(summary):
+        progress.info(line)
 
 
 def _predict_speed(gm, layers, target, options, static_batch: int | None) -> list[str]:

@@ -125,6 +125,11 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--batch", "batch", metavar="MIN,OPT,MAX",
               help="TensorRT optimization profile for a dynamic batch (default 1,8,32), written into the "
                    "engine recipe of GPU targets.")
+@click.option("--precision", type=click.Choice(["auto", "fp16", "bf16", "fp32", "int8", "fp8"]), default="auto",
+              show_default=True, help="TensorRT engine precision (auto: the weights dtype). int8/fp8 need a model "
+                                      "quantized with Q/DQ nodes; fp8 needs l4/h100.")
+@click.option("--engine/--no-engine", "engine", default=True, show_default=True,
+              help="Build the TensorRT engine now when this machine has the target's GPU and TensorRT.")
 @click.option("--sparse-only-if-faster", is_flag=True,
               help="Leave layers dense that the (uncalibrated) speed model does not predict faster on the target.")
 @click.option("--weights-dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
@@ -134,7 +139,7 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
           method, correct, sequential, update_weights, pattern, exclude, min_weights, lower_conv, permute,
-          permute_budget, sparsify, batch, sparse_only_if_faster, weights_dtype, force, seed):
+          permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
@@ -156,6 +161,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
         permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
+        precision=precision, engine=engine,
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))

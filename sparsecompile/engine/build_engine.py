@@ -115,10 +115,14 @@ def _build(trt, recipe, onnx_path, engine_path, cache_path, log_path, layers_pat
     config = builder.create_builder_config()
     config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     precision = recipe["precision"]
-    if precision == "fp16":
+    if precision in ("fp16", "int8", "fp8"):  # quantized engines keep fp16 for the layers without Q/DQ
         config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
+    if precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    elif precision == "fp8":
+        config.set_flag(trt.BuilderFlag.FP8)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if recipe.get("profile"):
         profile = builder.create_optimization_profile()

@@ -26,7 +26,29 @@ from sparsecompile.errors import SparseCompileError
 RECIPE_FORMAT = "sparsecompile-engine-recipe"
 RECIPE_VERSION = 1
 ENGINE_DIR = "engine"
-_PRECISION_FLAGS = {"fp16": " --fp16", "bf16": " --bf16", "fp32": ""}
+_PRECISION_FLAGS = {"fp16": " --fp16", "bf16": " --bf16", "fp32": "", "int8": " --int8 --fp16", "fp8": " --fp8 --fp16"}
+# int8/fp8 engines come from explicitly quantized models (Q/DQ nodes in the ONNX, e.g. from nvidia-modelopt);
+# fp8 tensor cores exist from Ada (sm_89) on.
+QUANTIZED = ("int8", "fp8")
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_precision(target, precision: str) -> None:
+    """Refuse precisions the target cannot build (cheap: before any work)."""
+    if precision not in _PRECISION_FLAGS:
+        raise SparseCompileError(f"unknown --precision '{precision}'; valid: auto, {', '.join(_PRECISION_FLAGS)}")
+    if precision in QUANTIZED and target.kind != "gpu":
+        raise SparseCompileError(f"--precision {precision} is for TensorRT engines; target '{target.name}' has none")
+    if precision == "fp8" and (target.compute_capability or (0, 0)) < FP8_MIN_CAPABILITY:
+        raise SparseCompileError(f"--precision fp8 needs FP8 tensor cores (Ada/Hopper: l4, h100); "
+                                 f"{target.name} has none")
+
+
+def has_qdq(onnx_path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -47,8 +69,7 @@ def _shape(spec: dict, batch: int) -> list[int]:
 
 
 def make_recipe(target, precision: str, inputs: list[dict], dynamic: bool, batch: tuple[int, int, int] | None) -> dict:
-    if precision not in _PRECISION_FLAGS:
-        raise SparseCompileError(f"TensorRT precision '{precision}' is not supported here; use fp16, bf16 or fp32")
+    check_precision(target, precision)
     profile = None
     if dynamic:
         low, opt, high = batch or (1, 8, 32)

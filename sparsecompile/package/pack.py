@@ -83,7 +83,9 @@ def _engine_members(edge: EdgeTarget, precision: str, build_manifest: dict, buil
     profile_batch = None
     build_recipe = build_path / ENGINE_DIR / "recipe.json"
     if build_recipe.exists():
-        profile = json.loads(build_recipe.read_text()).get("profile") or {}
+        built = json.loads(build_recipe.read_text())
+        precision = built.get("precision", precision)  # the build's engine precision (int8/fp8 for Q/DQ models)
+        profile = built.get("profile") or {}
         first = next(iter(profile.values()), None)
         if first:
             profile_batch = (first["min"][0], first["opt"][0], first["max"][0])

@@ -39,8 +39,8 @@ def test_recipe_profile_precision_and_trtexec_line():
     assert static["profile"] is None
     assert "--bf16" in trtexec_command(static) and "Shapes" not in trtexec_command(static)
     assert "--fp16" not in trtexec_command(make_recipe(get_target("a100"), "fp32", INPUTS, True, None))
-    with pytest.raises(SparseCompileError, match="int8"):
-        make_recipe(get_target("a100"), "int8", INPUTS, True, None)
+    with pytest.raises(SparseCompileError, match="int4"):
+        make_recipe(get_target("a100"), "int4", INPUTS, True, None)
 
 
 def test_gpu_build_writes_the_recipe(sample_build):
@@ -82,3 +82,59 @@ def test_builder_script_refuses_without_a_cuda_device(sample_build, tmp_path):
     result = subprocess.run([sys.executable, "-I", str(script), "--recipe", str(tmp_path / "nope.json")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "cannot read recipe" in result.stderr
+
+
+def test_precision_rules(tmp_path, model_files):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sparsecompile.engine.recipe import check_precision, has_qdq
+
+    check_precision(get_target("h100"), "fp8")
+    check_precision(get_target("a100"), "int8")
+    with pytest.raises(SparseCompileError, match="fp8 needs FP8 tensor cores.*a100"):
+        check_precision(get_target("a100"), "fp8")
+    with pytest.raises(SparseCompileError, match="target 'cpu' has none"):
+        check_precision(get_target("cpu"), "int8")
+    line = trtexec_command(make_recipe(get_target("a100"), "int8", INPUTS, True, None))
+    assert "--int8 --fp16" in line
+
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])],
+        "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])])
+    onnx.save(helper.make_model(graph), tmp_path / "qdq.onnx")
+    assert has_qdq(tmp_path / "qdq.onnx")
+
+    # fp8 on an A100 fails before any work; int8 on a model without Q/DQ fails with the reason, leaving nothing
+    with pytest.raises(SparseCompileError, match="fp8"):
+        build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "f"), precision="fp8"))
+    with pytest.raises(SparseCompileError, match="explicitly quantized"):
+        build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "i"), precision="int8",
+                           permute=False))
+    assert not (tmp_path / "f").exists() and not (tmp_path / "i").exists()
+
+
+def test_engine_is_attempted_only_on_the_target_gpu(tmp_path, model_files, monkeypatch):
+    """build tries the engine only where the host is the target; a failure is a warning (NOT a real GPU here)."""
+    from sparsecompile import build as build_module
+    from sparsecompile.engine import run as engine_run
+    from sparsecompile.hardware import HostInfo
+
+    calls = []
+
+    def fake_build_engine(out, host=None, **kwargs):
+        calls.append(host)
+        raise SparseCompileError("no CUDA device")
+
+    monkeypatch.setattr(engine_run, "build_engine", fake_build_engine)
+    hosts = iter([HostInfo("x86_64", "NVIDIA H100", (9, 0), True), HostInfo("x86_64", "NVIDIA A100", (8, 0), True)])
+    monkeypatch.setattr("sparsecompile.hardware.detect_host", lambda: next(hosts))
+    options = dict(model=str(model_files / "dynamic.pt2"), min_weights=0, permute=False)
+    build_module.build(BuildOptions(output=str(tmp_path / "h"), **options))
+    assert calls == []  # an H100 is not the a100 target
+    result = build_module.build(BuildOptions(output=str(tmp_path / "a"), **options))
+    assert len(calls) == 1 and (result.output / "manifest.json").exists()  # failed engine: build still complete
+    build_module.build(BuildOptions(output=str(tmp_path / "n"), engine=False, **options))
+    assert len(calls) == 1
