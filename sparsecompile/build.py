@@ -309,7 +309,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     with atomic_build_dir(out) as staging:
         # 5. ONNX
         with progress.stage("exporting ONNX"), _timed(timings, "onnx"):
-            onnx_info = export_onnx(sparse_gm, loaded.example_inputs, staging / "model.onnx", loaded.input_names)
+            onnx_info = export_onnx(sparse_gm, loaded.example_inputs, staging / "model.onnx", loaded.input_names,
+                                    program_path=staging / "model.pt2")
 
         # 6. ONNX Runtime check
         with progress.stage("checking ONNX Runtime against torch"), _timed(timings, "onnxruntime"):

@@ -211,21 +211,26 @@ def inspect(target, as_json):
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
 @click.option("--allow-other-target", is_flag=True,
               help="Run a package on a machine it was not packaged for (CPU fallback).")
-def run(target, inputs, output, threads, allow_other_target):
-    """Run a build or a .scpkg package on the CPU with ONNX Runtime (the fallback backend).
+@click.option("--backend", type=click.Choice(["ort", "torch-cuda"]), default="ort", show_default=True,
+              help="For a build: ONNX Runtime on the CPU, or torch on a GPU with 2:4 semi-structured sparse weights.")
+def run(target, inputs, output, threads, allow_other_target, backend):
+    """Run a build (ONNX Runtime on the CPU, or --backend torch-cuda) or a .scpkg package.
 
-    A package is verified (every member's SHA-256) before anything runs.
+    A package is verified (every member's SHA-256) before anything runs, and
+    picks its backend itself (TensorRT on its target GPU, else ONNX Runtime).
     """
     from pathlib import Path
 
     if Path(target).is_file():
+        if backend != "ort":
+            raise SparseCompileError("--backend applies to build directories; a package picks its own backend")
         from sparsecompile.runtime import run_package
 
         run_package(target, list(inputs), output, threads, allow_other_target)
         return
     from sparsecompile.runtime import run_build_dir
 
-    run_build_dir(target, list(inputs), output, threads)
+    run_build_dir(target, list(inputs), output, threads, backend)
 
 
 @main.command(context_settings=_CONTEXT)

@@ -84,11 +84,44 @@ def _print_outputs(names: list[str], outputs: list[np.ndarray]) -> None:
         click.echo(line)
 
 
-def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads: int | None) -> list[np.ndarray]:
+def example_arrays(specs: list[dict], batch: int = 8, seed: int = 0) -> list[np.ndarray]:
+    """Seeded inputs of the model's dtypes and shapes (symbolic dims become ``batch``)."""
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for spec in specs:
+        shape = [d if isinstance(d, int) and d > 0 else batch for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        arrays.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
+    return arrays
+
+
+def build_runner(path: Path, manifest: dict, backend: str, threads: int | None = None):
+    """A runner over a build directory: ``ort`` (model.onnx) or ``torch-cuda`` (model.pt2, 2:4 weights
+    as semi-structured sparse tensors)."""
+    if backend == "ort":
+        return OrtRunner(path / "model.onnx", threads=threads)
+    if backend == "torch-cuda":
+        import json
+
+        from sparsecompile.backends.torch_cuda_runner import TorchCudaRunner
+
+        if not (path / "model.pt2").exists():
+            raise SparseCompileError(f"build '{path}' has no model.pt2 (made by an older sparsecompile); rebuild it")
+        report = json.loads((path / "report.json").read_text())
+        sparse = [r["weight"] for r in report["layers"] if r["status"] == "sparse"]
+        return TorchCudaRunner(path / "model.pt2", sparse, example_arrays(manifest["inputs"]))
+    raise SparseCompileError(f"unknown backend '{backend}'; valid: ort, torch-cuda")
+
+
+def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads: int | None,
+                  backend: str = "ort") -> list[np.ndarray]:
     path, manifest = open_build(build_dir)
     arrays = read_inputs(inputs, manifest["inputs"])
-    with OrtRunner(path / "model.onnx", threads=threads) as runner:
+    with build_runner(path, manifest, backend, threads) as runner:
         outputs = runner.infer(arrays)
+        for layer in getattr(runner, "layers", []):
+            if layer["status"] == "dense":
+                click.echo(f"note: {layer['weight']} runs dense: {layer['reason']}", err=True)
     names = [spec["name"] for spec in manifest["outputs"]]
     _print_outputs(names, outputs)
     if output:

@@ -31,7 +31,7 @@ def test_build_writes_a_complete_verified_artifact(sample_build):
     out, report = sample_build.output, sample_build.report
     path, manifest = open_build(out)
     assert set(manifest["files"]) == {"model.onnx", "weights.safetensors", "report.json", "report.md",
-                                      "engine/recipe.json", "engine/build_engine.py", "engine/trtexec.sh"}
+                                      "model.pt2", "engine/recipe.json", "engine/build_engine.py", "engine/trtexec.sh"}
     assert json.loads((out / "report.json").read_text())["layers"] == report["layers"]
     layers = _layers(report)
     assert {name for name, layer in layers.items() if layer["status"] == "sparse"} == {"conv1", "conv2", "fc1", "fc2"}
@@ -199,3 +199,21 @@ def test_calibration_that_does_not_fit(model_files, tmp_path):
         build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "x"),
                            calib=str(tmp_path / "bad.npy")))
     assert not (tmp_path / "x").exists()
+
+
+def test_build_saves_the_sparse_program_for_torch_backends(sample_build):
+    from sparsecompile.backends.onnxruntime_runner import OrtRunner
+    from sparsecompile.frontend import _load_pt2
+
+    module = _load_pt2(sample_build.output / "model.pt2", trust_pickle=False).module()
+    x = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with OrtRunner(sample_build.output / "model.onnx") as runner:
+        want = runner.infer([x.numpy()])[0]
+    with torch.no_grad():
+        got = module(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    params = dict(module.named_parameters())
+    for layer in sample_build.report["layers"]:
+        if layer["status"] == "sparse":
+            weight = params[layer["weight"]]
+            assert (weight == 0).float().mean().item() >= 0.5

@@ -46,8 +46,12 @@ def export_onnx(
     path: str | Path,
     input_names: list[str],
     opset: int | None = None,
+    program_path: str | Path | None = None,
 ) -> dict:
-    """Write ``module`` as ONNX to ``path``; returns input/output metadata."""
+    """Write ``module`` as ONNX to ``path``; returns input/output metadata.
+
+    ``program_path``: also save the ``torch.export`` program the ONNX was made from (for torch backends).
+    """
     with torch.no_grad():
         count = len(flat_outputs(module(*example_inputs)))
     output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
@@ -59,6 +63,8 @@ def export_onnx(
                 optimize=True, verbose=False,
             )
             program.save(str(path))
+            if program_path is not None:
+                torch.export.save(exported, str(program_path))
     except SparseCompileError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types

@@ -38,6 +38,7 @@ from sparsecompile.package.archive import (
 from sparsecompile.engine import build_engine as build_engine_script
 from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_script
 from sparsecompile.package.edges import EdgeTarget, default_edge, get_edge
+from sparsecompile.runtime import example_arrays
 from sparsecompile.package.weights import restore_weights, strip_weights, weights_file_bytes
 from sparsecompile.targets import TARGETS
 
@@ -66,16 +67,6 @@ def _verify_build_files(path: Path, manifest: dict) -> None:
     for name, digest in manifest.get("files", {}).items():
         if file_sha256(path / name) != digest:
             raise SparseCompileError(f"build '{path}': '{name}' changed since the build (SHA-256 mismatch); rebuild it")
-
-
-def _example_feed(specs: list[dict], batch: int = 4) -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    arrays = []
-    for spec in specs:
-        shape = [batch if not isinstance(d, int) or d == 0 else d for d in spec["shape"]]
-        dtype = np.dtype(spec["dtype"])
-        arrays.append(rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.zeros(shape, dtype))
-    return arrays
 
 
 def _engine_members(edge: EdgeTarget, precision: str, build_manifest: dict, build_path: Path) -> dict[str, bytes]:
@@ -157,7 +148,7 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         progress.info("checking the bundle against the build's ONNX ...")
     restored = onnx.load_from_string(graph_bytes)
     restore_weights(restored, specs, sparse_kept, dense_kept, "bundle")
-    feed = _example_feed(build_manifest["inputs"], 4 if build_manifest.get("dynamic_batch") else 0)
+    feed = example_arrays(build_manifest["inputs"], batch=4)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="sparsecompile-") as tmp:
