@@ -259,7 +259,8 @@ def package(build_dir, edge, output, note, force):
 @main.command(context_settings=_CONTEXT)
 @click.argument("build_dir", type=click.Path())
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
-              help="TensorRT timing cache to reuse and update (default: build_dir/engine/timing.cache).")
+              help="TensorRT timing cache to reuse and update (default: one per GPU and TensorRT version "
+                   "under ~/.cache/sparsecompile/timing, shared by all builds).")
 @click.option("--allow-other-gpu", is_flag=True, help="Build for this GPU even if it is not the build's target.")
 def engine(build_dir, timing_cache, allow_other_gpu):
     """Build the TensorRT engine of a GPU build, on the target machine.

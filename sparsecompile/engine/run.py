@@ -71,6 +71,20 @@ def refresh_manifest(build_dir: Path) -> None:
     os.replace(temp, build_dir / MANIFEST)
 
 
+def shared_timing_cache(host: HostInfo) -> Path:
+    """One timing cache per GPU kind and TensorRT version, reused by every build on this machine
+    (``SPARSECOMPILE_CACHE`` moves the root from ``~/.cache/sparsecompile``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        trt_version = version("tensorrt")
+    except PackageNotFoundError:
+        trt_version = "unknown"
+    cc = host.gpu_capability or (0, 0)
+    root = Path(os.environ.get("SPARSECOMPILE_CACHE") or Path.home() / ".cache" / "sparsecompile")
+    return root / "timing" / f"sm{cc[0]}{cc[1]}-trt{trt_version}.cache"
+
+
 def build_engine(build_dir: str | Path, timing_cache: str | None = None, allow_other_gpu: bool = False,
                  host: HostInfo | None = None) -> dict:
     path, _ = open_build(build_dir)
@@ -79,10 +93,13 @@ def build_engine(build_dir: str | Path, timing_cache: str | None = None, allow_o
         raise SparseCompileError(f"build '{path}' has no TensorRT recipe (built for a CPU target?); "
                                  "rebuild with a GPU --target")
     recipe = json.loads(recipe_path.read_text())
-    check_engine_host(recipe, host or detect_host(), path, allow_other_gpu)
-    command = [sys.executable, str(path / ENGINE_DIR / "build_engine.py"), "--recipe", str(recipe_path)]
-    if timing_cache:
-        command += ["--timing-cache", str(timing_cache)]
+    host = host or detect_host()
+    check_engine_host(recipe, host, path, allow_other_gpu)
+    if timing_cache is None:
+        timing_cache = shared_timing_cache(host)
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(path / ENGINE_DIR / "build_engine.py"), "--recipe", str(recipe_path),
+               "--timing-cache", str(timing_cache)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]

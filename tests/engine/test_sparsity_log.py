@@ -92,3 +92,13 @@ def test_engine_command_checks_the_machine(tmp_path, sample_build, model_files):
     cpu = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "cpu"), target="cpu"))
     with pytest.raises(SparseCompileError, match="no TensorRT recipe"):
         build_engine(cpu.output, host=HostInfo("x86_64", "NVIDIA A100", (8, 0), True))
+
+
+def test_timing_cache_is_shared_per_gpu_kind(tmp_path, monkeypatch):
+    from sparsecompile.engine.run import shared_timing_cache
+
+    monkeypatch.setenv("SPARSECOMPILE_CACHE", str(tmp_path))
+    a100 = shared_timing_cache(HostInfo("x86_64", "A100", (8, 0), True))
+    assert a100.parent == tmp_path / "timing" and a100.name.startswith("sm80-trt")
+    assert shared_timing_cache(HostInfo("x86_64", "A100", (8, 0), True)) == a100
+    assert shared_timing_cache(HostInfo("x86_64", "H100", (9, 0), True)) != a100
