@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sparsecompile.builddir import MANIFEST, open_build
 from sparsecompile.engine.recipe import ENGINE_DIR
-from sparsecompile.engine.sparsity_log import layer_sparsity, parse_sparsity_log, weight_consumers
+from sparsecompile.engine.sparsity_log import layer_sparsity, layer_tactics, parse_sparsity_log, weight_consumers
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import file_sha256
 from sparsecompile.hardware import HostInfo, detect_host
@@ -55,6 +55,15 @@ def summarize_engine(build_dir: Path, report: dict) -> dict:
     log = parse_sparsity_log(log_path.read_text(errors="replace")) if log_path.exists() else None
     consumers = weight_consumers(onnx.load(str(build_dir / "model.onnx"), load_external_data=False))
     rows = layer_sparsity(report["layers"], log, consumers)
+    layers_json = engine_dir / "layers.json"
+    if layers_json.exists():
+        try:
+            tactics = layer_tactics(json.loads(layers_json.read_text()), consumers)
+        except ValueError:
+            tactics = {}
+        for row in rows:
+            if row["onnx_node"] in tactics:
+                row.update(tactics[row["onnx_node"]])
     counts = {}
     for row in rows:
         counts[row["engine"]] = counts.get(row["engine"], 0) + 1
@@ -117,6 +126,7 @@ def engine_lines(summary: dict) -> list[str]:
     lines = ["per layer (mask = our 2:4 decision; engine = what TensorRT did):"]
     for row in summary["layers"]:
         flag = "  <- TensorRT kept dense kernels (faster here)" if row["engine"] == "eligible, stayed dense" else ""
-        lines.append(f"  {row['name']:<28} mask {row['mask']:<6} engine {row['engine']}{flag}")
+        tactic = f" [{row['tactic']}]" if row.get("tactic") else ""
+        lines.append(f"  {row['name']:<28} mask {row['mask']:<6} engine {row['engine']}{tactic}{flag}")
     lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["counts"].items())))
     return lines

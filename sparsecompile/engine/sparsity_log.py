@@ -86,3 +86,22 @@ def layer_sparsity(layers: list[dict], log: SparsityLog | None, consumers: dict[
             status = "not eligible"
         rows.append({"name": layer["name"], "onnx_node": node, "mask": layer["status"], "engine": status})
     return rows
+
+
+def layer_tactics(engine_info: dict, consumers: dict[str, str]) -> dict[str, dict]:
+    """ONNX node name -> {"trt_layer", "tactic", "layer_type"} from the engine inspector's JSON.
+
+    The inspector (``layers.json``, profiling verbosity DETAILED) lists ``{"Layers": [{"Name",
+    "LayerType", "TacticName", ...}]}``; with a lower verbosity the entries may be bare names, which
+    carry no tactic and are skipped.
+    """
+    nodes = set(consumers.values())
+    found = {}
+    for entry in engine_info.get("Layers", []):
+        if not isinstance(entry, dict) or "Name" not in entry:
+            continue
+        for part in _parts([entry["Name"]]):
+            if part in nodes and part not in found:
+                found[part] = {"trt_layer": entry["Name"], "tactic": entry.get("TacticName"),
+                               "layer_type": entry.get("LayerType")}
+    return found

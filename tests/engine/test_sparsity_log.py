@@ -60,7 +60,15 @@ def test_engine_summary_on_a_build(tmp_path, sample_build):
     (build_dir / "engine" / "build.log").write_text(
         f"[I] [TRT] (Sparsity) Layers eligible for sparse math: {first} + relu_x, {second}\n"
         f"[I] [TRT] (Sparsity) TRT inference plan picked sparse implementation for layers: {first} + relu_x\n")
+    # the engine inspector's JSON (profiling verbosity DETAILED), as TensorRT documents it
+    (build_dir / "engine" / "layers.json").write_text(json.dumps({"Layers": [
+        {"Name": f"{first} + relu_x", "LayerType": "CaskConvolution",
+         "TacticName": "sm80_xmma_fprop_sparse_conv_f16f16_f16f16_f16_nhwckrsc_nhwc_tilesize128x128x64"},
+        {"Name": second, "LayerType": "CaskConvolution", "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16"},
+        "a bare name without details"], "Bindings": ["x", "output"]}))
     summary = summarize_engine(build_dir, sample_build.report)
+    tactics = {r["name"]: r.get("tactic") for r in summary["layers"]}
+    assert "sparse_conv" in tactics[sparse[0]["name"]] and "implicit_gemm" in tactics[sparse[1]["name"]]
     by_name = {r["name"]: r["engine"] for r in summary["layers"]}
     assert by_name[sparse[0]["name"]] == "picked sparse"
     assert by_name[sparse[1]["name"]] == "eligible, stayed dense"
@@ -102,3 +110,16 @@ def test_timing_cache_is_shared_per_gpu_kind(tmp_path, monkeypatch):
     assert a100.parent == tmp_path / "timing" and a100.name.startswith("sm80-trt")
     assert shared_timing_cache(HostInfo("x86_64", "A100", (8, 0), True)) == a100
     assert shared_timing_cache(HostInfo("x86_64", "H100", (9, 0), True)) != a100
+
+
+def test_detect_host_here():
+    import platform
+
+    import torch
+
+    from sparsecompile.hardware import detect_host, normalize_arch
+
+    host = detect_host()
+    assert host.arch == normalize_arch(platform.machine())
+    if not torch.cuda.is_available():
+        assert host.gpu_capability is None and not host.tensorrt and "without a CUDA GPU" in host.describe()
