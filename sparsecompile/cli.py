@@ -293,5 +293,10 @@ def unpack(package_path, output):
                    f"or sh {Path(output) / 'engine'}/trtexec.sh)")
 
 
+from sparsecompile.profile import profile_command  # noqa: E402 - registered after the commands defined here
+
+main.add_command(profile_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

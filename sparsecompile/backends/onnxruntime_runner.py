@@ -34,9 +34,14 @@ def import_onnxruntime():
 class OrtRunner(Runner):
     name = "ort"
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+    def __init__(self, onnx_path: str | Path, threads: int | None = None, profile_prefix: str | Path | None = None,
+                 optimized_model_path: str | Path | None = None):
         self.onnx_path = Path(onnx_path)
         self.threads = threads
+        # Per-node profiling (``sparsecompile profile``): ORT writes a JSON trace on end_profiling(), and
+        # the optimized graph it really runs (fused, renamed nodes) can be saved to map nodes to layers.
+        self.profile_prefix = profile_prefix
+        self.optimized_model_path = optimized_model_path
         self.session = None
 
     def load(self) -> "OrtRunner":
@@ -48,6 +53,11 @@ class OrtRunner(Runner):
             options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(self.profile_prefix)
+        if self.optimized_model_path is not None:
+            options.optimized_model_filepath = str(self.optimized_model_path)
         try:
             self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
@@ -92,6 +102,10 @@ class OrtRunner(Runner):
         except Exception as exc:  # noqa: BLE001
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             raise SparseCompileError(f"ONNX Runtime failed: {first}") from None
+
+    def end_profiling(self) -> Path:
+        """Stop profiling and return the path of ORT's JSON trace (needs ``profile_prefix``)."""
+        return Path(self.session.end_profiling())
 
     def close(self) -> None:
         self.session = None

@@ -78,9 +78,12 @@ def semi_structured_backend() -> str:
 class TorchCudaRunner(Runner):
     name = "torch-cuda"
 
-    def __init__(self, program_path: str | Path, sparse_weights: Sequence[str], example_inputs: Sequence[np.ndarray],
-                 dtype: torch.dtype = torch.float16, sparse: bool = True):
-        self.program_path = Path(program_path)
+    def __init__(self, program_path: str | Path | None, sparse_weights: Sequence[str] = (),
+                 example_inputs: Sequence[np.ndarray] = (), dtype: torch.dtype = torch.float16, sparse: bool = True,
+                 module: torch.nn.Module | None = None):
+        """``program_path``: a build's ``model.pt2``; or ``module`` (e.g. the dense model, ``sparse=False``)."""
+        self.program_path = Path(program_path) if program_path is not None else None
+        self._given_module = module
         self.sparse_weights = list(sparse_weights)
         self.example_inputs = list(example_inputs)
         self.dtype = dtype
@@ -97,11 +100,15 @@ class TorchCudaRunner(Runner):
         if capability < MIN_CAPABILITY:
             raise SparseCompileError(f"--backend torch-cuda needs sparse tensor cores (compute capability 8.0 or "
                                      f"newer); {torch.cuda.get_device_name()} is sm_{capability[0]}{capability[1]}")
-        from sparsecompile.frontend import _load_pt2
+        if self._given_module is not None:
+            module = self._given_module
+        else:
+            from sparsecompile.frontend import _load_pt2
 
-        module = _load_pt2(self.program_path, trust_pickle=False).module()
-        self.module = module.to(device="cuda", dtype=self.dtype).eval()
-        if self.sparse:
+            module = _load_pt2(self.program_path, trust_pickle=False).module()
+        self.module = module.to(device="cuda", dtype=self.dtype)
+        torch.cuda.synchronize()
+        if self.sparse and self.sparse_weights:
             from torch.sparse import to_sparse_semi_structured
 
             self.kernels = semi_structured_backend()
@@ -110,14 +117,30 @@ class TorchCudaRunner(Runner):
                                          to_sparse_semi_structured)
         return self
 
-    def _forward(self, inputs: Sequence[np.ndarray]):
+    def prepare(self, inputs: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """Inputs on the device in the runner's dtype (outside any timed region)."""
         tensors = []
         for array in inputs:
             tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
             tensors.append(tensor.to(self.dtype) if tensor.is_floating_point() else tensor)
-        outputs = self.module(*tensors)
+        torch.cuda.synchronize()
+        return tuple(tensors)
+
+    def _forward(self, inputs: Sequence[np.ndarray]):
+        outputs = self.module(*self.prepare(inputs))
         torch.cuda.synchronize()
         return outputs
+
+    @torch.no_grad()
+    def timed_infer(self, tensors: tuple[torch.Tensor, ...]) -> float:
+        """One inference on prepared inputs, in milliseconds, timed with CUDA events."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        self.module(*tensors)
+        end.record()
+        torch.cuda.synchronize()
+        return float(start.elapsed_time(end))
 
     @torch.no_grad()
     def infer(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -127,4 +150,6 @@ class TorchCudaRunner(Runner):
                 for t in flat_outputs(self._forward(inputs))]
 
     def close(self) -> None:
-        self.module = None
+        self.module = self._given_module = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
