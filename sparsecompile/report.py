@@ -152,6 +152,9 @@ def summary_lines(report: dict) -> list[str]:
                    if profile else "")
         lines.append(f"engine:  TensorRT recipe in engine/ ({engine['precision']}, sparse weights{batches}); "
                      "not built here: run 'sparsecompile engine BUILD_DIR' on the target GPU")
+    elif engine.get("status") == "built":
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(engine.get("counts", {}).items()))
+        lines.append(f"engine:  {engine['file']} built; TensorRT per layer: {counts or 'no (Sparsity) lines in its log'}")
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines

@@ -113,9 +113,25 @@ def build_engine(build_dir: str | Path, timing_cache: str | None = None, allow_o
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
         raise SparseCompileError(f"engine build failed: {last.removeprefix('error: ')}")
+    return record_engine(path)
+
+
+def record_engine(path: Path) -> dict:
+    """After an engine build: engine.json, the per-layer outcome in report.json, and the manifest's hashes."""
     report = json.loads((path / "report.json").read_text())
     summary = summarize_engine(path, report)
     (path / ENGINE_DIR / "engine.json").write_text(json.dumps(summary, indent=2) + "\n")
+    by_name = {row["name"]: row for row in summary["layers"]}
+    for layer in report["layers"]:
+        row = by_name.get(layer["name"])
+        if row is not None:
+            layer["engine"] = {k: row[k] for k in ("engine", "tactic") if row.get(k) is not None}
+    recipe = json.loads((path / ENGINE_DIR / "recipe.json").read_text())
+    report.setdefault("engine", {}).update(status="built", file=f"{ENGINE_DIR}/{recipe['engine']}",
+                                           counts=summary["counts"], log_found=summary["log_found"])
+    from sparsecompile.report import write_reports
+
+    write_reports(path, report)
     refresh_manifest(path)
     return summary
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from sparsecompile.builddir import open_build
 from sparsecompile.cli import main
-from sparsecompile.engine.run import build_engine, check_engine_host, engine_lines, refresh_manifest, summarize_engine
+from sparsecompile.engine.run import build_engine, check_engine_host, engine_lines, record_engine, summarize_engine
 from sparsecompile.engine.sparsity_log import layer_sparsity, parse_sparsity_log, weight_consumers
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.hardware import HostInfo
@@ -75,10 +75,18 @@ def test_engine_summary_on_a_build(tmp_path, sample_build):
     assert summary["counts"]["picked sparse"] == 1
     text = "\n".join(engine_lines(summary))
     assert "TensorRT kept dense kernels" in text
-    (build_dir / "engine" / "engine.json").write_text(json.dumps(summary))
-    refresh_manifest(build_dir)
+    (build_dir / "engine" / "model.a100.engine").write_bytes(b"stand-in engine")
+    record_engine(build_dir)
     _, manifest = open_build(build_dir)
-    assert {"engine/build.log", "engine/engine.json"} <= set(manifest["files"])
+    assert {"engine/build.log", "engine/engine.json", "engine/layers.json", "engine/model.a100.engine"} <= set(
+        manifest["files"])
+    report = json.loads((build_dir / "report.json").read_text())
+    assert report["engine"]["status"] == "built" and report["engine"]["counts"]["picked sparse"] == 1
+    layer = next(r for r in report["layers"] if r["name"] == sparse[0]["name"])
+    assert layer["engine"]["engine"] == "picked sparse" and "sparse_conv" in layer["engine"]["tactic"]
+    from sparsecompile.frontend import file_sha256
+
+    assert manifest["files"]["report.json"] == file_sha256(build_dir / "report.json")
     result = CliRunner().invoke(main, ["inspect", str(build_dir)])
     assert result.exit_code == 0 and "picked sparse" in result.output
 
