@@ -58,6 +58,9 @@ def main(ctx, verbose):
       sparsecompile build model.pt2 --target a100 -o build/ --calib calib.npy
       sparsecompile inspect build/
       sparsecompile run build/ --input x.npy --output y.npy
+      sparsecompile profile build/ --compare dense
+      sparsecompile engine build/                 (on the target GPU)
+      sparsecompile package build/ --edge jetson-orin -o model.scpkg
     """
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
