@@ -24,6 +24,7 @@ import torch
 from sparsecompile import __version__
 from sparsecompile.backends.onnx_export import export_onnx
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
+from sparsecompile.budget import enforce_budget
 from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir
 from sparsecompile.calibration import (
     CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
@@ -82,6 +83,8 @@ class BuildOptions:
     sparse_only_if_faster: bool = False  # leave layers the speed model does not predict faster dense
     precision: str = "auto"  # TensorRT engine precision: auto (= weights dtype), fp16, bf16, fp32, int8, fp8
     engine: bool = True  # build the TensorRT engine now when this machine has the target GPU and TensorRT
+    max_drop: float | None = None  # accuracy budget in points (see budget.py); None = every eligible layer sparse
+    budget_signal: str = "measured"  # "measured" | "mp": how layer sensitivity is judged under --max-drop
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
     sequential: bool = True  # layer k's statistics with layers < k already sparse
@@ -143,6 +146,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     if permute and not sparsify_layers:
         notes.append("--permute has no effect without masks (--no-sparsify or a target without sparse tensor cores)")
         permute = False
+    accelerated = (n, m) == (2, 4) and target.sparse_tensor_cores and sparsify_layers
+    if sparsify_layers and target.sparse_tensor_cores and (n, m) != (2, 4):
+        notes.append(f"pattern {n}:{m} is not accelerated on {target.name}: NVIDIA sparse tensor cores run 2:4 only. "
+                     "The artifact is dense-with-zeros (smaller compressed weights, no speed-up): an accuracy/size study")
     if permute and m != 4:
         notes.append(f"channel permutation searches M=4 patterns only; skipped for {n}:{m}")
         permute = False
@@ -289,6 +296,24 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             progress.warn(f"{name}: {why}")
             notes.append(f"{name}: {why}")
 
+    budget = None
+    if options.max_drop is not None and masks:
+        with progress.stage(f"meeting --max-drop {options.max_drop:g} on the calibration set"), \
+                _timed(timings, "budget"):
+            budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, lambda: list(batches(calib)),
+                                     dense_outputs, options, progress)
+            for entry in budget.reverted:
+                outcome.corrections.pop(entry["layer"], None)
+            summary = (f"--max-drop {options.max_drop:g}: {budget.metric} drop {budget.initial_drop:.3g} pt with "
+                       f"every eligible layer sparse, {budget.final_drop:.3g} pt after keeping "
+                       f"{len(budget.reverted)} layer(s) dense")
+            notes.append(summary if budget.reverted else
+                         f"--max-drop {options.max_drop:g}: met with every eligible layer sparse "
+                         f"({budget.metric} drop {budget.initial_drop:.3g} pt)")
+            if not budget.met:
+                progress.warn(f"--max-drop {options.max_drop:g} not met even with every layer dense "
+                              f"({budget.final_drop:.3g} pt): statistics correction of other layers may be the cause")
+
     # 4. verify
     with progress.stage("verifying"), _timed(timings, "verify"):
         layer_records = _verify_layers(layers, outcome, dense_gm, sparse_gm, n, m)
@@ -343,7 +368,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     f"--precision {engine_precision} needs an explicitly quantized model (QuantizeLinear/"
                     "DequantizeLinear in the ONNX), e.g. quantized with nvidia-modelopt before export; this one has none")
             recipe = make_recipe(target, engine_precision, onnx_info["inputs"], onnx_info["dynamic_batch"],
-                                 options.batch)
+                                 options.batch, sparse_weights=(n, m) == (2, 4))
             write_recipe(staging / ENGINE_DIR, recipe)
             engine_info = {"status": "recipe", "recipe": f"{ENGINE_DIR}/recipe.json", "precision": recipe["precision"],
                            "profile": recipe["profile"], "trtexec": trtexec_command(recipe),
@@ -361,6 +386,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "target": target.to_json(),
                 "method": method.name,
                 "pattern": f"{n}:{m}",
+                "pattern_accelerated": bool(accelerated and masks),
                 "sparsified": bool(masks),
                 "options": {
                     "correct": correct, "sequential": options.sequential, "update_weights": options.update_weights,
@@ -368,6 +394,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
                     "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
+                    "max_drop": options.max_drop, "budget_signal": options.budget_signal,
                     "precision": options.precision,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
@@ -391,6 +418,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 },
                 "compression": compression,
                 "engine": engine_info,
+                "budget": budget.to_json() if budget is not None else None,
                 "passes": [
                     {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
                     for r in manager.records
@@ -438,10 +466,24 @@ def _engine_now(out: Path, target, progress: Progress) -> None:
         progress.info(line)
 
 
+def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs, options, progress):
+    priors = benefit = None
+    if options.budget_signal == "mp":
+        from sparsecompile.analysis.spectral import layer_spectrum, mp_sensitivity
+
+        priors = {layer.name: mp_sensitivity(layer_spectrum(get_tensor(dense_gm, layer.weight_target)))
+                  for layer in eligible if layer.weight_target in masks}
+    speeds = {layer.name: layer.extra.get("speed") for layer in eligible if layer.weight_target in masks}
+    if speeds and all(speeds.values()):  # the target's speed model: time saved per layer
+        benefit = {name: s["dense_us"] - s["sparse_us"] for name, s in speeds.items()}
+    return enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs, options.max_drop,
+                          signal=options.budget_signal, priors=priors, benefit=benefit, progress=progress)
+
+
 def _predict_speed(gm, layers, target, options, static_batch: int | None) -> list[str]:
     """Speed-model prediction per eligible layer (``layer.extra['speed']``); with
     ``--sparse-only-if-faster`` the layers not predicted faster stay dense. Returns notes."""
-    if not target.sparse_tensor_cores or target.name not in DEVICES:
+    if not target.sparse_tensor_cores or target.name not in DEVICES or tuple(options.pattern) != (2, 4):
         return []
     batch = static_batch or (options.batch[1] if options.batch else 8)
     nodes = {node.name: node for node in gm.graph.nodes}

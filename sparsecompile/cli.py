@@ -113,7 +113,14 @@ def _pattern(text: str) -> tuple[int, int]:
                    "bit-identical.")
 @click.option("--pattern", default="2:4", show_default=True, metavar="N:M",
               help="Keep N of every M weights along the reduction axis (2:4 is what GPUs accelerate).")
-@click.option("--exclude", multiple=True, metavar="REGEX", help="Keep layers whose name matches REGEX dense (repeatable).")
+@click.option("--exclude", "--keep-dense", "exclude", multiple=True, metavar="REGEX",
+              help="Keep layers whose name matches REGEX dense (repeatable).")
+@click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
+              help="Accuracy budget on the calibration set: points of top-1 agreement with the dense model (or "
+                   "relative output error in %% for non-classifiers); the most sensitive layers stay dense until it holds.")
+@click.option("--budget-signal", type=click.Choice(["measured", "mp"]), default="measured", show_default=True,
+              help="Layer sensitivity for --max-drop: measured (one calibration pass per layer) or the "
+                   "Marchenko-Pastur spectral prior (no passes).")
 @click.option("--min-weights", default=4096, show_default=True, type=click.IntRange(min=0),
               help="Keep layers with fewer weights than this dense (too small to gain).")
 @click.option("--lower-conv", type=click.Choice(["none", "im2col"]), default="none", show_default=True,
@@ -141,7 +148,7 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
-          method, correct, sequential, update_weights, pattern, exclude, min_weights, lower_conv, permute,
+          method, correct, sequential, update_weights, pattern, exclude, max_drop, budget_signal, min_weights, lower_conv, permute,
           permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
@@ -164,7 +171,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
         permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
-        precision=precision, engine=engine,
+        precision=precision, engine=engine, max_drop=max_drop, budget_signal=budget_signal,
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))

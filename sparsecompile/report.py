@@ -148,9 +148,11 @@ def summary_lines(report: dict) -> list[str]:
     engine = report.get("engine", {})
     if engine.get("status") == "recipe":
         profile = engine.get("profile")
-        batches = (" batch " + "/".join(str(next(iter(profile.values()))[k][0]) for k in ("min", "opt", "max"))
-                   if profile else "")
-        lines.append(f"engine:  TensorRT recipe in engine/ ({engine['precision']}, sparse weights{batches}); "
+        parts = [engine["precision"],
+                 "sparse weights" if report.get("pattern", "2:4") == "2:4" else "dense kernels (not 2:4)"]
+        if profile:
+            parts.append("batch " + "/".join(str(next(iter(profile.values()))[k][0]) for k in ("min", "opt", "max")))
+        lines.append(f"engine:  TensorRT recipe in engine/ ({', '.join(parts)}); "
                      "not built here: run 'sparsecompile engine BUILD_DIR' on the target GPU")
     elif engine.get("status") == "built":
         counts = ", ".join(f"{v} {k}" for k, v in sorted(engine.get("counts", {}).items()))

@@ -113,7 +113,8 @@ def _build(trt, recipe, onnx_path, engine_path, cache_path, log_path, layers_pat
         print(f"error: TensorRT cannot parse '{onnx_path}': {errors}", file=sys.stderr)
         return 1
     config = builder.create_builder_config()
-    config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if recipe.get("sparse_weights", True):
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     precision = recipe["precision"]
     if precision in ("fp16", "int8", "fp8"):  # quantized engines keep fp16 for the layers without Q/DQ
         config.set_flag(trt.BuilderFlag.FP16)

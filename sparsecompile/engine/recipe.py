@@ -68,7 +68,9 @@ def _shape(spec: dict, batch: int) -> list[int]:
     return [batch if not isinstance(d, int) or d <= 0 else d for d in spec["shape"]]
 
 
-def make_recipe(target, precision: str, inputs: list[dict], dynamic: bool, batch: tuple[int, int, int] | None) -> dict:
+def make_recipe(target, precision: str, inputs: list[dict], dynamic: bool, batch: tuple[int, int, int] | None,
+                sparse_weights: bool = True) -> dict:
+    """``sparse_weights`` False for patterns TensorRT cannot accelerate (anything but 2:4)."""
     check_precision(target, precision)
     profile = None
     if dynamic:
@@ -79,7 +81,7 @@ def make_recipe(target, precision: str, inputs: list[dict], dynamic: bool, batch
     return {
         "format": RECIPE_FORMAT, "version": RECIPE_VERSION,
         "target": target.name, "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
-        "precision": precision, "sparse_weights": True,
+        "precision": precision, "sparse_weights": sparse_weights,
         "onnx": "../model.onnx", "engine": f"model.{target.name}.engine", "timing_cache": "timing.cache",
         "profile": profile,
     }
@@ -91,7 +93,8 @@ def trtexec_command(recipe: dict) -> str:
         def arg(which):
             return ",".join(f"{name}:" + "x".join(map(str, s[which])) for name, s in recipe["profile"].items())
         shapes = f" --minShapes={arg('min')} --optShapes={arg('opt')} --maxShapes={arg('max')}"
-    return (f"trtexec --onnx={recipe['onnx']} --sparsity=enable{_PRECISION_FLAGS[recipe['precision']]}{shapes}"
+    sparsity = " --sparsity=enable" if recipe.get("sparse_weights", True) else ""
+    return (f"trtexec --onnx={recipe['onnx']}{sparsity}{_PRECISION_FLAGS[recipe['precision']]}{shapes}"
             f" --saveEngine={recipe['engine']} --timingCacheFile={recipe['timing_cache']}"
             " --profilingVerbosity=detailed --exportLayerInfo=layers.json --verbose > build.log 2>&1")
 

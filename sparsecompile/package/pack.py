@@ -21,6 +21,7 @@ seeded inputs; the difference is recorded in the manifest.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,12 @@ from sparsecompile.runtime import example_arrays
 from sparsecompile.package.weights import restore_weights, strip_weights, weights_file_bytes
 from sparsecompile.targets import TARGETS
 
-FORMAT_FLOOR_FP16 = 0.5625  # 2 fp16 values + 4 index bits per group of 4
+
+
+def format_floor_fp16(pattern: str) -> float:
+    """Compressed/dense fp16 size of an N:M layer: N values of 16 bits + N indices of ceil(log2 M) bits per M."""
+    n, m = (int(v) for v in pattern.split(":"))
+    return n * (16 + math.ceil(math.log2(m))) / (16 * m)
 
 
 @dataclass
@@ -72,16 +78,18 @@ def _verify_build_files(path: Path, manifest: dict) -> None:
 def _engine_members(edge: EdgeTarget, precision: str, build_manifest: dict, build_path: Path) -> dict[str, bytes]:
     """The build's TensorRT recipe, re-targeted to ``edge`` (same batch profile), as bundle members."""
     profile_batch = None
+    sparse_weights = True
     build_recipe = build_path / ENGINE_DIR / "recipe.json"
     if build_recipe.exists():
         built = json.loads(build_recipe.read_text())
         precision = built.get("precision", precision)  # the build's engine precision (int8/fp8 for Q/DQ models)
+        sparse_weights = built.get("sparse_weights", True)
         profile = built.get("profile") or {}
         first = next(iter(profile.values()), None)
         if first:
             profile_batch = (first["min"][0], first["opt"][0], first["max"][0])
     recipe = make_recipe(edge, precision, build_manifest["inputs"], bool(build_manifest.get("dynamic_batch")),
-                         profile_batch)
+                         profile_batch, sparse_weights=sparse_weights)
     return {
         f"{ENGINE_DIR}/recipe.json": (json.dumps(recipe, indent=2) + "\n").encode(),
         f"{ENGINE_DIR}/build_engine.py": Path(build_engine_script.__file__).read_bytes(),
@@ -201,7 +209,7 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
                   "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)},
         "sizes": {
             "sparse_layers": sizes,
-            "format_floor_vs_dense_fp16": FORMAT_FLOOR_FP16,
+            "format_floor_vs_dense_fp16": format_floor_fp16(report["pattern"]),
             "dense_onnx_bytes": dense_onnx_bytes,
             "graph_bytes": len(graph_bytes), "weights_bytes": len(weights_bytes),
         },
@@ -227,7 +235,8 @@ def size_lines(result: PackResult) -> list[str]:
     if sparse:
         lines.append(f"  sparse layers: {sparse['compressed_bytes'] / kb:.1f} KiB compressed vs "
                      f"{sparse['dense_fp16_bytes'] / kb:.1f} KiB dense fp16 = {sparse['ratio_vs_dense_fp16']:.4f}x "
-                     f"(format floor {FORMAT_FLOOR_FP16}x at fp16; {result.manifest['precision']} values here)")
+                     f"(format floor {sizes['format_floor_vs_dense_fp16']:.4f}x for {result.manifest['pattern']} at fp16; "
+                     f"{result.manifest['precision']} values here)")
     else:
         lines.append("  no sparse layers in this build: weights are stored dense")
     check = result.manifest["accuracy"]["bundle_vs_build_onnx"]
