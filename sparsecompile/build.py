@@ -259,6 +259,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         for pattern in unmatched_patterns(layers, options.exclude):
             progress.warn(f"--exclude '{pattern}' matches no layer")
             notes.append(f"--exclude '{pattern}' matched no layer")
+        _layer_macs(gm, layers, loaded.batch_size)
         speed_notes = _predict_speed(gm, layers, target, options, loaded.batch_size if not loaded.dynamic_batch else None)
         notes.extend(speed_notes)
         eligible = [layer for layer in layers if layer.reason is None]
@@ -406,6 +407,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "dense_layers": len(layer_records) - sparse_count,
                     "gemm_weights": total_weights, "sparse_layer_weights": sparse_weights,
                     "zeroed_weights": int(sum(r["weights"] * r.get("zero_fraction", 0.0) for r in layer_records)),
+                    "gemm_macs": sum(r.get("macs", 0) for r in layer_records),
+                    "sparse_layer_macs": sum(r.get("macs", 0) for r in layer_records if r["status"] == "sparse"),
                 },
                 "layers": layer_records,
                 "batchnorm_reestimated": outcome.batchnorm_reestimated,
@@ -480,6 +483,18 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs
                           signal=options.budget_signal, priors=priors, benefit=benefit, progress=progress)
 
 
+def _layer_macs(gm, layers, example_batch: int) -> None:
+    """Multiply-accumulates per sample of every layer (``layer.extra['macs']``), from its GEMM shape."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    for layer in layers:
+        node = nodes.get(layer.node_name)
+        if node is None or layer.reduction_axis is None:
+            continue
+        dims = gemm_dims(node, layer.weight_shape, layer.reduction_axis, example_batch)
+        if dims is not None:
+            layer.extra["macs"] = dims.m_per_sample * dims.n * dims.k
+
+
 def _predict_speed(gm, layers, target, options, static_batch: int | None) -> list[str]:
     """Speed-model prediction per eligible layer (``layer.extra['speed']``); with
     ``--sparse-only-if-faster`` the layers not predicted faster stay dense. Returns notes."""
@@ -523,6 +538,8 @@ def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list
         }
         if "speed" in layer.extra:
             record["speed"] = layer.extra["speed"]
+        if "macs" in layer.extra:
+            record["macs"] = layer.extra["macs"]
         mask = outcome.masks.get(layer.weight_target)
         if mask is not None:
             dense_weight = get_tensor(dense_gm, layer.weight_target)
