@@ -25,6 +25,7 @@ from sparsecompile import __version__
 from sparsecompile.backends.onnx_export import export_onnx
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
 from sparsecompile.budget import enforce_budget
+from sparsecompile.masks.saved import SavedMaskMethod, check_against, load_masks, save_masks, update_norms
 from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir
 from sparsecompile.calibration import (
     CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
@@ -84,6 +85,8 @@ class BuildOptions:
     precision: str = "auto"  # TensorRT engine precision: auto (= weights dtype), fp16, bf16, fp32, int8, fp8
     engine: bool = True  # build the TensorRT engine now when this machine has the target GPU and TensorRT
     max_drop: float | None = None  # accuracy budget in points (see budget.py); None = every eligible layer sparse
+    masks: str | None = None  # apply masks saved by --save-masks (same architecture) instead of choosing
+    save_masks: str | None = None  # write the chosen masks (and the weights they were chosen on) here
     budget_signal: str = "measured"  # "measured" | "mp": how layer sensitivity is judged under --max-drop
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
@@ -121,6 +124,15 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     target = get_target(options.target)
     n, m = options.pattern
     method = get_method(options.method, n=n, m=m)
+    saved = None
+    if options.masks is not None:
+        saved = load_masks(options.masks)
+        if saved.pattern != (n, m):
+            raise SparseCompileError(f"--masks were saved for pattern {saved.pattern[0]}:{saved.pattern[1]}; "
+                                     f"pass --pattern {saved.pattern[0]}:{saved.pattern[1]}")
+        method = SavedMaskMethod(saved)
+    if options.save_masks is not None and not Path(options.save_masks).resolve().parent.is_dir():
+        raise SparseCompileError(f"--save-masks: directory '{Path(options.save_masks).parent}' does not exist")
     out = Path(options.output)
     check_output_dir(out, options.force)
     # Cheap checks first, so a typo fails before any work or progress output.
@@ -153,6 +165,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     if permute and m != 4:
         notes.append(f"channel permutation searches M=4 patterns only; skipped for {n}:{m}")
         permute = False
+    if saved is not None:
+        if saved.permutations and options.permute is False:
+            raise SparseCompileError("--masks were chosen on permuted channels and only fit that channel order: "
+                                     "drop --no-permute (the saved order is replayed, not searched)")
+        permute = bool(saved.permutations) and sparsify_layers
     weights_dtype_name = target.default_precision if options.weights_dtype == "auto" else options.weights_dtype
     if weights_dtype_name not in _DTYPES:
         raise SparseCompileError(f"unknown --weights-dtype '{weights_dtype_name}'; valid: auto, {', '.join(_DTYPES)}")
@@ -215,6 +232,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 importance=method.permutation_importance, importance_name=method.permutation_importance_name,
                 on_group=progress.detail,
                 iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
+                given=saved.permutations if saved is not None else None,
             )
             permute_manager = PassManager([permute_pass], on_pass=on_pass)
             gm = permute_manager.run(gm, context)
@@ -259,6 +277,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         for pattern in unmatched_patterns(layers, options.exclude):
             progress.warn(f"--exclude '{pattern}' matches no layer")
             notes.append(f"--exclude '{pattern}' matched no layer")
+        if saved is not None and sparsify_layers:
+            check_against(saved, [layer for layer in layers if layer.reason is None],
+                          lambda target: get_tensor(gm, target))
+            for layer in layers:
+                if layer.reason is None:
+                    layer.extra["mask_reuse"] = update_norms(saved, layer.weight_target,
+                                                             get_tensor(gm, layer.weight_target), layer.reduction_axis)
         _layer_macs(gm, layers, loaded.batch_size)
         speed_notes = _predict_speed(gm, layers, target, options, loaded.batch_size if not loaded.dynamic_batch else None)
         notes.extend(speed_notes)
@@ -330,6 +355,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             for record in layer_records:
                 if record["name"] in errors:
                     record["output_error"] = errors[record["name"]]
+        references = ({target: get_tensor(dense_gm, target).detach().clone() for target in masks}
+                      if options.save_masks else {})
         del dense_gm
 
     with atomic_build_dir(out) as staging:
@@ -385,7 +412,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "source": {"path": loaded.source, "kind": loaded.source_kind, "sha256": loaded.source_sha256},
                 "target": target.to_json(),
-                "method": method.name,
+                "method": method.name if saved is None else f"saved masks ({saved.method})",
+                "masks_file": ({"path": saved.path, "method": saved.method, "options": saved.options,
+                                "chosen_on_sha256": saved.source_sha256} if saved is not None else None),
                 "pattern": f"{n}:{m}",
                 "pattern_accelerated": bool(accelerated and masks),
                 "sparsified": bool(masks),
@@ -442,6 +471,16 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "dynamic_batch": onnx_info["dynamic_batch"], "files": files,
             }
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if options.save_masks is not None:
+        if not masks:
+            progress.warn("--save-masks: this build masked no layer; nothing saved")
+        else:
+            save_masks(options.save_masks, masks, layers, references, (n, m),
+                       saved.method if saved is not None else method.name,
+                       {"correct": correct, "sequential": options.sequential, "min_weights": options.min_weights,
+                        "exclude": options.exclude},
+                       loaded.source_sha256, permute_pass.permutations if permute_pass is not None else {})
+            progress.info(f"saved the masks of {len(masks)} layer(s) to {options.save_masks}")
     if target.kind == "gpu" and options.engine:
         _engine_now(out, target, progress)
     report["timings"]["total"] = round(time.perf_counter() - started, 3)
@@ -540,6 +579,8 @@ def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list
             record["speed"] = layer.extra["speed"]
         if "macs" in layer.extra:
             record["macs"] = layer.extra["macs"]
+        if "mask_reuse" in layer.extra:
+            record["mask_reuse"] = layer.extra["mask_reuse"]
         mask = outcome.masks.get(layer.weight_target)
         if mask is not None:
             dense_weight = get_tensor(dense_gm, layer.weight_target)

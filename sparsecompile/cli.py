@@ -115,6 +115,11 @@ def _pattern(text: str) -> tuple[int, int]:
               help="Keep N of every M weights along the reduction axis (2:4 is what GPUs accelerate).")
 @click.option("--exclude", "--keep-dense", "exclude", multiple=True, metavar="REGEX",
               help="Keep layers whose name matches REGEX dense (repeatable).")
+@click.option("--save-masks", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write the chosen masks (and the weights they were chosen on) to FILE for reuse.")
+@click.option("--masks", "masks_file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Apply masks saved with --save-masks (same architecture, e.g. an updated checkpoint) "
+                   "instead of choosing them; reports how far the weights moved since.")
 @click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
               help="Accuracy budget on the calibration set: points of top-1 agreement with the dense model (or "
                    "relative output error in %% for non-classifiers); the most sensitive layers stay dense until it holds.")
@@ -148,7 +153,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
-          method, correct, sequential, update_weights, pattern, exclude, max_drop, budget_signal, min_weights, lower_conv, permute,
+          method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, max_drop, budget_signal,
+          min_weights, lower_conv, permute,
           permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
@@ -172,6 +178,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
         precision=precision, engine=engine, max_drop=max_drop, budget_signal=budget_signal,
+        save_masks=save_masks, masks=masks_file,
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))

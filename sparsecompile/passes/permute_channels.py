@@ -36,10 +36,17 @@ from sparsecompile.compress import gemm_view
 from sparsecompile.graph import get_tensor
 from sparsecompile.layers import GemmLayer
 from sparsecompile.passes.manager import PassContext, PassResult
+from sparsecompile.errors import SparseCompileError
 from sparsecompile.permutation.groups import ChannelGroup, apply_permutation, find_groups
 from sparsecompile.permutation.search import kept_magnitude, search_permutation, unstructured_bound
 
 Importance = Callable[[torch.Tensor, GemmLayer], torch.Tensor]
+
+
+def group_signature(group: ChannelGroup) -> str:
+    """A group's identity across two loads of the same architecture: its readers, producers and size."""
+    consumers = ",".join(sorted(c.layer.name for c in group.consumers))
+    return f"consumers={consumers};producers={','.join(sorted(group.producers))};channels={group.size}"
 
 
 def magnitude_importance(weight: torch.Tensor, layer: GemmLayer) -> torch.Tensor:
@@ -52,7 +59,7 @@ class PermuteChannels:
     def __init__(self, layers: list[GemmLayer], eligible: set[str], *, n: int = 2, m: int = 4,
                  budget_s: float = 3.0, seed: int = 0, importance: Importance | None = None,
                  importance_name: str = "magnitude", on_group: Callable[[str], None] | None = None,
-                 iterate: Callable | None = None):
+                 iterate: Callable | None = None, given: dict[str, list[int]] | None = None):
         self.layers = layers
         self.eligible = eligible  # node names of layers that will be masked
         self.n, self.m = n, m
@@ -68,9 +75,18 @@ class PermuteChannels:
         # weight target -> index applied along its output channels: per-channel state kept outside
         # the graph (e.g. folded BatchNorm parameters for statistics correction) must follow it
         self.output_orders: dict[str, torch.Tensor] = {}
+        # group signature -> channel order: ``given`` replays saved orders instead of searching
+        # (--masks); ``permutations`` records what was applied (--save-masks)
+        self.given = given
+        self.permutations: dict[str, list[int]] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         self.groups = find_groups(gm, self.layers, self.eligible)
+        if self.given is not None:
+            unknown = sorted(set(self.given) - {group_signature(g) for g in self.groups})
+            if unknown:
+                raise SparseCompileError(f"the saved masks were chosen with a channel order for a group this model "
+                                         f"does not have ({unknown[0]}): is it the same architecture?")
         modified = False
         for group in self.iterate(self.groups) if self.iterate else self.groups:
             started = time.perf_counter()
@@ -90,6 +106,7 @@ class PermuteChannels:
     def discard(self, reason: str) -> None:
         """The permuted graph was not used (see the build): report every group as unpermuted."""
         self.output_orders = {}
+        self.permutations = {}
         for record in self.group_stats:
             if record["status"] == "permuted":
                 record.update(status="unpermuted", reason=reason)
@@ -127,6 +144,8 @@ class PermuteChannels:
             scores = gemm_view(self.importance(weight.detach(), layer).float(), layer.reduction_axis)
             total = float(scores.sum())
             matrices[layer.name] = (consumer, scores / total if total > 0 else scores)
+        if self.given is not None:
+            return self._replay_group(gm, group, record, matrices)
         segments, skipped = self._searchable_segments(group, scored)
         record["segments"] = len(segments)
         if skipped:
@@ -155,17 +174,44 @@ class PermuteChannels:
             record["reason"] = "the search found no better channel order"
             self._record_layers(group, matrices, None)
             return record
-        apply_permutation(gm, group, perm)
-        for edit in group.edits:
-            if edit.role in ("producer", "passthrough") and edit.kind == "axis" and edit.block == 1:
-                local = perm[edit.offset:edit.offset + edit.size] - edit.offset
-                previous = self.output_orders.get(edit.target)
-                self.output_orders[edit.target] = local if previous is None else previous[local]
+        self._apply(gm, group, perm)
         record["status"] = "permuted"
         record["reason"] = None
         if result.budget_exhausted:
             record["note"] = f"search stopped by --permute-budget {self.budget_s:g}s; best order found so far used"
         self._record_layers(group, matrices, perm)
+        return record
+
+    def _apply(self, gm, group: ChannelGroup, perm: torch.Tensor) -> None:
+        apply_permutation(gm, group, perm)
+        self.permutations[group_signature(group)] = perm.tolist()
+        for edit in group.edits:
+            if edit.role in ("producer", "passthrough") and edit.kind == "axis" and edit.block == 1:
+                local = perm[edit.offset:edit.offset + edit.size] - edit.offset
+                previous = self.output_orders.get(edit.target)
+                self.output_orders[edit.target] = local if previous is None else previous[local]
+
+    def _replay_group(self, gm, group: ChannelGroup, record: dict, matrices: dict) -> dict:
+        """Apply the saved order of this group (or none, if it was not permuted when the masks were saved)."""
+        order = self.given.get(group_signature(group))
+        if order is None:
+            record["reason"] = "not permuted when the saved masks were chosen"
+            self._record_layers(group, matrices, None)
+            return record
+        perm = torch.tensor(order, dtype=torch.long)
+        if perm.numel() != group.size or not torch.equal(perm.sort().values, torch.arange(group.size)):
+            raise SparseCompileError(f"the saved channel order of group {group_signature(group)} does not fit "
+                                     f"this model ({perm.numel()} entries for {group.size} channels)")
+        self._apply(gm, group, perm)
+        self._record_layers(group, matrices, perm)
+        stats = [self.layer_stats[name] for name in matrices]
+        plain = sum(s["kept_plain"] for s in stats) / len(stats)
+        kept = sum(s["kept_permuted"] for s in stats) / len(stats)
+        bound = sum(s["bound"] for s in stats) / len(stats)
+        record.update(status="permuted", reason=None, note="channel order replayed from the saved masks",
+                      kept_plain=round(plain, 6), kept_permuted=round(kept, 6), bound=round(bound, 6),
+                      efficacy=round((kept - plain) / (bound - plain), 4) if bound - plain > 1e-12 else 0.0,
+                      search_seconds=0.0, rounds=0, budget_exhausted=False)
         return record
 
     def _searchable_segments(self, group: ChannelGroup, scored) -> tuple[list[tuple[int, int]], list]:

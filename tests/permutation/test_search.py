@@ -247,7 +247,7 @@ def test_budget_stops_a_long_search():
     scores = _rand(512, 1024, seed=2)
     result = search_permutation(scores, budget_s=0.5)
     assert result.budget_exhausted
-    assert result.seconds < 5.0
+    assert result.seconds < 20.0  # generous: shared CI machines stall; the point is that it stops
     _assert_valid(result, scores)
     assert result.kept_permuted > result.kept_plain
 
