@@ -25,6 +25,7 @@ from sparsecompile import __version__
 from sparsecompile.backends.onnx_export import export_onnx
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
 from sparsecompile.budget import enforce_budget
+from sparsecompile.certificates import certificate_summary, write_certificate
 from sparsecompile.masks.saved import SavedMaskMethod, check_against, load_masks, save_masks, update_norms
 from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir
 from sparsecompile.calibration import (
@@ -87,6 +88,9 @@ class BuildOptions:
     max_drop: float | None = None  # accuracy budget in points (see budget.py); None = every eligible layer sparse
     masks: str | None = None  # apply masks saved by --save-masks (same architecture) instead of choosing
     save_masks: str | None = None  # write the chosen masks (and the weights they were chosen on) here
+    certify: bool = False  # margin certificates on the calibration set (analysis/certify.py)
+    spectra: bool = False  # Marchenko-Pastur spectral diagnostics per layer (analysis/spectral.py)
+    certify_samples: int = 256
     budget_signal: str = "measured"  # "measured" | "mp": how layer sensitivity is judged under --max-drop
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
@@ -357,7 +361,14 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     record["output_error"] = errors[record["name"]]
         references = ({target: get_tensor(dense_gm, target).detach().clone() for target in masks}
                       if options.save_masks else {})
-        del dense_gm
+        if options.spectra or options.budget_signal == "mp":
+            _spectra(dense_gm, layers, layer_records)
+    certificate = dense_values = None
+    if options.certify and masks:
+        with progress.stage("certifying predictions on the calibration set"), _timed(timings, "certify"):
+            subset = calib.subset(_sample_count(options.certify_samples, calib.num_samples, loaded, batch_size))
+            certificate, dense_values = _certify(dense_gm, sparse_gm, layers, list(batches(subset)))
+    del dense_gm
 
     with atomic_build_dir(out) as staging:
         # 5. ONNX
@@ -387,6 +398,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             compression = _write_weights(staging / "weights.safetensors", sparse_gm, layer_records,
                                          weights_dtype_name, n, m, target)
             compression["onnx_bytes"] = (staging / "model.onnx").stat().st_size
+
+        if certificate is not None:
+            write_certificate(staging, certificate, dense_values)
 
         # 8. TensorRT recipe (GPU targets); the engine itself is built on the target (sparsecompile engine)
         engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
@@ -451,6 +465,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "compression": compression,
                 "engine": engine_info,
                 "budget": budget.to_json() if budget is not None else None,
+                "certificate": certificate_summary(certificate) if certificate is not None else None,
                 "passes": [
                     {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
                     for r in manager.records
@@ -513,13 +528,61 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs
     if options.budget_signal == "mp":
         from sparsecompile.analysis.spectral import layer_spectrum, mp_sensitivity
 
-        priors = {layer.name: mp_sensitivity(layer_spectrum(get_tensor(dense_gm, layer.weight_target)))
-                  for layer in eligible if layer.weight_target in masks}
+        with _torch_threads(1):
+            priors = {layer.name: mp_sensitivity(layer_spectrum(get_tensor(dense_gm, layer.weight_target)))
+                      for layer in eligible if layer.weight_target in masks}
     speeds = {layer.name: layer.extra.get("speed") for layer in eligible if layer.weight_target in masks}
     if speeds and all(speeds.values()):  # the target's speed model: time saved per layer
         benefit = {name: s["dense_us"] - s["sparse_us"] for name, s in speeds.items()}
     return enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs, options.max_drop,
                           signal=options.budget_signal, priors=priors, benefit=benefit, progress=progress)
+
+
+def _spectra(dense_gm, layers, layer_records) -> dict:
+    """Marchenko-Pastur diagnostics of every layer's dense weight, into the layer records (and returned)."""
+    from sparsecompile.analysis.spectral import layer_spectrum, mp_sensitivity
+
+    result = {}
+    by_name = {record["name"]: record for record in layer_records}
+    with _torch_threads(1):  # small SVDs: many threads on a shared machine are far slower
+        for layer in layers:
+            if layer.weight_target is None or len(layer.weight_shape) < 2:
+                continue
+            spectrum = layer_spectrum(get_tensor(dense_gm, layer.weight_target))
+            spectrum["mp_sensitivity"] = mp_sensitivity(spectrum)
+            result[layer.name] = spectrum
+            if layer.name in by_name:
+                by_name[layer.name]["spectrum"] = {k: spectrum[k] for k in (
+                    "q", "sigma2", "edge", "spikes", "bulk_energy_fraction", "mp_sensitivity", "reliable")}
+    return result
+
+
+def _certify(dense_gm, sparse_gm, layers, batches) -> tuple[dict, dict]:
+    """The certificate on calibration batches, and the dense values of every tensor the build changed
+    (what ``sparsecompile certify`` needs to rebuild the dense model from model.pt2)."""
+    from sparsecompile.analysis.certify import certify
+
+    with _torch_threads(1):
+        result = certify(dense_gm, sparse_gm, layers, batches)
+    dense_state = dict(dense_gm.named_parameters()) | dict(dense_gm.named_buffers())
+    changed = {}
+    for name, value in list(sparse_gm.named_parameters()) + list(sparse_gm.named_buffers()):
+        before = dense_state.get(name)
+        if before is None:
+            changed[name] = torch.zeros_like(value.detach())
+        elif before.shape != value.shape or not torch.equal(before, value):
+            changed[name] = before.detach().clone()
+    return result, changed
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _layer_macs(gm, layers, example_batch: int) -> None:

@@ -120,6 +120,9 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--masks", "masks_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Apply masks saved with --save-masks (same architecture, e.g. an updated checkpoint) "
                    "instead of choosing them; reports how far the weights moved since.")
+@click.option("--certify", "certify_", is_flag=True,
+              help="Also compute prediction-stability certificates on the calibration set (see sparsecompile certify).")
+@click.option("--spectra", is_flag=True, help="Record Marchenko-Pastur spectral diagnostics per layer (inspect --spectra).")
 @click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
               help="Accuracy budget on the calibration set: points of top-1 agreement with the dense model (or "
                    "relative output error in %% for non-classifiers); the most sensitive layers stay dense until it holds.")
@@ -153,7 +156,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
-          method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, max_drop, budget_signal,
+          method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, certify_, spectra, max_drop,
+          budget_signal,
           min_weights, lower_conv, permute,
           permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
@@ -178,7 +182,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
         precision=precision, engine=engine, max_drop=max_drop, budget_signal=budget_signal,
-        save_masks=save_masks, masks=masks_file,
+        save_masks=save_masks, masks=masks_file, certify=certify_, spectra=spectra,
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))
@@ -189,10 +193,21 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
 @main.command(context_settings=_CONTEXT)
 @click.argument("target", metavar="BUILD_DIR|PACKAGE", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print report.json (a package: manifest.json) instead of the table.")
-def inspect(target, as_json):
-    """Show what a build made sparse, what stayed dense and why; or a package's manifest."""
+@click.option("--spectra", is_flag=True,
+              help="Marchenko-Pastur spectra per layer: from a --spectra build, or computed for a model file.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="With --spectra on a model file: write a PNG (needs matplotlib).")
+def inspect(target, as_json, spectra, plot):
+    """Show what a build made sparse, what stayed dense and why; a package's manifest; or (--spectra) the
+    weight spectra of a build or of a model file."""
     from pathlib import Path
 
+    if spectra:
+        from sparsecompile.spectra import spectra_lines, spectra_of
+
+        click.echo("\n".join(spectra_lines(spectra_of(target, plot))))
+        return
+    if plot:
+        raise SparseCompileError("--plot goes with --spectra")
     if Path(target).is_file():
         from sparsecompile.package.archive import open_package
         from sparsecompile.package.describe import describe_package
@@ -271,6 +286,34 @@ def package(build_dir, edge, output, note, force):
 
     result = package_build(build_dir, output, edge, force=force, note=note, progress=Progress())
     click.echo("\n".join(size_lines(result)))
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("build_dir", type=click.Path())
+@click.option("--calib", required=True, type=click.Path(),
+              help="Calibration inputs (.npy/.npz, a directory of images, or pkg.mod:fn) to certify on.")
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=1), help="At most this many samples.")
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
+def certify(build_dir, calib, samples, json_out):
+    """Which predictions can the build's sparsification provably not change? (needs a --certify build)
+
+    \b
+    For each sample: the dense margin between the top two outputs against a
+    sound upper bound on how far the build's changed weights can move them;
+    the fraction guaranteed unchanged next to the fraction observed
+    unchanged, and the layers that use up most of the bound. The bounds are
+    loose on deep networks; a guarantee holds where it is given.
+    """
+    from sparsecompile.certificates import certificate_lines, certify_build
+    from sparsecompile.progress import Progress
+
+    result = certify_build(build_dir, calib, samples, Progress())
+    click.echo("\n".join(certificate_lines(result)))
+    if json_out:
+        from pathlib import Path
+
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        click.echo(f"wrote {json_out}")
 
 
 @main.command(context_settings=_CONTEXT)

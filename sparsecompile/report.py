@@ -157,6 +157,15 @@ def summary_lines(report: dict) -> list[str]:
     elif engine.get("status") == "built":
         counts = ", ".join(f"{v} {k}" for k, v in sorted(engine.get("counts", {}).items()))
         lines.append(f"engine:  {engine['file']} built; TensorRT per layer: {counts or 'no (Sparsity) lines in its log'}")
+    certificate = report.get("certificate")
+    if certificate and certificate["summary"].get("samples"):
+        summary = certificate["summary"]
+        lines.append(f"certify: {100 * summary['certified_fraction']:.1f}% of {summary['samples']} calibration samples "
+                     f"guaranteed unchanged, {100 * summary['observed_unchanged_fraction']:.1f}% observed unchanged "
+                     f"(bound median {summary['median_looseness']:.3g}x the actual change; sparsecompile certify "
+                     "for the riskiest layers)")
+    elif certificate:
+        lines.append("certify: not certifiable: " + "; ".join(certificate["summary"].get("not_certifiable", [])[:2]))
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines
