@@ -91,6 +91,14 @@ class BuildOptions:
     certify: bool = False  # margin certificates on the calibration set (analysis/certify.py)
     spectra: bool = False  # Marchenko-Pastur spectral diagnostics per layer (analysis/spectral.py)
     certify_samples: int = 256
+    # learned methods (gumbel, proxsparse): see sparsecompile/learned
+    max_steps: int = 400
+    time_budget: float | None = None  # seconds of mask learning
+    objective: str = "auto"  # auto | kl | mse | ce (ce needs labels)
+    labels: str | None = None  # .npy of integer class labels, one per calibration sample
+    checkpoint: str | None = None  # learning checkpoint written here (periodically, at the end, on Ctrl-C)
+    resume: bool = False  # continue from --checkpoint
+    learn_options: dict = field(default_factory=dict)  # method options, e.g. {"init": "random"}
     budget_signal: str = "measured"  # "measured" | "mp": how layer sensitivity is judged under --max-drop
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
@@ -309,6 +317,11 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         correct = options.correct
         if correct == "auto":  # measured best on real data; without real data it would fit noise
             correct = DEFAULT_CORRECTION if options.calib else "none"
+            if getattr(method, "learned", False):
+                correct = "none"  # learned masks promise weights bit-identical to dense
+        learning = None
+        if getattr(method, "learned", False) and eligible:
+            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress)
         if not eligible:
             correct = "none"
         uses_calibration = bool(method.needs) or correct != "none"
@@ -439,6 +452,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
                     "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
                     "max_drop": options.max_drop, "budget_signal": options.budget_signal,
+                    "max_steps": options.max_steps if getattr(method, "learned", False) else None,
                     "precision": options.precision,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
@@ -465,6 +479,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "compression": compression,
                 "engine": engine_info,
                 "budget": budget.to_json() if budget is not None else None,
+                "learning": learning,
                 "certificate": certificate_summary(certificate) if certificate is not None else None,
                 "passes": [
                     {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
@@ -536,6 +551,47 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs
         benefit = {name: s["dense_us"] - s["sparse_us"] for name, s in speeds.items()}
     return enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs, options.max_drop,
                           signal=options.budget_signal, priors=priors, benefit=benefit, progress=progress)
+
+
+def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
+    """Learn the masks of every eligible layer at once (weights frozen); returns the report's record."""
+    from sparsecompile.learned import TrainConfig, learn_masks
+
+    if calib.source == "random":
+        raise SparseCompileError(f"--method {method.name} learns from data: pass --calib (a few hundred to a few "
+                                 "thousand unlabelled inputs)")
+    if options.resume and not options.checkpoint:
+        raise SparseCompileError("--resume needs --checkpoint FILE (the checkpoint to continue from)")
+    labels = None
+    if options.labels is not None:
+        labels = torch.from_numpy(np.load(options.labels, allow_pickle=False)).long()
+        if labels.ndim != 1 or len(labels) != calib.num_samples:
+            raise SparseCompileError(f"--labels must hold one integer label per calibration sample "
+                                     f"({calib.num_samples}), got shape {tuple(labels.shape)}")
+    config = TrainConfig(max_steps=options.max_steps, time_budget_s=options.time_budget, seed=options.seed,
+                         objective=options.objective, static_batch=not loaded.dynamic_batch,
+                         batch_size=64 if loaded.dynamic_batch else loaded.batch_size,
+                         checkpoint_every=50 if options.checkpoint else None)
+    config.validate()
+    every = max(1, options.max_steps // 10)
+
+    def report_progress(step, loss, agreement, held_out):
+        if step % every == 0 or step == options.max_steps:
+            agree = "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%"
+            progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}")
+
+    with progress.stage(f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
+                        + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")"):
+        result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=dict(options.learn_options),
+                             config=config, labels=labels, callback=report_progress,
+                             checkpoint_path=options.checkpoint,
+                             resume=options.checkpoint if options.resume else None)
+    method.masks = result.masks
+    return {"method": result.method, "steps": result.steps, "best_step": result.best_step,
+            "best_held_out": result.best_held_out, "stop_reason": result.stop_reason,
+            "wall_time_s": round(result.wall_time_s, 2), "held_out": result.held_out,
+            "objective": result.objective, "options": dict(options.learn_options),
+            "max_steps": options.max_steps, "time_budget_s": options.time_budget}
 
 
 def _spectra(dense_gm, layers, layer_records) -> dict:

@@ -71,6 +71,24 @@ def main(ctx, verbose):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _key_values(items, flag: str) -> dict:
+    """KEY=VALUE options with numbers parsed: ``init=random tau_end=0.05`` -> ``{"init": "random", "tau_end": 0.05}``."""
+    values = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint=flag)
+        for cast in (int, float):
+            try:
+                values[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            values[key] = raw
+    return values
+
+
 def _pattern(text: str) -> tuple[int, int]:
     try:
         n, m = (int(p) for p in text.split(":"))
@@ -120,6 +138,20 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--masks", "masks_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Apply masks saved with --save-masks (same architecture, e.g. an updated checkpoint) "
                    "instead of choosing them; reports how far the weights moved since.")
+@click.option("--max-steps", default=400, show_default=True, type=click.IntRange(min=0),
+              help="gumbel/proxsparse: optimiser steps of mask learning.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="gumbel/proxsparse: stop learning after this long (the best masks so far are used).")
+@click.option("--objective", type=click.Choice(["auto", "kl", "mse", "ce"]), default="auto", show_default=True,
+              help="gumbel/proxsparse: match the dense outputs (kl for classifiers, mse otherwise) or, with "
+                   "--labels, cross-entropy (ce).")
+@click.option("--labels", type=click.Path(dir_okay=False), help="gumbel/proxsparse: .npy of class labels, one per "
+              "calibration sample (optional; learning is label-free without it).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="gumbel/proxsparse: keep a learning checkpoint here (every 50 steps, at the end, on Ctrl-C).")
+@click.option("--resume", is_flag=True, help="gumbel/proxsparse: continue the learning saved in --checkpoint.")
+@click.option("--learn-option", "learn_options", multiple=True, metavar="KEY=VALUE",
+              help="gumbel/proxsparse method option (repeatable), e.g. init=random, tau_end=0.05, lambda1=2.")
 @click.option("--certify", "certify_", is_flag=True,
               help="Also compute prediction-stability certificates on the calibration set (see sparsecompile certify).")
 @click.option("--spectra", is_flag=True, help="Record Marchenko-Pastur spectral diagnostics per layer (inspect --spectra).")
@@ -156,7 +188,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
-          method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, certify_, spectra, max_drop,
+          method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, max_steps, time_budget,
+          objective, labels, checkpoint, resume, learn_options, certify_, spectra, max_drop,
           budget_signal,
           min_weights, lower_conv, permute,
           permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
@@ -183,6 +216,8 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
         precision=precision, engine=engine, max_drop=max_drop, budget_signal=budget_signal,
         save_masks=save_masks, masks=masks_file, certify=certify_, spectra=spectra,
+        max_steps=max_steps, time_budget=time_budget, objective=objective, labels=labels, checkpoint=checkpoint,
+        resume=resume, learn_options=_key_values(learn_options, "--learn-option"),
     )
     result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
     click.echo("\n".join(summary_lines(result.report)))

@@ -6,10 +6,11 @@ from sparsecompile.errors import SparseCompileError
 from sparsecompile.masks.base import MaskContext, MaskMethod, topn_mask
 from sparsecompile.masks.activation import ActivationMask
 from sparsecompile.masks.hessian import HessianMask
+from sparsecompile.masks.learned import GumbelMask, ProxSparseMask
 from sparsecompile.masks.magnitude import MagnitudeMask
 
 MASK_METHODS: dict[str, type[MaskMethod]] = {
-    cls.name: cls for cls in (MagnitudeMask, ActivationMask, HessianMask)
+    cls.name: cls for cls in (MagnitudeMask, ActivationMask, HessianMask, GumbelMask, ProxSparseMask)
 }
 
 

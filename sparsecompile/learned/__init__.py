@@ -1,0 +1,67 @@
+"""Learned N:M masks: Gumbel-softmax pattern logits and ProxSparse (proximal 2:4 regulariser).
+
+Both methods share one training loop (:mod:`sparsecompile.learned.train`):
+label-free by default (match the dense model's outputs on calibration
+inputs), Adam with a decaying learning rate, early stopping on a held-out
+slice, seeded and resumable from safetensors + JSON checkpoints. Neither
+changes the module's weights; both return masks (``dict[weight_target,
+bool tensor]``, exactly N:M along each layer's reduction axis) and the
+matching sparse weights ``where(mask, W0, 0)``.
+
+    from sparsecompile.learned import learn_gumbel_masks, TrainConfig
+    result = learn_gumbel_masks(gm, calib_images, config=TrainConfig(max_steps=400))
+    result.masks        # {weight_target: bool mask}
+"""
+
+from sparsecompile.learned.gumbel import GumbelMaskLearner, GumbelOptions, learn_gumbel_masks
+from sparsecompile.learned.patterns import keep_patterns, mask_to_patterns, num_patterns, patterns_to_mask
+from sparsecompile.learned.proxsparse import (
+    ProxSparseLearner, ProxSparseOptions, enum_alm, enum_pgd, learn_proxsparse_masks,
+)
+from sparsecompile.learned.train import (
+    MaskLearner, MaskTrainer, TrainConfig, TrainingInterrupted, TrainResult, masked_weights, train_masks,
+)
+
+LEARNED_METHODS = {"gumbel": learn_gumbel_masks, "proxsparse": learn_proxsparse_masks}
+_OPTIONS = {"gumbel": GumbelOptions, "proxsparse": ProxSparseOptions}
+
+
+def method_options(method: str, values: dict | None = None):
+    """The options dataclass of ``method`` from a dict (unknown keys are an error naming the valid ones)."""
+    from dataclasses import fields
+
+    from sparsecompile.errors import SparseCompileError
+
+    if method not in _OPTIONS:
+        raise SparseCompileError(f"unknown learned mask method '{method}'; valid: {', '.join(sorted(_OPTIONS))}")
+    cls = _OPTIONS[method]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values or {}) - known)
+    if unknown:
+        raise SparseCompileError(f"unknown {method} option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    options = cls(**(values or {}))
+    options.validate()
+    return options
+
+
+def learn_masks(method: str, gm, inputs, *, options=None, **kwargs) -> TrainResult:
+    """Dispatch to :func:`learn_gumbel_masks` or :func:`learn_proxsparse_masks` by name.
+
+    ``options`` is the method's options dataclass or a dict of its fields; ``kwargs`` go to the method
+    (``layers``, ``config``, ``labels``, ``callback``, ``checkpoint_path``, ``resume``, and for Gumbel
+    ``n``, ``m``, ``init_masks``).
+    """
+    if not isinstance(options, (GumbelOptions, ProxSparseOptions)):
+        options = method_options(method, options)
+    elif not isinstance(options, _OPTIONS.get(method, ())):
+        method_options(method)  # unknown name -> the error listing the valid ones
+        raise TypeError(f"{type(options).__name__} given for method '{method}'")
+    return LEARNED_METHODS[method](gm, inputs, options=options, **kwargs)
+
+__all__ = [
+    "GumbelMaskLearner", "GumbelOptions", "LEARNED_METHODS", "MaskLearner", "MaskTrainer", "ProxSparseLearner",
+    "ProxSparseOptions", "TrainConfig", "TrainResult", "TrainingInterrupted", "enum_alm", "enum_pgd",
+    "keep_patterns", "learn_gumbel_masks", "learn_masks", "learn_proxsparse_masks", "mask_to_patterns",
+    "masked_weights", "method_options",
+    "num_patterns", "patterns_to_mask", "train_masks",
+]

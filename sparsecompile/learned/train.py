@@ -1,0 +1,745 @@
+"""The training loop shared by the learned mask methods (Gumbel-softmax, ProxSparse).
+
+Objective
+---------
+Label-free by default: the student is the model with the learner's weights
+(differentiable masked or regularised weights), the teacher is the same
+FX module with its dense weights, and the loss matches their outputs on the
+calibration inputs. Per model output, ``objective="auto"`` picks
+
+* ``kl``: ``KL(softmax(teacher) || softmax(student))`` averaged over samples,
+  for classifier-like outputs (floating point, 2-D, more than one column);
+* ``mse``: ``mean((student - teacher)**2) / mean(teacher**2)``, otherwise. The
+  denominator is a constant measured once over the calibration set, so this is
+  the MSE up to a fixed scale that makes learning rates transferable between
+  models.
+
+With ``labels`` (int64 class indices, one per calibration sample) the objective
+is cross-entropy of the first output against them (``objective="ce"``).
+Several outputs add up their losses.
+
+Optimisation
+------------
+Adam on the learner's trainable tensors (``betas=(0.9, 0.999)``), the learning
+rate following ``lr_schedule`` (cosine or linear decay after an optional
+linear warm-up; the rate is computed from the step number, so there is no
+scheduler state). After every optimiser step the learner may apply a proximal
+step (ProxSparse). Every ``eval_every`` steps (and at step 0 and the last
+step) the current *final* masks -- what the method would return now -- are
+evaluated on a held-out slice of the calibration set (``holdout_fraction``,
+10% by default, drawn with the seed). The result is the best held-out mask
+set (early stopping: training stops after ``patience`` evaluations without
+improvement). With fewer than 10 calibration samples there is no held-out
+slice and the training samples are used for evaluation (``result.held_out``
+is False).
+
+Determinism and resuming
+------------------------
+Every random draw is derived from ``(seed, stream, step)``: the batch order
+of epoch ``e`` is a permutation seeded by ``(seed, e)``, the Gumbel noise of
+step ``s`` by ``(seed, s)``. A checkpoint (one safetensors file: the
+learner's tensors, Adam's state and the best masks, plus a JSON header with
+the step, history and configuration) therefore holds everything a run needs,
+and ``N`` steps straight give the same result as ``k`` steps, a checkpoint,
+and ``N - k`` resumed steps (same machine, same torch build and thread count).
+
+Interrupts
+----------
+In the main thread a first Ctrl-C sets a flag that is checked between steps:
+the current step finishes, a checkpoint is written if a path was given, and
+:class:`TrainingInterrupted` is raised -- a partial run is never returned as
+if it had finished. A ``KeyboardInterrupt`` raised inside a step (a second
+Ctrl-C, or one from the progress callback) is handled the same way when the
+state is consistent; if it lands while the optimiser is updating tensors no
+checkpoint is written (the exception says so).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from sparsecompile.errors import SparseCompileError
+from sparsecompile.graph import get_tensor
+from sparsecompile.verify import flat_outputs
+
+CHECKPOINT_FORMAT = "sparsecompile-learned-checkpoint"
+CHECKPOINT_VERSION = 1
+METADATA_KEY = "sparsecompile_learned"
+
+OBJECTIVES = ("auto", "kl", "mse", "ce")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adam", "sgd")
+# Teacher outputs are kept in memory up to this size; above it they are recomputed per batch.
+TEACHER_CACHE_BYTES = 1 << 30
+
+ProgressCallback = Callable[[int, float, float, float], None]
+
+
+class TrainingInterrupted(SparseCompileError):
+    """Training stopped by an interrupt before it finished.
+
+    ``checkpoint_path`` is where the state of the last completed step was
+    saved (``None`` if no path was given or the state was not consistent);
+    ``step`` is the number of completed steps.
+    """
+
+    def __init__(self, step: int, checkpoint_path: str | None, detail: str = ""):
+        where = f"; resume from checkpoint {checkpoint_path}" if checkpoint_path else "; no checkpoint was saved"
+        super().__init__(f"mask learning interrupted after step {step}{where}{detail}")
+        self.step = step
+        self.checkpoint_path = checkpoint_path
+
+
+@dataclass
+class TrainConfig:
+    """Options of the shared loop. ``lr=None`` takes the method's default."""
+
+    max_steps: int = 400
+    batch_size: int = 64
+    lr: float | None = None
+    optimizer: str = "adam"  # adam | sgd (momentum 0.9)
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    warmup_fraction: float = 0.0  # of max_steps, linear warm-up from 0
+    min_lr_fraction: float = 0.0  # the schedule decays to lr * min_lr_fraction
+    objective: str = "auto"  # auto | kl | mse | ce (ce needs labels)
+    holdout_fraction: float = 0.1
+    eval_every: int = 20
+    patience: int | None = 10  # evaluations without held-out improvement before stopping; None: never
+    time_budget_s: float | None = None
+    seed: int = 0
+    eval_batch_size: int = 256
+    static_batch: bool = False  # the model only takes batch_size samples at a time (evaluation uses it too)
+    checkpoint_every: int | None = None  # steps between periodic checkpoints (needs a checkpoint path)
+
+    def validate(self) -> None:
+        if self.max_steps < 0:
+            raise SparseCompileError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise SparseCompileError("batch sizes must be >= 1")
+        if self.lr is not None and not self.lr > 0:
+            raise SparseCompileError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SparseCompileError(f"unknown lr_schedule '{self.lr_schedule}'; valid: {', '.join(LR_SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SparseCompileError(f"unknown optimizer '{self.optimizer}'; valid: {', '.join(OPTIMIZERS)}")
+        if self.objective not in OBJECTIVES:
+            raise SparseCompileError(f"unknown objective '{self.objective}'; valid: {', '.join(OBJECTIVES)}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise SparseCompileError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not 0.0 <= self.warmup_fraction < 1.0 or not 0.0 <= self.min_lr_fraction <= 1.0:
+            raise SparseCompileError("warmup_fraction must be in [0, 1) and min_lr_fraction in [0, 1]")
+        if self.eval_every < 1:
+            raise SparseCompileError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.patience is not None and self.patience < 1:
+            raise SparseCompileError(f"patience must be >= 1 or None, got {self.patience}")
+
+
+# Options that may differ between a checkpoint and the run that resumes it.
+_RESUME_MAY_CHANGE = {"time_budget_s", "checkpoint_every", "eval_batch_size"}
+
+
+def learning_rate(config: TrainConfig, base_lr: float, step: int) -> float:
+    """The rate of (0-based) ``step``: linear warm-up, then the decay schedule."""
+    total = max(1, config.max_steps)
+    warmup = int(round(config.warmup_fraction * total))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    low = config.min_lr_fraction
+    if config.lr_schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (low + (1.0 - low) * factor)
+
+
+def stream_seed(seed: int, stream: int, *index: int) -> int:
+    """A seed for draw ``index`` of random stream ``stream``; independent of anything run before."""
+    digest = hashlib.blake2b("/".join(str(int(v)) for v in (seed, stream) + index).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+STREAM_DATA, STREAM_NOISE, STREAM_SPLIT, STREAM_INIT = 1, 2, 3, 4
+
+
+def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Kept entries bit for bit, dropped entries +0.0 (what ``apply_masks`` writes)."""
+    return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def masked_weights(gm: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{target: where(mask, original weight, 0)}``: the final sparse weights of a mask set."""
+    return {target: masked_weight(get_tensor(gm, target), mask) for target, mask in masks.items()}
+
+
+class MaskLearner(ABC):
+    """A learned mask method, as the shared loop sees it.
+
+    It owns trainable tensors (``trainable()``; Adam updates them) and, from
+    them, produces the weights of the training forward pass
+    (``training_weights``), any extra differentiable penalty, a post-step
+    hook (ProxSparse's proximal step), and the *final* masks it would return
+    now (``masks``). It never changes the module's weights.
+    """
+
+    method: str = ""
+    default_lr: float = 1e-3
+
+    def __init__(self, gm: torch.nn.Module, layers: Sequence, n: int = 2, m: int = 4):
+        self.n, self.m = n, m
+        self.layers = [layer for layer in layers if layer.reason is None]
+        if not self.layers:
+            raise SparseCompileError("no eligible layers to learn masks for")
+        self.targets = [layer.weight_target for layer in self.layers]
+        if len(set(self.targets)) != len(self.targets):
+            raise SparseCompileError("two eligible layers share one weight tensor")
+        self.axes = {layer.weight_target: layer.reduction_axis for layer in self.layers}
+        self.originals = {t: get_tensor(gm, t).detach() for t in self.targets}
+        for target, weight in self.originals.items():
+            if weight.shape[self.axes[target]] % m:
+                raise SparseCompileError(f"'{target}': reduction axis of length {weight.shape[self.axes[target]]} "
+                                         f"is not a multiple of {m}")
+
+    @abstractmethod
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """Leaf tensors (``requires_grad=True``) by stable name; the checkpoint stores them by that name."""
+
+    @abstractmethod
+    def training_weights(self, step: int, total_steps: int, seed: int) -> dict[str, torch.Tensor]:
+        """Differentiable replacement weights for the training forward pass of ``step``."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """Extra differentiable term added to the loss (None: nothing)."""
+        return None
+
+    def after_step(self, lr: float) -> None:
+        """Called (under no_grad) after each optimiser step with its learning rate."""
+
+    def after_load(self) -> None:
+        """Called after a checkpoint restored the trainable tensors."""
+
+    @abstractmethod
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The final masks the method would return now: bool, N:M along each layer's reduction axis."""
+
+    def progress_info(self) -> dict[str, float]:
+        """Method-specific numbers recorded in the history at every evaluation."""
+        return {}
+
+    def options(self) -> dict[str, Any]:
+        """The method's options (JSON); a checkpoint resumes only with equal options."""
+        return {}
+
+
+@dataclass
+class TrainResult:
+    """A finished run. ``masks`` are the best held-out masks; ``weights`` = original weights where kept, else 0."""
+
+    method: str
+    masks: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    steps: int  # optimiser steps taken (including resumed ones)
+    best_step: int
+    best_held_out: float
+    stop_reason: str  # max_steps | early_stopping | time_budget
+    wall_time_s: float
+    held_out: bool  # False: evaluated on the training samples (too few calibration samples)
+    objective: list[str]
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+
+
+def _as_inputs(inputs) -> tuple[torch.Tensor, ...]:
+    if hasattr(inputs, "inputs") and not isinstance(inputs, torch.Tensor):  # CalibrationData
+        inputs = inputs.inputs
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    inputs = tuple(inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise SparseCompileError("calibration inputs must be a tensor or a sequence of tensors (samples on axis 0)")
+    count = inputs[0].shape[0]
+    if any(t.shape[0] != count for t in inputs) or count < 1:
+        raise SparseCompileError("every calibration input needs the same number (>= 1) of samples on axis 0")
+    return inputs
+
+
+def _digest(tensors) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class _InterruptFlag:
+    """While active in the main thread, the first SIGINT only sets ``raised``; the second interrupts."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+            except ValueError:  # not allowed here (e.g. embedded interpreter)
+                self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class MaskTrainer:
+    """Trains one :class:`MaskLearner` on calibration inputs; see the module docstring.
+
+    ``run()`` returns a :class:`TrainResult`; ``save_checkpoint(path)`` /
+    ``load_checkpoint(path)`` write and restore the full state (call
+    ``load_checkpoint`` before ``run`` to resume).
+    """
+
+    def __init__(self, learner: MaskLearner, gm: torch.nn.Module, inputs, *, labels: torch.Tensor | None = None,
+                 config: TrainConfig | None = None, callback: ProgressCallback | None = None,
+                 checkpoint_path: str | os.PathLike | None = None):
+        self.learner, self.gm = learner, gm
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.callback = callback
+        self.checkpoint_path = os.fspath(checkpoint_path) if checkpoint_path is not None else None
+        self.inputs = _as_inputs(inputs)
+        self.labels = labels
+        self.num_samples = int(self.inputs[0].shape[0])
+        if labels is not None:
+            if labels.dim() != 1 or labels.shape[0] != self.num_samples or labels.dtype != torch.int64:
+                raise SparseCompileError(f"labels must be int64 of shape [{self.num_samples}]")
+        if self.config.objective == "ce" and labels is None:
+            raise SparseCompileError("objective 'ce' needs labels")
+        self.base_lr = self.config.lr if self.config.lr is not None else learner.default_lr
+        self.device = next(iter(learner.originals.values())).device
+        # Frozen copies of every parameter/buffer (shared storage, no grad): the forward never touches .grad
+        # of the module's own tensors, and never writes them.
+        self._frozen = {name: t.detach() for name, t in
+                        list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
+        self._split()
+        self._prepare_teacher()
+        params = learner.trainable()
+        self._param_names = list(params)
+        tensors = [params[name] for name in self._param_names]
+        if self.config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(tensors, lr=self.base_lr, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+        else:
+            self.optimizer = torch.optim.SGD(tensors, lr=self.base_lr, momentum=0.9, foreach=False)
+        self.step = 0
+        self.best_step = 0
+        self.best_metric = math.inf
+        self.best_masks: dict[str, torch.Tensor] = {}
+        self.evals_since_best = 0
+        self.history: list[dict] = []
+        self.elapsed_before = 0.0
+        self.stop_reason: str | None = None
+        self.last_eval: tuple[float, float] | None = None
+        self.last_loss: float | None = None
+        self._fingerprint = {
+            "weights": _digest(learner.originals[t] for t in learner.targets),
+            "inputs": _digest(self.inputs + ((labels,) if labels is not None else ())),
+        }
+
+    # ------------------------------------------------------------------ data
+
+    def _split(self) -> None:
+        count = self.num_samples
+        hold = int(math.floor(count * self.config.holdout_fraction))
+        if count < 10 or hold < 1:
+            hold = 0
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(stream_seed(self.config.seed, STREAM_SPLIT, 0)))
+        eval_index, train_index = order[:hold], order[hold:]
+        if self.config.static_batch:  # the model takes exactly batch_size samples: whole batches only
+            size = self.config.batch_size
+            train_index = train_index[:train_index.numel() // size * size]
+            eval_index = eval_index[:eval_index.numel() // size * size]
+            if train_index.numel() == 0:
+                raise SparseCompileError(f"a static-batch model needs at least {size} training samples "
+                                         f"(after holding out {hold}); got {count} calibration samples")
+        self.held_out = eval_index.numel() > 0
+        self.train_index = train_index
+        self.eval_index = eval_index if self.held_out else train_index
+
+    def _eval_chunks(self, index: torch.Tensor):
+        size = self.config.batch_size if self.config.static_batch else self.config.eval_batch_size
+        for start in range(0, index.numel(), size):
+            yield index[start:start + size]
+
+    def _select(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index.to(t.device)].to(self.device) for t in self.inputs)
+
+    def _batch_index(self, step: int) -> torch.Tensor:
+        size = self.train_index.numel()
+        batch = min(self.config.batch_size, size)
+        per_epoch = size // batch
+        epoch, offset = divmod(step, per_epoch)
+        perm = torch.randperm(size, generator=torch.Generator().manual_seed(stream_seed(self.config.seed, STREAM_DATA, epoch)))
+        return self.train_index[perm[offset * batch:(offset + 1) * batch]]
+
+    # ------------------------------------------------------------------ model
+
+    def _forward(self, overrides: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        state = dict(self._frozen)
+        state.update(overrides)
+        return flat_outputs(functional_call(self.gm, state, inputs, strict=False, tie_weights=False))
+
+    @torch.no_grad()
+    def _teacher(self, index: torch.Tensor) -> list[torch.Tensor]:
+        if self._teacher_cache is not None:
+            return [t[index] for t in self._teacher_cache]
+        return self._forward({}, self._select(index))
+
+    @torch.no_grad()
+    def _prepare_teacher(self) -> None:
+        """One dense pass over the samples in use: the objectives, the MSE scales, and (if small) the outputs."""
+        used = [self.train_index] + ([self.eval_index] if self.held_out else [])
+        cache: list[torch.Tensor] | None = None
+        total_bytes = 0
+        sums: list[float] = []
+        counts: list[int] = []
+        shapes: list[tuple[int, ...]] = []
+        for part in used:
+            for index in self._eval_chunks(part):
+                outs = self._forward({}, self._select(index))
+                if not shapes:
+                    if not outs:
+                        raise SparseCompileError("the model returned no tensor outputs")
+                    shapes = [tuple(o.shape) for o in outs]
+                    sums, counts = [0.0] * len(outs), [0] * len(outs)
+                    per_sample = sum(o[:1].numel() * o.element_size() for o in outs)
+                    if per_sample * self.num_samples <= TEACHER_CACHE_BYTES:
+                        cache = [o.new_zeros((self.num_samples,) + tuple(o.shape[1:])) for o in outs]
+                for i, out in enumerate(outs):
+                    sums[i] += float(out.double().pow(2).sum())
+                    counts[i] += out.numel()
+                    if cache is not None:
+                        cache[i][index.to(out.device)] = out
+                    total_bytes += out.numel() * out.element_size()
+        self._teacher_cache = cache
+        self._mse_scale = [max(total / max(c, 1), 1e-12) for total, c in zip(sums, counts)]
+        kinds = []
+        for i, shape in enumerate(shapes):
+            classifier = len(shape) == 2 and shape[1] > 1 and self._float_output(i)
+            if self.config.objective == "auto":
+                if self.labels is not None:
+                    kind = "ce" if i == 0 else "none"
+                else:
+                    kind = "kl" if classifier else "mse"
+            elif self.config.objective == "ce":
+                kind = "ce" if i == 0 else "none"
+            elif self.config.objective == "kl":
+                if not classifier:
+                    raise SparseCompileError(f"objective 'kl' needs 2-D logits; output {i} has shape {list(shape)}")
+                kind = "kl"
+            else:
+                kind = "mse"
+            kinds.append(kind)
+        if kinds[0] == "ce" and not (len(shapes[0]) == 2 and shapes[0][1] > 1):
+            raise SparseCompileError("objective 'ce' needs 2-D logits as the first output")
+        self.objective_kinds = kinds
+
+    def _float_output(self, i: int) -> bool:
+        return self._teacher_cache is None or self._teacher_cache[i].is_floating_point()
+
+    def _loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+        total = None
+        for i, (kind, s, t) in enumerate(zip(self.objective_kinds, student, teacher)):
+            if kind == "kl":
+                term = F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), log_target=True,
+                                reduction="batchmean")
+            elif kind == "mse":
+                term = (s.float() - t.float()).pow(2).mean() / self._mse_scale[i]
+            elif kind == "ce":
+                term = F.cross_entropy(s.float(), self.labels[index].to(s.device))
+            else:
+                continue
+            total = term if total is None else total + term
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, masks: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """(held-out objective, agreement with dense) of the model with ``masks`` applied.
+
+        Agreement is top-1 agreement for a classifier-like first output, else
+        ``max(0, 1 - ||student - teacher|| / ||teacher||)`` on the first output.
+        """
+        overrides = masked_weights(self.gm, masks)
+        loss_sum, agree, count = 0.0, 0.0, 0
+        err_sq, ref_sq = 0.0, 0.0
+        for index in self._eval_chunks(self.eval_index):
+            student = self._forward(overrides, self._select(index))
+            teacher = self._teacher(index)
+            size = index.numel()
+            loss_sum += float(self._loss(student, teacher, index)) * size
+            s0, t0 = student[0], teacher[0]
+            if s0.dim() == 2 and s0.shape[1] > 1:
+                agree += float((s0.argmax(1) == t0.argmax(1)).sum())
+            else:
+                err_sq += float((s0.double() - t0.double()).pow(2).sum())
+                ref_sq += float(t0.double().pow(2).sum())
+            count += size
+        metric = loss_sum / count
+        if ref_sq > 0 or err_sq > 0:
+            agreement = max(0.0, 1.0 - math.sqrt(err_sq / max(ref_sq, 1e-30)))
+        else:
+            agreement = agree / count
+        return metric, agreement
+
+    # ------------------------------------------------------------------ loop
+
+    def _record_eval(self, loss: float | None) -> None:
+        masks = {t: mk.detach().clone() for t, mk in self.learner.masks().items()}
+        metric, agreement = self.evaluate(masks)
+        self.last_eval = (metric, agreement)
+        entry = {"step": self.step, "held_out": metric, "agreement": agreement,
+                 "lr": learning_rate(self.config, self.base_lr, max(self.step - 1, 0))}
+        if loss is not None:
+            entry["loss"] = loss
+        entry.update(self.learner.progress_info())
+        self.history.append(entry)
+        if metric < self.best_metric or not self.best_masks:
+            self.best_metric, self.best_step, self.best_masks = metric, self.step, masks
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+
+    def _train_step(self) -> float:
+        """One optimiser step; returns the loss. Sets ``_committing`` while tensors are being updated."""
+        config = self.config
+        index = self._batch_index(self.step)
+        lr = learning_rate(config, self.base_lr, self.step)
+        weights = self.learner.training_weights(self.step, config.max_steps, config.seed)
+        student = self._forward(weights, self._select(index))
+        loss = self._loss(student, self._teacher(index), index)
+        if not torch.isfinite(loss.detach()):
+            raise SparseCompileError(f"the {self.learner.method} loss became {float(loss)} at step {self.step}; "
+                                     "try a lower learning rate")
+        penalty = self.learner.penalty()
+        total = loss if penalty is None else loss + penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._committing = True
+        self.optimizer.step()
+        with torch.no_grad():
+            self.learner.after_step(lr)
+        self.step += 1
+        self.last_loss = float(loss.detach())
+        self._committing = False
+        return self.last_loss
+
+    def run(self) -> TrainResult:
+        """Train until ``max_steps``, early stopping or the time budget; raises :class:`TrainingInterrupted`."""
+        config = self.config
+        started = time.monotonic()
+        self._committing = False
+        if self.stop_reason is None:
+            with _InterruptFlag() as flag:
+                try:
+                    if not self.history:
+                        self._record_eval(None)
+                    elif (self.history[-1]["step"] != self.step and self.step % config.eval_every == 0
+                          and self.step < config.max_steps):
+                        self._record_eval(self.last_loss)  # an interrupt landed between a step and its evaluation
+                    while True:
+                        if self.step >= config.max_steps:
+                            self.stop_reason = "max_steps"
+                        elif config.patience is not None and self.evals_since_best >= config.patience:
+                            self.stop_reason = "early_stopping"
+                        elif (config.time_budget_s is not None
+                              and self.elapsed_before + time.monotonic() - started >= config.time_budget_s):
+                            self.stop_reason = "time_budget"
+                        if self.stop_reason:
+                            if self.history[-1]["step"] != self.step:
+                                self._record_eval(self.last_loss)
+                            break
+                        if flag.raised:
+                            raise KeyboardInterrupt
+                        loss = self._train_step()
+                        if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                            self._record_eval(loss)
+                        if (self.checkpoint_path and config.checkpoint_every
+                                and self.step % config.checkpoint_every == 0):
+                            self._save(self.checkpoint_path, self.elapsed_before + time.monotonic() - started)
+                        if self.callback is not None:
+                            metric, agreement = self.last_eval
+                            self.callback(self.step, loss, agreement, metric)
+                except KeyboardInterrupt:
+                    if self._committing:
+                        earlier = (f"; {self.checkpoint_path} holds an earlier periodic checkpoint"
+                                   if self.checkpoint_path and os.path.exists(self.checkpoint_path) else "")
+                        raise TrainingInterrupted(self.step, None, " (interrupted while tensors were being updated, "
+                                                  f"so this state was not saved{earlier})") from None
+                    saved = None
+                    if self.checkpoint_path:
+                        self._save(self.checkpoint_path, self.elapsed_before + time.monotonic() - started)
+                        saved = self.checkpoint_path
+                    raise TrainingInterrupted(self.step, saved) from None
+        self.elapsed_before += time.monotonic() - started
+        if self.checkpoint_path:
+            self._save(self.checkpoint_path, self.elapsed_before)
+        masks = self.best_masks
+        return TrainResult(
+            method=self.learner.method, masks=masks, weights=masked_weights(self.gm, masks), steps=self.step,
+            best_step=self.best_step, best_held_out=self.best_metric, stop_reason=self.stop_reason,
+            wall_time_s=self.elapsed_before, held_out=self.held_out, objective=list(self.objective_kinds),
+            history=list(self.history),
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _header(self, elapsed: float) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "method": self.learner.method,
+            "options": self.learner.options(), "train": asdict(self.config), "n": self.learner.n, "m": self.learner.m,
+            "layers": {t: list(self.learner.originals[t].shape) for t in self.learner.targets},
+            "fingerprint": self._fingerprint, "step": self.step, "best_step": self.best_step,
+            "best_metric": self.best_metric if math.isfinite(self.best_metric) else None,
+            "evals_since_best": self.evals_since_best, "history": self.history, "elapsed_s": elapsed,
+            "stop_reason": self.stop_reason, "params": self._param_names, "last_loss": self.last_loss,
+        }
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the full training state (atomically) to ``path``: one safetensors file with a JSON header."""
+        self._save(os.fspath(path), self.elapsed_before)
+
+    def _save(self, path: str, elapsed: float) -> None:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        params = self.learner.trainable()
+        for name in self._param_names:
+            tensors[f"param/{name}"] = params[name].detach()
+        for i, name in enumerate(self._param_names):
+            state = self.optimizer.state.get(self.optimizer.param_groups[0]["params"][i], {})
+            for key, value in state.items():
+                if value is not None:
+                    tensors[f"optim/{name}/{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+        for target, mask in self.best_masks.items():
+            tensors[f"best/{target}"] = mask.to(torch.uint8)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        header = json.dumps(self._header(elapsed), default=float)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".safetensors", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={METADATA_KEY: header})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a state written by :meth:`save_checkpoint`; refuses one from another run setup."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise SparseCompileError(f"checkpoint not found: {path}")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:  # a truncated or foreign file
+            raise SparseCompileError(f"cannot read checkpoint {path}: {error}") from None
+        try:
+            header = json.loads(metadata[METADATA_KEY])
+        except (KeyError, ValueError):
+            raise SparseCompileError(f"{path} is not a sparsecompile mask-learning checkpoint") from None
+        if header.get("format") != CHECKPOINT_FORMAT or header.get("version") != CHECKPOINT_VERSION:
+            raise SparseCompileError(f"{path}: unsupported checkpoint format/version")
+        mine = self._header(0.0)
+        for key in ("method", "options", "n", "m", "layers", "fingerprint", "params"):
+            if json.loads(json.dumps(mine[key], default=float)) != header[key]:
+                raise SparseCompileError(f"checkpoint {path} was written by a different run ({key} differs)")
+        ours = {k: v for k, v in json.loads(json.dumps(mine["train"])).items() if k not in _RESUME_MAY_CHANGE}
+        theirs = {k: v for k, v in header["train"].items() if k not in _RESUME_MAY_CHANGE}
+        if ours != theirs:
+            changed = sorted(k for k in ours if ours.get(k) != theirs.get(k))
+            raise SparseCompileError(f"checkpoint {path} used other training options ({', '.join(changed)})")
+        params = self.learner.trainable()
+        with torch.no_grad():
+            for name in self._param_names:
+                params[name].copy_(tensors[f"param/{name}"].to(params[name].device))
+        state_dict = self.optimizer.state_dict()
+        state_dict["state"] = {}
+        for i, name in enumerate(self._param_names):
+            entry = {key.rsplit("/", 1)[1]: value for key, value in tensors.items()
+                     if key.startswith(f"optim/{name}/")}
+            if entry:
+                state_dict["state"][i] = entry
+        self.optimizer.load_state_dict(state_dict)
+        self.learner.after_load()
+        self.best_masks = {key[len("best/"):]: value.to(torch.bool).to(self.device)
+                           for key, value in tensors.items() if key.startswith("best/")}
+        self.step, self.best_step = header["step"], header["best_step"]
+        self.best_metric = header["best_metric"] if header["best_metric"] is not None else math.inf
+        self.evals_since_best, self.history = header["evals_since_best"], header["history"]
+        self.elapsed_before, self.stop_reason = header["elapsed_s"], header["stop_reason"]
+        self.last_loss = header.get("last_loss")
+        budget = self.config.time_budget_s
+        if self.stop_reason == "time_budget" and (budget is None or budget > self.elapsed_before):
+            self.stop_reason = None  # resumed with more time: carry on
+        if self.history:
+            self.last_eval = (self.history[-1]["held_out"], self.history[-1]["agreement"])
+
+
+def train_masks(learner: MaskLearner, gm: torch.nn.Module, inputs, *, labels: torch.Tensor | None = None,
+                config: TrainConfig | None = None, callback: ProgressCallback | None = None,
+                checkpoint_path: str | os.PathLike | None = None,
+                resume: str | os.PathLike | None = None) -> TrainResult:
+    """Train ``learner`` and return its masks; ``resume`` continues from a checkpoint file.
+
+    ``checkpoint_path`` receives the state at the end, on interrupt, and every
+    ``config.checkpoint_every`` steps. Resuming with ``resume == checkpoint_path`` is the usual pattern.
+    """
+    trainer = MaskTrainer(learner, gm, inputs, labels=labels, config=config, callback=callback,
+                          checkpoint_path=checkpoint_path)
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    return trainer.run()
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A :class:`TrainConfig` from a dict, refusing unknown keys (for CLI/JSON plumbing)."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SparseCompileError(f"unknown training option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    return TrainConfig(**data)
+
+
+__all__ = [
+    "MaskLearner", "MaskTrainer", "ProgressCallback", "TrainConfig", "TrainResult", "TrainingInterrupted",
+    "config_from_dict", "learning_rate", "masked_weight", "masked_weights", "train_masks",
+]

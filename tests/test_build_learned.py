@@ -1,0 +1,65 @@
+"""--method gumbel / proxsparse through the whole build (the learning itself: tests/learned/)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sparsecompile.build import BuildOptions, build
+from sparsecompile.cli import _key_values, main
+from sparsecompile.errors import SparseCompileError
+
+
+def _options(model_files, tmp_path, name, **kwargs):
+    return BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / name), min_weights=0,
+                        calib=str(model_files / "calib.npy"), permute=False, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["gumbel", "proxsparse"])
+def test_learned_build_keeps_weights_and_records_learning(tmp_path, model_files, method):
+    result = build(_options(model_files, tmp_path, method, method=method, max_steps=6))
+    report = result.report
+    assert report["method"] == method and report["options"]["correct"] == "none"
+    learning = report["learning"]
+    assert learning["method"] == method and 0 < learning["steps"] <= 6
+    assert learning["stop_reason"] in ("max_steps", "early_stopping", "time_budget")
+    sparse = [r for r in report["layers"] if r["status"] == "sparse"]
+    assert sparse and all(r["kept_weights"] == "unchanged" for r in sparse)  # the build checks bit-identity
+
+
+def test_learned_bad_input(tmp_path, model_files):
+    with pytest.raises(SparseCompileError, match="learns from data: pass --calib"):
+        build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "a"), method="gumbel",
+                           min_weights=0, permute=False))
+    with pytest.raises(SparseCompileError, match="--resume needs --checkpoint"):
+        build(_options(model_files, tmp_path, "b", method="gumbel", resume=True))
+    np.save(tmp_path / "labels.npy", np.zeros(3, dtype=np.int64))
+    with pytest.raises(SparseCompileError, match="one integer label per calibration sample"):
+        build(_options(model_files, tmp_path, "c", method="gumbel", labels=str(tmp_path / "labels.npy")))
+    with pytest.raises(SparseCompileError, match="unknown gumbel option"):
+        build(_options(model_files, tmp_path, "d", method="gumbel", max_steps=2, learn_options={"nope": 1}))
+    for name in "abcd":
+        assert not (tmp_path / name).exists()
+
+
+def test_checkpoint_and_resume_give_the_same_masks(tmp_path, model_files):
+    from sparsecompile.masks.saved import load_masks
+
+    ckpt = tmp_path / "learn.ckpt"
+    build(_options(model_files, tmp_path, "first", method="gumbel", max_steps=8, checkpoint=str(ckpt),
+                   save_masks=str(tmp_path / "first.safetensors")))
+    assert ckpt.exists()
+    again = build(_options(model_files, tmp_path, "again", method="gumbel", max_steps=8, checkpoint=str(ckpt),
+                           resume=True, save_masks=str(tmp_path / "again.safetensors")))
+    assert again.report["learning"]["steps"] == 8
+    first, second = load_masks(tmp_path / "first.safetensors"), load_masks(tmp_path / "again.safetensors")
+    assert all((first.masks[k] == second.masks[k]).all() for k in first.masks)
+
+
+def test_learn_option_parsing_and_cli(tmp_path, model_files):
+    assert _key_values(["init=random", "tau_end=0.05", "steps=3"], "--learn-option") == {
+        "init": "random", "tau_end": 0.05, "steps": 3}
+    result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
+                                       "--method", "gumbel", "--learn-option", "oops"])
+    assert result.exit_code == 2 and "KEY=VALUE" in result.output
