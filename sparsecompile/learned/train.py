@@ -20,8 +20,8 @@ Several outputs add up their losses.
 
 Optimisation
 ------------
-Adam on the learner's trainable tensors (``betas=(0.9, 0.999)``), the learning
-rate following ``lr_schedule`` (cosine or linear decay after an optional
+Adam on the learner's trainable tensors (``betas=(0.9, 0.999)``; ``optimizer="sgd"``:
+SGD with momentum 0.9), the learning rate following ``lr_schedule`` (cosine or linear decay after an optional
 linear warm-up; the rate is computed from the step number, so there is no
 scheduler state). After every optimiser step the learner may apply a proximal
 step (ProxSparse). Every ``eval_every`` steps (and at step 0 and the last
@@ -191,11 +191,12 @@ def masked_weights(gm: torch.nn.Module, masks: dict[str, torch.Tensor]) -> dict[
 class MaskLearner(ABC):
     """A learned mask method, as the shared loop sees it.
 
-    It owns trainable tensors (``trainable()``; Adam updates them) and, from
+    It owns trainable tensors (``trainable()``; the optimiser updates them) and, from
     them, produces the weights of the training forward pass
     (``training_weights``), any extra differentiable penalty, a post-step
     hook (ProxSparse's proximal step), and the *final* masks it would return
-    now (``masks``). It never changes the module's weights.
+    now (``masks``). It never changes the module's weights. A learner is
+    stateful: use a fresh one per run (or resume it from a checkpoint).
     """
 
     method: str = ""
