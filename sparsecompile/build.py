@@ -553,6 +553,29 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs
                           signal=options.budget_signal, priors=priors, benefit=benefit, progress=progress)
 
 
+class SecondaryRank(Exception):
+    """Raised on ranks other than 0 of a data-parallel (torchrun) build once the masks are learned:
+    rank 0 alone writes the build directory."""
+
+    def __init__(self, rank: int):
+        super().__init__(f"rank {rank}: masks learned; rank 0 writes the build")
+        self.rank = rank
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPUs)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_world_size(), dist.get_rank()
+
+
 def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record."""
     from sparsecompile.learned import TrainConfig, learn_masks
@@ -580,6 +603,9 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
             agree = "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%"
             progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}")
 
+    world, rank = _init_distributed()
+    if rank != 0:
+        progress.quiet = True
     with progress.stage(f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
                         + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")"):
         result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=dict(options.learn_options),
@@ -587,7 +613,9 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
                              checkpoint_path=options.checkpoint,
                              resume=options.checkpoint if options.resume else None)
     method.masks = result.masks
-    return {"method": result.method, "steps": result.steps, "best_step": result.best_step,
+    if rank != 0:
+        raise SecondaryRank(rank)
+    return {"method": result.method, "steps": result.steps, "data_parallel_ranks": world, "best_step": result.best_step,
             "best_held_out": result.best_held_out, "stop_reason": result.stop_reason,
             "wall_time_s": round(result.wall_time_s, 2), "held_out": result.held_out,
             "objective": result.objective, "options": dict(options.learn_options),

@@ -219,7 +219,12 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         max_steps=max_steps, time_budget=time_budget, objective=objective, labels=labels, checkpoint=checkpoint,
         resume=resume, learn_options=_key_values(learn_options, "--learn-option"),
     )
-    result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
+    from sparsecompile.build import SecondaryRank
+
+    try:
+        result = run_build(options, Progress(verbose=ctx.obj["verbose"]))
+    except SecondaryRank:
+        return  # torchrun: another rank learned the same masks; rank 0 writes and reports
     click.echo("\n".join(summary_lines(result.report)))
     click.echo(f"wrote {result.output}/ in {result.report['timings']['total']:.1f}s "
                f"(sparsecompile inspect {result.output} for the per-layer table)")

@@ -63,3 +63,22 @@ def test_learn_option_parsing_and_cli(tmp_path, model_files):
     result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
                                        "--method", "gumbel", "--learn-option", "oops"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
+
+
+def test_torchrun_build_with_two_gloo_ranks(tmp_path, model_files):
+    """torchrun, 2 CPU processes: both learn (gradients averaged), rank 0 alone writes the build."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "sparsecompile", "build", str(model_files / "dynamic.pt2"), "-o", str(out),
+               "--calib", str(model_files / "calib.npy"), "--method", "gumbel", "--max-steps", "4",
+               "--min-weights", "0", "--no-permute"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wrote ") == 1  # one rank reports and writes
+    report = json.loads((out / "report.json").read_text())
+    assert report["learning"]["data_parallel_ranks"] == 2 and report["learning"]["steps"] == 4

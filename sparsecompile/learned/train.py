@@ -532,9 +532,17 @@ class MaskTrainer:
             self.evals_since_best += 1
 
     def _train_step(self) -> float:
-        """One optimiser step; returns the loss. Sets ``_committing`` while tensors are being updated."""
+        """One optimiser step; returns the loss. Sets ``_committing`` while tensors are being updated.
+
+        Data-parallel (``torch.distributed`` initialised, world size > 1): every rank draws the same global
+        batch, runs its own slice of it, and the gradients are averaged across ranks, so the parameters --
+        and the masks -- stay identical on every rank.
+        """
         config = self.config
         index = self._batch_index(self.step)
+        world, rank = _world()
+        if world > 1:
+            index = index[rank::world]
         lr = learning_rate(config, self.base_lr, self.step)
         weights = self.learner.training_weights(self.step, config.max_steps, config.seed)
         student = self._forward(weights, self._select(index))
@@ -546,6 +554,8 @@ class MaskTrainer:
         total = loss if penalty is None else loss + penalty
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if world > 1:
+            _average_gradients([p for group in self.optimizer.param_groups for p in group["params"]], world)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self._committing = True
@@ -576,7 +586,7 @@ class MaskTrainer:
                         elif config.patience is not None and self.evals_since_best >= config.patience:
                             self.stop_reason = "early_stopping"
                         elif (config.time_budget_s is not None
-                              and self.elapsed_before + time.monotonic() - started >= config.time_budget_s):
+                              and _any_rank(self.elapsed_before + time.monotonic() - started >= config.time_budget_s)):
                             self.stop_reason = "time_budget"
                         if self.stop_reason:
                             if self.history[-1]["step"] != self.step:
@@ -634,6 +644,9 @@ class MaskTrainer:
 
     def _save(self, path: str, elapsed: float) -> None:
         from safetensors.torch import save_file
+
+        if _world()[1] != 0:  # data-parallel: rank 0 writes, the state is the same everywhere
+            return
 
         tensors: dict[str, torch.Tensor] = {}
         params = self.learner.trainable()
@@ -713,6 +726,37 @@ class MaskTrainer:
             self.stop_reason = None  # resumed with more time: carry on
         if self.history:
             self.last_eval = (self.history[-1]["held_out"], self.history[-1]["agreement"])
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of an initialised ``torch.distributed`` group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _average_gradients(params, world: int) -> None:
+    import torch.distributed as dist
+
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad.div_(world)
+
+
+def _any_rank(flag: bool) -> bool:
+    """A stop decision every rank takes together (clocks differ between processes)."""
+    world, _ = _world()
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def train_masks(learner: MaskLearner, gm: torch.nn.Module, inputs, *, labels: torch.Tensor | None = None,
