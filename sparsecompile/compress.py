@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 
 FORMAT_NAME = "sparsecompile-nm"
 FORMAT_VERSION = 1
@@ -384,23 +384,7 @@ def save_weights(
             seen_storages.add(storage)
 
     header = _header(sparse, dense, metadata)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_path, metadata={METADATA_KEY: header})
-        # mkstemp creates the file 0600; give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_path)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata={METADATA_KEY: header}))
 
 
 def _require(condition: bool, path: str, problem: str) -> None:

@@ -74,6 +74,7 @@ import click
 import numpy as np
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 from sparsecompile.progress import Progress
 
 SCHEMA = "sparsecompile-profile/1"
@@ -1298,19 +1299,6 @@ def format_profile(result: dict, top: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.resolve().parent)
-    os.close(handle)
-    try:
-        write(Path(temp))
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-
-
 def write_json(result: dict, path: Path) -> None:
     def finite(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -1321,7 +1309,7 @@ def write_json(result: dict, path: Path) -> None:
             return [finite(v) for v in value]
         return value
 
-    _atomic_write(path, lambda temp: temp.write_text(json.dumps(finite(result), indent=1) + "\n"))
+    atomic_write(path, lambda temp: Path(temp).write_text(json.dumps(finite(result), indent=1) + "\n"))
 
 
 def write_plot(result: dict, path: Path) -> None:
@@ -1371,7 +1359,7 @@ def write_plot(result: dict, path: Path) -> None:
         ax.set_title(f"top layers at batch {layers['batch']}")
         ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda temp: fig.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    atomic_write(path, lambda temp: fig.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
 
 

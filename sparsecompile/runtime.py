@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
 from sparsecompile.builddir import open_build
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 
 
 def _load_array_file(path: Path) -> list[tuple[str, np.ndarray]]:
@@ -63,17 +62,14 @@ def write_outputs(path: Path, names: list[str], arrays: list[np.ndarray]) -> Non
         raise SparseCompileError(f"the model has {len(arrays)} outputs: use an .npz output path, not '{path}'")
     if path.parent and not path.parent.exists():
         raise SparseCompileError(f"output directory '{path.parent}' does not exist")
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".npy", dir=path.parent or ".")
-    os.close(handle)
-    try:
+
+    def write(temp: str) -> None:
         if path.suffix == ".npz":
             np.savez(temp, **dict(zip(names, arrays)))
         else:
             np.save(temp, arrays[0])
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+
+    atomic_write(path, write, suffix=path.suffix or ".npy")
 
 
 def _print_outputs(names: list[str], outputs: list[np.ndarray]) -> None:

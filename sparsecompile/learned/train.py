@@ -61,7 +61,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -73,6 +72,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 from sparsecompile.graph import get_tensor
 from sparsecompile.verify import flat_outputs
 
@@ -663,15 +663,7 @@ class MaskTrainer:
         header = json.dumps(self._header(elapsed), default=float)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".safetensors", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={METADATA_KEY: header})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda temp: save_file(tensors, temp, metadata={METADATA_KEY: header}))
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a state written by :meth:`save_checkpoint`; refuses one from another run setup."""

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 from sparsecompile.masks.base import MaskContext, MaskMethod
 
 FORMAT = "sparsecompile-masks"
@@ -79,17 +79,7 @@ def save_masks(path, masks: dict[str, torch.Tensor], layers: list, references: d
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
         raise SparseCompileError(f"--save-masks: directory '{directory}' does not exist")
-    handle, temp = tempfile.mkstemp(prefix=".masks.", suffix=".partial", dir=directory)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={METADATA_KEY: json.dumps(header, allow_nan=False)})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    atomic_write(path, lambda temp: save_file(tensors, temp, metadata={METADATA_KEY: json.dumps(header, allow_nan=False)}))
 
 
 def load_masks(path) -> SavedMasks:

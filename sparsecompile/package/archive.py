@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 
 PACKAGE_FORMAT = "sparsecompile-package"
 PACKAGE_VERSION = 1
@@ -41,11 +40,9 @@ def sha256_bytes(data: bytes) -> str:
 
 def write_archive(path: Path, members: dict[str, bytes]) -> None:
     """Write ``members`` (name -> bytes, must include the manifest) as a deterministic zip, atomically."""
-    path = Path(path)
     names = [MANIFEST] + sorted(n for n in members if n != MANIFEST)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.resolve().parent)
-    os.close(handle)
-    try:
+
+    def write(temp: str) -> None:
         with zipfile.ZipFile(temp, "w") as archive:
             for name in names:
                 info = zipfile.ZipInfo(name, date_time=_EPOCH)
@@ -54,14 +51,8 @@ def write_archive(path: Path, members: dict[str, bytes]) -> None:
                 stored = name.endswith(_STORED_SUFFIXES)
                 info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
                 archive.writestr(info, members[name], compresslevel=None if stored else 9)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
+
+    atomic_write(path, write)
 
 
 def is_package_file(path: Path) -> bool:

@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import atomic_write
 from sparsecompile.package.archive import Package, open_package
 from sparsecompile.hardware import HostInfo, detect_host
 from sparsecompile.package.edges import check_host, get_edge
@@ -175,23 +176,9 @@ def write_onnx(path: str | Path | Package, output: str | Path) -> Path:
         for name, data in package.members.items():
             if name.startswith("engine/"):
                 (directory / "engine").mkdir(exist_ok=True)
-                _atomic_write(directory / name, lambda temp, data=data: Path(temp).write_bytes(data))
+                atomic_write(directory / name, lambda temp, data=data: Path(temp).write_bytes(data))
     if not output.resolve().parent.is_dir():
         raise SparseCompileError(f"output directory '{output.parent}' does not exist")
     model = reconstitute_onnx(package)
-    _atomic_write(output, lambda temp: onnx.save(model, temp))
+    atomic_write(output, lambda temp: onnx.save(model, temp))
     return output
-
-
-def _atomic_write(output: Path, write) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.resolve().parent)
-    os.close(handle)
-    try:
-        write(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
-        os.replace(temp, output)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
