@@ -39,6 +39,7 @@ from sparsecompile.engine.speed_model import DEVICES, MIN_CHANNELS, gemm_dims, n
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import check_readable, file_sha256, load_model
 from sparsecompile.graph import get_tensor
+from sparsecompile.hardware import torch_threads
 from sparsecompile.layers import find_layers, unmatched_patterns
 from sparsecompile.masks import get_method
 from sparsecompile.passes import (
@@ -543,7 +544,7 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs
     if options.budget_signal == "mp":
         from sparsecompile.analysis.spectral import layer_spectrum, mp_sensitivity
 
-        with _torch_threads(1):
+        with torch_threads(1):
             priors = {layer.name: mp_sensitivity(layer_spectrum(get_tensor(dense_gm, layer.weight_target)))
                       for layer in eligible if layer.weight_target in masks}
     speeds = {layer.name: layer.extra.get("speed") for layer in eligible if layer.weight_target in masks}
@@ -628,7 +629,7 @@ def _spectra(dense_gm, layers, layer_records) -> dict:
 
     result = {}
     by_name = {record["name"]: record for record in layer_records}
-    with _torch_threads(1):  # small SVDs: many threads on a shared machine are far slower
+    with torch_threads(1):  # small SVDs: many threads on a shared machine are far slower
         for layer in layers:
             if layer.weight_target is None or len(layer.weight_shape) < 2:
                 continue
@@ -646,7 +647,7 @@ def _certify(dense_gm, sparse_gm, layers, batches) -> tuple[dict, dict]:
     (what ``sparsecompile certify`` needs to rebuild the dense model from model.pt2)."""
     from sparsecompile.analysis.certify import certify
 
-    with _torch_threads(1):
+    with torch_threads(1):
         result = certify(dense_gm, sparse_gm, layers, batches)
     dense_state = dict(dense_gm.named_parameters()) | dict(dense_gm.named_buffers())
     changed = {}
@@ -657,16 +658,6 @@ def _certify(dense_gm, sparse_gm, layers, batches) -> tuple[dict, dict]:
         elif before.shape != value.shape or not torch.equal(before, value):
             changed[name] = before.detach().clone()
     return result, changed
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _layer_macs(gm, layers, example_batch: int) -> None:

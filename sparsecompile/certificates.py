@@ -77,6 +77,7 @@ def certify_build(build_dir: str, calib: str, samples: int = 256, progress=None)
     from sparsecompile.calibration import load_calibration, match_to_model
     from sparsecompile.frontend import _load_pt2
     from sparsecompile.graph import set_tensor
+    from sparsecompile.hardware import torch_threads
     from sparsecompile.layers import find_layers
     from sparsecompile.runtime import example_arrays
 
@@ -98,9 +99,5 @@ def certify_build(build_dir: str, calib: str, samples: int = 256, progress=None)
     data = load_calibration(calib, samples, None, progress)
     data = match_to_model(data, example, [spec["name"] for spec in manifest["inputs"]])
     layers = find_layers(dense, min_weights=0)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return certify(dense, sparse, layers, list(data.batches(64, static=not manifest.get("dynamic_batch"))))
-    finally:
-        torch.set_num_threads(previous)

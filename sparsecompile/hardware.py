@@ -6,6 +6,7 @@ device its runtime can crash the process.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import platform
 from dataclasses import dataclass
@@ -43,3 +44,20 @@ def detect_host() -> HostInfo:
         name = capability = None
     tensorrt = capability is not None and importlib.util.find_spec("tensorrt") is not None
     return HostInfo(arch, name, capability, tensorrt)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run a block with ``count`` torch intra-op threads, restoring the previous count after.
+
+    Many small SVDs and norms (spectra, certificates) are far slower with several threads on a shared
+    machine than with one.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

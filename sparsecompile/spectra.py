@@ -27,10 +27,9 @@ def spectra_of(target: str, plot: str | None = None) -> dict[str, dict]:
         if plot:
             raise SparseCompileError("--plot needs the eigenvalues: run it on the model file, not the build")
         return found
-    import torch
-
     from sparsecompile.analysis.spectral import model_spectra, mp_sensitivity, plot_spectra
     from sparsecompile.frontend import load_model
+    from sparsecompile.hardware import torch_threads
     from sparsecompile.layers import find_layers
     from sparsecompile.passes import FoldBatchNorm, PassContext, PassManager, RemoveIdentity
 
@@ -41,12 +40,8 @@ def spectra_of(target: str, plot: str | None = None) -> dict[str, dict]:
     loaded = load_model(path)
     gm = PassManager([RemoveIdentity(), FoldBatchNorm()]).run(loaded.module, PassContext(loaded.example_inputs))
     layers = [layer for layer in find_layers(gm, min_weights=0) if layer.weight_target and len(layer.weight_shape) > 1]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         spectra = model_spectra(gm, layers, keep_eigenvalues=bool(plot))
-    finally:
-        torch.set_num_threads(previous)
     for spectrum in spectra.values():
         spectrum["mp_sensitivity"] = mp_sensitivity(spectrum)
     if plot:
