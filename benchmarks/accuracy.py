@@ -145,6 +145,12 @@ class ModelSpec:
         return CACHE / "models" / f"{self.key}.json"
 
 
+def standard_specs(epochs: int = 5) -> list[ModelSpec]:
+    """The four models every Fashion-MNIST benchmark uses: the shipped one and three trained here."""
+    return [ModelSpec((32, 64, 128), 0, 9, shipped=True), ModelSpec((16, 32, 64), 0, epochs),
+            ModelSpec((16, 32, 64), 1, epochs), ModelSpec((32, 64, 128), 1, epochs)]
+
+
 def load_state(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -402,10 +408,7 @@ def main() -> int:
     def log(msg=""):
         print(msg, flush=True)
 
-    specs = [ModelSpec((32, 64, 128), 0, 9, shipped=True)]
-    if not args.quick:
-        specs += [ModelSpec((16, 32, 64), 0, args.epochs), ModelSpec((16, 32, 64), 1, args.epochs),
-                  ModelSpec((32, 64, 128), 1, args.epochs)]
+    specs = standard_specs(args.epochs)[:1 if args.quick else None]
     methods = [m for m in METHODS if not args.quick or m[0] in QUICK_METHODS]
     corrections = QUICK_CORRECTIONS if args.quick else CORRECTIONS
     src_hash = source_hash()

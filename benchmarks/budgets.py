@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import json
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -43,7 +38,7 @@ sys.path.insert(0, str(BENCH))
 import accuracy as acc  # noqa: E402  (puts the repo root on sys.path)
 import torch  # noqa: E402
 
-from common import source_hash  # noqa: E402
+from common import cached_build_record, source_hash  # noqa: E402
 from sparsecompile.build import BuildOptions, build  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
 
@@ -53,52 +48,38 @@ CALIB_SAMPLES = 512
 MAX_DROPS = [None, 4.0, 2.0, 1.0, 0.5]
 PATTERNS = [(1, 4), (2, 4), (4, 8), (8, 16)]
 RESULT_VERSION = 2  # 2: certificate fields read from the report's summary
-SPECS = [
-    acc.ModelSpec((32, 64, 128), 0, 9, shipped=True),
-    acc.ModelSpec((16, 32, 64), 0, 5),
-    acc.ModelSpec((16, 32, 64), 1, 5),
-    acc.ModelSpec((32, 64, 128), 1, 5),
-]
+SPECS = acc.standard_specs()
 
 
 def run_one(spec, calib, max_drop, pattern, ctx) -> dict:
     key_data = {"v": RESULT_VERSION, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][spec.key],
                 "max_drop": max_drop, "pattern": list(pattern), "source": source_hash(), "threads": ctx["threads"]}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    cached = CACHE_DIR / f"{key}.json"
-    if cached.exists() and not ctx["fresh"]:
-        return json.loads(cached.read_text())
-    record = {"model": spec.key, "max_drop": max_drop, "pattern": f"{pattern[0]}:{pattern[1]}"}
-    out = Path(tempfile.mkdtemp(prefix="budgets-")) / "build"
-    try:
+
+    def measure(out: Path) -> dict:
         started = time.perf_counter()
         result = build(BuildOptions(model=str(spec.pt2), output=str(out), target="a100", calib=str(calib),
                                     correct="bias", min_weights=4096, permute=False, pattern=pattern,
                                     max_drop=max_drop, engine=False, force=True, certify=pattern == (2, 4),
                                     certify_samples=CALIB_SAMPLES), Progress(quiet=True))
-        record["build_seconds"] = round(time.perf_counter() - started, 2)
         report = result.report
         summary = report["summary"]
-        record["macs_fraction"] = summary["sparse_layer_macs"] / summary["gemm_macs"]
-        record["sparse_layers"] = summary["sparse_layers"]
-        record["layers"] = summary["layers"]
-        record["calib_agreement"] = report["verification"]["sparse_vs_dense"][0]["top1_agreement"]
-        record["budget"] = report.get("budget")
         certificate = (report.get("certificate") or {}).get("summary") or {}
-        record["certified"] = certificate.get("certified_fraction")
-        record["observed_unchanged"] = certificate.get("observed_unchanged_fraction")
-        record["bound_looseness"] = certificate.get("median_looseness")
-        record["size_ratio"] = report["compression"].get("ratio_vs_dense_fp16")
-        record["accuracy"] = acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"], threads=ctx["threads"])
-        record["error"] = None
-    except Exception as exc:  # noqa: BLE001 - record and go on
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        return {
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "macs_fraction": summary["sparse_layer_macs"] / summary["gemm_macs"],
+            "sparse_layers": summary["sparse_layers"], "layers": summary["layers"],
+            "calib_agreement": report["verification"]["sparse_vs_dense"][0]["top1_agreement"],
+            "budget": report.get("budget"),
+            "certified": certificate.get("certified_fraction"),
+            "observed_unchanged": certificate.get("observed_unchanged_fraction"),
+            "bound_looseness": certificate.get("median_looseness"),
+            "size_ratio": report["compression"].get("ratio_vs_dense_fp16"),
+            "accuracy": acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"], threads=ctx["threads"]),
+        }
+
+    return cached_build_record(CACHE_DIR, key_data, ctx["fresh"],
+                               {"model": spec.key, "max_drop": max_drop, "pattern": f"{pattern[0]}:{pattern[1]}"},
+                               measure)
 
 
 def mean_std(values, scale=100.0, digits=2) -> str:

@@ -17,16 +17,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import json
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -36,47 +31,32 @@ sys.path.insert(0, str(BENCH))
 import accuracy as acc  # noqa: E402
 import torch  # noqa: E402
 
-from common import source_hash  # noqa: E402
+from common import cached_build_record, source_hash  # noqa: E402
 from sparsecompile.build import BuildOptions, build  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
 
 CACHE_DIR = acc.CACHE / "learned_accuracy"
 METHODS = ["magnitude", "gumbel", "proxsparse"]
 CORRECTIONS = ["none", "bias"]
-SPECS = [
-    acc.ModelSpec((32, 64, 128), 0, 9, shipped=True),
-    acc.ModelSpec((16, 32, 64), 0, 5),
-    acc.ModelSpec((16, 32, 64), 1, 5),
-    acc.ModelSpec((32, 64, 128), 1, 5),
-]
+SPECS = acc.standard_specs()
 
 
 def run_one(spec, calib, method, correct, ctx) -> dict:
     key_data = {"v": 1, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][spec.key], "method": method,
                 "correct": correct, "steps": ctx["steps"], "source": source_hash(), "threads": ctx["threads"]}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    cached = CACHE_DIR / f"{key}.json"
-    if cached.exists() and not ctx["fresh"]:
-        return json.loads(cached.read_text())
-    record = {"model": spec.key, "method": method, "correct": correct}
-    out = Path(tempfile.mkdtemp(prefix="learned-")) / "build"
-    try:
+
+    def measure(out: Path) -> dict:
         started = time.perf_counter()
         result = build(BuildOptions(model=str(spec.pt2), output=str(out), target="a100", calib=str(calib),
                                     method=method, correct=correct, min_weights=4096, permute=False,
                                     max_steps=ctx["steps"], engine=False, force=True), Progress(quiet=True))
-        record["build_seconds"] = round(time.perf_counter() - started, 1)
-        record["learning"] = result.report.get("learning")
-        record["accuracy"] = acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"], threads=ctx["threads"])
-        record["error"] = None
-    except Exception as exc:  # noqa: BLE001
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+        return {"build_seconds": round(time.perf_counter() - started, 1),
+                "learning": result.report.get("learning"),
+                "accuracy": acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"],
+                                              threads=ctx["threads"])}
+
+    return cached_build_record(CACHE_DIR, key_data, ctx["fresh"],
+                               {"model": spec.key, "method": method, "correct": correct}, measure)
 
 
 def mean_std(values, scale=100.0) -> str:

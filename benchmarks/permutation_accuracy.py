@@ -62,12 +62,7 @@ CALIB_SAMPLES = 256
 BUDGET = 10.0
 RESULT_VERSION = 1  # bump when the meaning of a cached result changes
 
-SPECS = [
-    acc.ModelSpec((32, 64, 128), 0, 9, shipped=True),
-    acc.ModelSpec((16, 32, 64), 0, 5),
-    acc.ModelSpec((16, 32, 64), 1, 5),
-    acc.ModelSpec((32, 64, 128), 1, 5),
-]
+SPECS = acc.standard_specs()
 
 
 def summarize_report(report: dict) -> dict:
