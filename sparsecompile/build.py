@@ -322,7 +322,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 correct = "none"  # learned masks promise weights bit-identical to dense
         learning = None
         if getattr(method, "learned", False) and eligible:
-            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress)
+            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, correct)
         if not eligible:
             correct = "none"
         uses_calibration = bool(method.needs) or correct != "none"
@@ -577,9 +577,15 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
-def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
+# --learn-option keys that set the shared training loop (TrainConfig) rather than the method.
+LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", "holdout_fraction", "optimizer",
+                "lr_schedule", "warmup_fraction", "min_lr_fraction")
+
+
+def _learn_masks(method, gm, layers, calib, options, loaded, progress, correct: str) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record."""
     from sparsecompile.learned import TrainConfig, learn_masks
+    from sparsecompile.learned import method_options as learned_method_options
 
     if calib.source == "random":
         raise SparseCompileError(f"--method {method.name} learns from data: pass --calib (a few hundred to a few "
@@ -592,24 +598,37 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
         if labels.ndim != 1 or len(labels) != calib.num_samples:
             raise SparseCompileError(f"--labels must hold one integer label per calibration sample "
                                      f"({calib.num_samples}), got shape {tuple(labels.shape)}")
+    method_options = {k: v for k, v in options.learn_options.items() if k not in LOOP_OPTIONS}
+    loop_options = {k: (None if v == "none" else v) for k, v in options.learn_options.items() if k in LOOP_OPTIONS}
+    if "batch_size" in loop_options and not loaded.dynamic_batch:
+        raise SparseCompileError(f"--learn-option batch_size: this model takes batches of exactly {loaded.batch_size}")
     config = TrainConfig(max_steps=options.max_steps, time_budget_s=options.time_budget, seed=options.seed,
                          objective=options.objective, static_batch=not loaded.dynamic_batch,
                          batch_size=64 if loaded.dynamic_batch else loaded.batch_size,
-                         checkpoint_every=50 if options.checkpoint else None)
-    config.validate()
+                         checkpoint_every=50 if options.checkpoint else None, correct=correct)
+    for key, value in loop_options.items():
+        setattr(config, key, value)
+    try:
+        learned_method_options(method.name, method_options)
+    except SparseCompileError as exc:
+        raise SparseCompileError(f"{exc}; training-loop options: {', '.join(LOOP_OPTIONS)}") from None
+    try:
+        config.validate()
+    except TypeError as exc:  # a string where a number belongs
+        raise SparseCompileError(f"--learn-option: {exc}") from None
     every = max(1, options.max_steps // 10)
 
-    def report_progress(step, loss, agreement, held_out):
+    def report_progress(step, loss, agreement, held_out, info):
         if step % every == 0 or step == options.max_steps:
-            agree = "" if agreement is None else f", top-1 agreement {100 * agreement:.1f}%"
-            progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}")
+            agree = "" if agreement is None else f", held-out agreement with dense {100 * agreement:.1f}%"
+            progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}{_mask_state(info)}")
 
     world, rank = _init_distributed()
     if rank != 0:
         progress.quiet = True
     with progress.stage(f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
                         + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")"):
-        result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=dict(options.learn_options),
+        result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=method_options,
                              config=config, labels=labels, callback=report_progress,
                              checkpoint_path=options.checkpoint,
                              resume=options.checkpoint if options.resume else None)
@@ -620,7 +639,18 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
             "best_held_out": result.best_held_out, "stop_reason": result.stop_reason,
             "wall_time_s": round(result.wall_time_s, 2), "held_out": result.held_out,
             "objective": result.objective, "options": dict(options.learn_options),
+            "feature_weight": config.feature_weight, "correction_in_loop": correct,
             "max_steps": options.max_steps, "time_budget_s": options.time_budget}
+
+
+def _mask_state(info: dict) -> str:
+    """How far the learned masks have settled, for the progress line (the learner's progress_info)."""
+    if "fraction_2to4" in info:  # ProxSparse: groups whose regularised weights are already exactly 2:4
+        return f", groups already N:M {100 * info['fraction_2to4']:.1f}%"
+    if "mean_max_probability" in info:  # Gumbel: how sure the pattern distributions are; moves away from init
+        return (f", pattern confidence {100 * info['mean_max_probability']:.1f}%, "
+                f"patterns changed from init {100 * info.get('changed_from_init', 0.0):.1f}%")
+    return ""
 
 
 def _spectra(dense_gm, layers, layer_records) -> dict:

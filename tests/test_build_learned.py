@@ -28,6 +28,18 @@ def test_learned_build_keeps_weights_and_records_learning(tmp_path, model_files,
     assert sparse and all(r["kept_weights"] == "unchanged" for r in sparse)  # the build checks bit-identity
 
 
+def test_correction_and_loop_options_reach_the_learning(tmp_path, model_files):
+    result = build(_options(model_files, tmp_path, "c", method="gumbel", max_steps=4, correct="bias",
+                            learn_options={"feature_weight": 0.5, "lr": 0.2, "patience": "none", "init_logit": 4.0}))
+    learning = result.report["learning"]
+    assert learning["correction_in_loop"] == "bias" and learning["feature_weight"] == 0.5
+    assert learning["steps"] == 4 and result.report["options"]["correct"] == "bias"
+    sparse = [r for r in result.report["layers"] if r["status"] == "sparse"]
+    assert sparse and all(r["kept_weights"] != "unchanged" for r in sparse if "correction" in r)
+    plain = build(_options(model_files, tmp_path, "p", method="gumbel", max_steps=4))
+    assert plain.report["learning"]["correction_in_loop"] == "none" and plain.report["learning"]["feature_weight"] == 0
+
+
 def test_learned_bad_input(tmp_path, model_files):
     with pytest.raises(SparseCompileError, match="learns from data: pass --calib"):
         build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "a"), method="gumbel",
@@ -37,9 +49,13 @@ def test_learned_bad_input(tmp_path, model_files):
     np.save(tmp_path / "labels.npy", np.zeros(3, dtype=np.int64))
     with pytest.raises(SparseCompileError, match="one integer label per calibration sample"):
         build(_options(model_files, tmp_path, "c", method="gumbel", labels=str(tmp_path / "labels.npy")))
-    with pytest.raises(SparseCompileError, match="unknown gumbel option"):
+    with pytest.raises(SparseCompileError, match="unknown gumbel option.*training-loop options: feature_weight"):
         build(_options(model_files, tmp_path, "d", method="gumbel", max_steps=2, learn_options={"nope": 1}))
-    for name in "abcd":
+    with pytest.raises(SparseCompileError, match="feature_weight must be"):
+        build(_options(model_files, tmp_path, "e", method="gumbel", max_steps=2, learn_options={"feature_weight": -1}))
+    with pytest.raises(SparseCompileError, match="--learn-option"):
+        build(_options(model_files, tmp_path, "f", method="gumbel", max_steps=2, learn_options={"lr": "fast"}))
+    for name in "abcdef":
         assert not (tmp_path / name).exists()
 
 

@@ -18,9 +18,11 @@ from sparsecompile.learned import (
     train_masks,
 )
 from sparsecompile.learned.gumbel import temperature
-from sparsecompile.learned.train import METADATA_KEY
+from sparsecompile.learned.train import (
+    METADATA_KEY, channel_statistics, layer_output_probe, match_channel_statistics,
+)
 from sparsecompile.masks import topn_mask
-from sparsecompile.verify import count_nm_violations
+from sparsecompile.verify import count_nm_violations, flat_outputs
 
 
 def _calib(count: int = 64, seed: int = 3) -> torch.Tensor:
@@ -167,7 +169,7 @@ def _straight_and_resumed(make_learner, gm, inputs, config, tmp_path, stop_at):
     straight = train_masks(straight_learner, gm, inputs, config=config)
     path = tmp_path / "state.safetensors"
 
-    def interrupt(step, loss, agreement, held_out):
+    def interrupt(step, loss, agreement, held_out, info):
         if step == stop_at:
             raise KeyboardInterrupt
 
@@ -250,9 +252,11 @@ def test_progress_callback_gets_step_loss_agreement_and_held_out_metric(small_gm
     learn_gumbel_masks(small_gm, _calib(), config=_quick(max_steps=6, eval_every=3),
                        callback=lambda *args: calls.append(args))
     assert [c[0] for c in calls] == [1, 2, 3, 4, 5, 6]
-    for step, loss, agreement, held_out in calls:
+    for step, loss, agreement, held_out, info in calls:
         assert isinstance(loss, float) and loss >= 0
         assert 0.0 <= agreement <= 1.0 and held_out >= 0
+        assert set(info) == {"changed_from_init", "mean_max_probability"}
+        assert 0.0 <= info["changed_from_init"] <= 1.0 and 1 / 6 <= info["mean_max_probability"] <= 1.0
 
 
 def test_time_budget_stops_with_a_finished_result(small_gm):
@@ -319,3 +323,98 @@ def test_learn_masks_dispatches_by_name_with_dict_options(small_gm):
         learn_masks("sparsegpt", small_gm, _calib())
     with pytest.raises(SparseCompileError, match="unknown gumbel option"):
         method_options("gumbel", {"temperature": 1.0})
+
+
+def test_layer_output_probe_returns_the_model_output_and_every_layer_output(small_gm):
+    layers = _eligible(small_gm)
+    probe = layer_output_probe(small_gm, layers)
+    x = _calib(5)
+    seen = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            seen[node.name] = result = super().run_node(node)
+            return result
+
+    Recorder(small_gm).run(x)
+    out, features = probe(x)
+    assert torch.equal(flat_outputs(out)[0], small_gm(x))
+    assert len(features) == len(layers) == 4
+    for layer, feature in zip(layers, features):
+        assert torch.equal(feature, seen[layer.node_name]), layer.name
+    assert not any(name.startswith("_probe") for name, _ in small_gm.named_children())  # gm itself is untouched
+    with pytest.raises(SparseCompileError, match="FX graph module"):
+        layer_output_probe(make_small_net(), layers)
+
+
+class _Blind(nn.Module):
+    """The model output ignores the layer (times zero): only the layer-output term can teach its mask."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x) * 0.0
+
+
+def test_the_layer_output_term_teaches_masks_the_output_objective_cannot():
+    toy, inputs, optimal = _scaled_input_toy()
+    linear = nn.Linear(16, 4, bias=False)
+    linear.weight.data.copy_(get_tensor(toy, _eligible(toy)[0].weight_target))
+    gm = export_graph(_Blind(linear).eval(), inputs[:4], dynamic_batch=True)
+    (target,) = [layer.weight_target for layer in _eligible(gm)]
+    config = dict(max_steps=100, eval_every=10, patience=None, objective="mse")
+    blind = learn_gumbel_masks(gm, inputs, config=TrainConfig(**config))
+    assert torch.equal(blind.masks[target], _magnitude_masks(gm)[target])  # zero gradient: the start is kept
+    taught = learn_gumbel_masks(gm, inputs, config=TrainConfig(**config, feature_weight=1.0))
+    assert torch.equal(taught.masks[target], optimal)
+    assert blind.best_held_out == 0.0  # the output objective sees nothing
+    assert taught.best_held_out < taught.history[0]["held_out"] * 0.1  # the held-out metric includes the layer term
+    with pytest.raises(SparseCompileError, match="feature_weight"):
+        TrainConfig(feature_weight=-1.0).validate()
+
+
+def test_match_channel_statistics_gives_each_channel_the_reference_mean_and_std():
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(6, 3, 5, 5, generator=generator) * torch.tensor([0.5, 2.0, 7.0]).view(1, 3, 1, 1) + 4.0
+    reference = torch.tensor([[1.0, -2.0, 0.0], [0.1, 3.0, 1.5]])
+    matched = match_channel_statistics(output, reference, axis=1)
+    stats = channel_statistics(matched, axis=1)
+    assert torch.allclose(stats, reference, atol=1e-4)
+    assert torch.allclose(channel_statistics(output, 1)[0], output.mean((0, 2, 3)), atol=1e-5)
+    # the same affine map per channel: standardised values are unchanged
+    standardise = lambda t: (t - t.mean((0, 2, 3), keepdim=True)) / t.std((0, 2, 3), unbiased=False, keepdim=True)
+    assert torch.allclose(standardise(matched), standardise(output), atol=1e-4)
+    last = match_channel_statistics(output.movedim(1, -1), reference, axis=-1)  # channels last (linear)
+    assert torch.allclose(last.movedim(-1, 1), matched, atol=1e-6)
+
+
+def test_a_renormalising_probe_feeds_the_corrected_layer_output_downstream():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    gm = export_graph(net, x[:4], dynamic_batch=True)
+    layers = [layer for layer in find_layers(gm, min_weights=0) if layer.weight_target is not None]
+    first = layers[0]
+    reference = torch.stack([torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8)])
+    probe = layer_output_probe(gm, layers, {first.node_name: -1})
+    out, features = probe(x, reference)
+    with torch.no_grad():
+        hidden = match_channel_statistics(net[0](x), reference, axis=-1)
+        expected = net[2](net[1](hidden))
+    assert torch.allclose(features[0], hidden, atol=1e-6)
+    assert torch.allclose(flat_outputs(out)[0], expected, atol=1e-5)
+    assert torch.allclose(features[1], expected, atol=1e-5)  # the second layer is the output
+    plain_out, plain_features = layer_output_probe(gm, layers)(x)
+    assert torch.allclose(flat_outputs(plain_out)[0], net(x), atol=1e-6)  # without renormalising: the model
+
+
+def test_learning_with_the_correction_in_the_loop_gives_valid_masks_and_is_seeded(small_gm):
+    runs = [learn_gumbel_masks(small_gm, _calib(), config=_quick(correct="bias")) for _ in range(2)]
+    assert runs[0].history == runs[1].history
+    plain = learn_gumbel_masks(small_gm, _calib(), config=_quick())
+    assert runs[0].history != plain.history  # the corrected student is a different objective
+    for target, mask in runs[0].masks.items():
+        assert count_nm_violations(mask.float(), _eligible(small_gm)[0].reduction_axis, 2, 4) == 0
+    with pytest.raises(SparseCompileError, match="unknown correct"):
+        TrainConfig(correct="median").validate()
