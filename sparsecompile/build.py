@@ -322,7 +322,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 correct = "none"  # learned masks promise weights bit-identical to dense
         learning = None
         if getattr(method, "learned", False) and eligible:
-            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, correct)
+            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress)
         if not eligible:
             correct = "none"
         uses_calibration = bool(method.needs) or correct != "none"
@@ -582,7 +582,7 @@ LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", 
                 "lr_schedule", "warmup_fraction", "min_lr_fraction")
 
 
-def _learn_masks(method, gm, layers, calib, options, loaded, progress, correct: str) -> dict:
+def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record."""
     from sparsecompile.learned import TrainConfig, learn_masks
     from sparsecompile.learned import method_options as learned_method_options
@@ -605,7 +605,7 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, correct: 
     config = TrainConfig(max_steps=options.max_steps, time_budget_s=options.time_budget, seed=options.seed,
                          objective=options.objective, static_batch=not loaded.dynamic_batch,
                          batch_size=64 if loaded.dynamic_batch else loaded.batch_size,
-                         checkpoint_every=50 if options.checkpoint else None, correct=correct)
+                         checkpoint_every=50 if options.checkpoint else None)
     for key, value in loop_options.items():
         setattr(config, key, value)
     try:
@@ -639,7 +639,7 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, correct: 
             "best_held_out": result.best_held_out, "stop_reason": result.stop_reason,
             "wall_time_s": round(result.wall_time_s, 2), "held_out": result.held_out,
             "objective": result.objective, "options": dict(options.learn_options),
-            "feature_weight": config.feature_weight, "correction_in_loop": correct,
+            "feature_weight": config.feature_weight,
             "max_steps": options.max_steps, "time_budget_s": options.time_budget}
 
 

@@ -28,16 +28,14 @@ def test_learned_build_keeps_weights_and_records_learning(tmp_path, model_files,
     assert sparse and all(r["kept_weights"] == "unchanged" for r in sparse)  # the build checks bit-identity
 
 
-def test_correction_and_loop_options_reach_the_learning(tmp_path, model_files):
-    result = build(_options(model_files, tmp_path, "c", method="gumbel", max_steps=4, correct="bias",
+def test_loop_options_reach_the_learning(tmp_path, model_files):
+    result = build(_options(model_files, tmp_path, "c", method="gumbel", max_steps=4,
                             learn_options={"feature_weight": 0.5, "lr": 0.2, "patience": "none", "init_logit": 4.0}))
     learning = result.report["learning"]
-    assert learning["correction_in_loop"] == "bias" and learning["feature_weight"] == 0.5
-    assert learning["steps"] == 4 and result.report["options"]["correct"] == "bias"
-    sparse = [r for r in result.report["layers"] if r["status"] == "sparse"]
-    assert sparse and all(r["kept_weights"] != "unchanged" for r in sparse if "correction" in r)
-    plain = build(_options(model_files, tmp_path, "p", method="gumbel", max_steps=4))
-    assert plain.report["learning"]["correction_in_loop"] == "none" and plain.report["learning"]["feature_weight"] == 0
+    assert learning["feature_weight"] == 0.5 and learning["steps"] == 4
+    assert learning["options"] == {"feature_weight": 0.5, "lr": 0.2, "patience": "none", "init_logit": 4.0}
+    plain = build(_options(model_files, tmp_path, "p", method="gumbel", max_steps=4, learn_options={"feature_weight": 0}))
+    assert plain.report["learning"]["feature_weight"] == 0
 
 
 def test_learned_bad_input(tmp_path, model_files):

@@ -30,20 +30,6 @@ thousand images; matching every layer's output gives each mask a direct one
 outputs are recomputed per batch (one extra forward pass without gradients).
 The held-out metric used for early stopping is the same sum.
 
-Statistics correction in the loop
----------------------------------
-With ``correct = "bias"`` or ``"bn"`` (the build passes its ``--correct``), the
-masks are learned for the model as it will be *after* the statistics
-correction pass (:mod:`sparsecompile.passes.correct_statistics`), not for the
-uncorrected one: in the student's forward pass, the output of every learned
-layer the pass can correct (one with a bias slot) is shifted and scaled per
-channel so that its mean and std on the batch equal the dense layer's on the
-same batch (:func:`match_channel_statistics`, differentiable, like BatchNorm
-in training mode), and the rest of the network sees the corrected output. The
-pass afterwards does the same with statistics over the whole calibration set.
-``bn`` is learned as ``bias`` is (matching the dense statistics); the two
-differ by how the pass then folds the result.
-
 Optimisation
 ------------
 Adam on the learner's trainable tensors (``betas=(0.9, 0.999)``; ``optimizer="sgd"``:
@@ -155,8 +141,6 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between periodic checkpoints (needs a checkpoint path)
     # Weight of the layer-output matching term (0: output objective only); see "Layer outputs" above.
     feature_weight: float = 0.0
-    # The statistics correction the masks will get afterwards (none | bias | bn), applied in the loop.
-    correct: str = "none"
 
     def validate(self) -> None:
         if self.max_steps < 0:
@@ -179,8 +163,6 @@ class TrainConfig:
             raise SparseCompileError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.patience is not None and self.patience < 1:
             raise SparseCompileError(f"patience must be >= 1 or None, got {self.patience}")
-        if self.correct not in ("none", "bias", "bn"):
-            raise SparseCompileError(f"unknown correct '{self.correct}'; valid: none, bias, bn")
         if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
             raise SparseCompileError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
 
@@ -215,38 +197,13 @@ def stream_seed(seed: int, stream: int, *index: int) -> int:
 STREAM_DATA, STREAM_NOISE, STREAM_SPLIT, STREAM_INIT = 1, 2, 3, 4
 
 
-def match_channel_statistics(output: torch.Tensor, reference: torch.Tensor, axis: int) -> torch.Tensor:
-    """``output`` with each channel (along ``axis``) shifted and scaled to the mean and std in ``reference``
-    (``[2, C]``), using the batch's own statistics: what ``--correct`` does after masking, differentiably."""
-    moved = output.movedim(axis, -1)
-    flat = moved.reshape(-1, moved.shape[-1]).float()
-    mean, var = flat.mean(0), flat.var(0, unbiased=False)
-    ref_mean, ref_std = reference[0], reference[1]
-    eps = 1e-6 * float(ref_std.pow(2).mean()) + _EPS
-    scale = ref_std / (var + eps).sqrt()
-    return ((moved - mean) * scale + ref_mean).to(output.dtype).movedim(-1, axis)
-
-
-def channel_statistics(output: torch.Tensor, axis: int) -> torch.Tensor:
-    """``[2, C]``: mean and (biased) std of each channel along ``axis`` over every other axis."""
-    moved = output.detach().movedim(axis, -1)
-    flat = moved.reshape(-1, moved.shape[-1]).float()
-    return torch.stack([flat.mean(0), flat.var(0, unbiased=False).sqrt()])
-
-
-def layer_output_probe(gm: torch.nn.Module, layers: Sequence,
-                       renormalize: dict[str, int] | None = None) -> torch.fx.GraphModule:
+def layer_output_probe(gm: torch.nn.Module, layers: Sequence) -> torch.fx.GraphModule:
     """A module computing what ``gm`` computes, returning ``(gm's output, [output of each layer])``.
 
-    ``renormalize`` maps layer node names to their channel axis: the probe then takes one extra input per
-    such layer, after the model's own (a ``[2, C]`` tensor of target channel means and stds, in the order
-    of ``layers``), and replaces the layer's output by :func:`match_channel_statistics` of it, for the rest
-    of the network and in the returned list. It shares ``gm``'s parameters and buffers (same names), so
-    ``functional_call`` overrides reach it.
+    It shares ``gm``'s parameters and buffers (same names), so ``functional_call`` overrides reach it.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise SparseCompileError("layer outputs are read from the graph: this needs an FX graph module")
-    renormalize = renormalize or {}
     # A plain graph (default code generator): it takes the (tensor) inputs as positional placeholders and
     # returns the pair as is, where an exported module's generator would re-nest outputs with a fixed spec.
     graph = torch.fx.Graph()
@@ -256,22 +213,7 @@ def layer_output_probe(gm: torch.nn.Module, layers: Sequence,
     missing = [layer.node_name for layer in layers if layer.node_name not in nodes]
     if missing:
         raise SparseCompileError(f"layer node(s) not in the graph: {', '.join(missing)}")
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    if not placeholders:
-        raise SparseCompileError("the graph has no inputs")
-    last_input = placeholders[-1]
-    outputs, replaced = [], {}
-    for index, layer in enumerate(layers):
-        node = nodes[layer.node_name]
-        if layer.node_name in renormalize:
-            with graph.inserting_after(last_input):
-                reference = last_input = graph.placeholder(f"channel_statistics_{index}")
-            with graph.inserting_after(node):
-                matched = graph.call_function(match_channel_statistics, (node, reference, renormalize[layer.node_name]))
-            node.replace_all_uses_with(matched, delete_user_cb=lambda user, matched=matched: user is not matched)
-            replaced[node] = node = matched
-        outputs.append(node)
-    graph.output((torch.fx.node.map_arg(original, lambda n: replaced.get(n, n)), outputs))
+    graph.output((original, [nodes[layer.node_name] for layer in layers]))
     graph.lint()
     return torch.fx.GraphModule(gm, graph)
 
@@ -444,10 +386,11 @@ class MaskTrainer:
                         list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
         self._split()
         self._prepare_teacher()
-        self._probe = self._dense_probe = None
-        self._renormalized: list[tuple[int, int]] = []  # (index in learner.layers, channel axis)
-        if self.config.feature_weight > 0 or self.config.correct != "none":
-            self._setup_probes(gm)
+        self._probe = layer_output_probe(gm, learner.layers) if self.config.feature_weight > 0 else None
+        # The probe holds only the tensors its graph reads (a folded BatchNorm's are gone).
+        self._probe_names = ({name for name, _ in self._probe.named_parameters(remove_duplicate=False)}
+                             | {name for name, _ in self._probe.named_buffers(remove_duplicate=False)}
+                             if self._probe is not None else set())
         params = learner.trainable()
         self._param_names = list(params)
         tensors = [params[name] for name in self._param_names]
@@ -513,49 +456,26 @@ class MaskTrainer:
         state.update(overrides)
         return flat_outputs(functional_call(self.gm, state, inputs, strict=False, tie_weights=False))
 
-    def _setup_probes(self, gm: torch.nn.Module) -> None:
-        """The modules that also return the learned layers' outputs: dense, and student (renormalised)."""
-        from sparsecompile.passes.correct_statistics import bias_slot, channel_axis
-
-        layers = self.learner.layers
-        if self.config.correct != "none":
-            if not isinstance(gm, torch.fx.GraphModule):
-                raise SparseCompileError("correct != 'none' needs an FX graph module")
-            nodes = {node.name: node for node in gm.graph.nodes}
-            for index, layer in enumerate(layers):
-                node = nodes.get(layer.node_name)
-                if node is not None and bias_slot(node) is not None:  # what the correction pass can correct
-                    self._renormalized.append((index, channel_axis(node, layer)))
-        self._dense_probe = layer_output_probe(gm, layers)
-        renormalize = {layers[index].node_name: axis for index, axis in self._renormalized}
-        self._probe = layer_output_probe(gm, layers, renormalize) if renormalize else self._dense_probe
-        # The probes hold only the tensors their graph reads (a folded BatchNorm's are gone).
-        self._probe_names = ({name for name, _ in self._probe.named_parameters(remove_duplicate=False)}
-                             | {name for name, _ in self._probe.named_buffers(remove_duplicate=False)})
-
-    def _run_probe(self, probe, overrides: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]):
-        """(model outputs, layer outputs) of ``probe`` (see :func:`layer_output_probe`)."""
+    def _run_probe(self, overrides: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]):
+        """(model outputs, layer outputs) through the probe module (see :func:`layer_output_probe`)."""
         state = {name: t for name, t in self._frozen.items() if name in self._probe_names}
         state.update(overrides)
-        model_out, features = functional_call(probe, state, inputs, strict=False, tie_weights=False)
+        model_out, features = functional_call(self._probe, state, inputs, strict=False, tie_weights=False)
         return flat_outputs(model_out), list(features)
 
     def _objective(self, overrides: dict[str, torch.Tensor], index: torch.Tensor):
         """(student outputs, loss) on samples ``index``: the output objective, plus the layer-output term
-        and the in-loop statistics correction when they are on (see the module docstring)."""
+        when it is on (see the module docstring)."""
         inputs = self._select(index)
         teacher = self._teacher(index)
         if self._probe is None:
             student = self._forward(overrides, inputs)
             return student, self._loss(student, teacher, index)
         with torch.no_grad():
-            _, teacher_features = self._run_probe(self._dense_probe, {}, inputs)
-        references = tuple(channel_statistics(teacher_features[i], axis) for i, axis in self._renormalized)
-        student, student_features = self._run_probe(self._probe, overrides, inputs + references)
+            _, teacher_features = self._run_probe({}, inputs)
+        student, student_features = self._run_probe(overrides, inputs)
         loss = self._loss(student, teacher, index)
-        if self.config.feature_weight > 0:
-            loss = loss + self.config.feature_weight * self._feature_loss(student_features, teacher_features)
-        return student, loss
+        return student, loss + self.config.feature_weight * self._feature_loss(student_features, teacher_features)
 
     def _feature_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """Mean over layers of the relative squared error of each layer's output."""

@@ -47,7 +47,7 @@ CORRECTION_MODES = ("bn", "bias")  # plus "none": no pass at all
 _EPS = 1e-12
 
 
-def bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
+def _bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
     if node.target in CONV_OPS or node.target == aten.linear.default:
         return 2, "bias"
     if node.target == aten.addmm.default:
@@ -55,7 +55,7 @@ def bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
     return None
 
 
-def channel_axis(node: torch.fx.Node, layer) -> int:
+def _channel_axis(node: torch.fx.Node, layer) -> int:
     if node.target in CONV_OPS:
         return 1
     _, kind = activation_input(node, layer.weight_target)
@@ -132,7 +132,7 @@ class StatisticsCorrector:
         """Give every layer to correct a bias (zero: the function is unchanged) before running."""
         for node in self.gm.graph.nodes:
             layer = self.by_node.get(node.name)
-            slot = bias_slot(node) if layer is not None else None
+            slot = _bias_slot(node) if layer is not None else None
             if slot is None or arg(node, *slot) is not None:
                 continue
             weight = get_tensor(self.gm, layer.weight_target)
@@ -147,13 +147,13 @@ class StatisticsCorrector:
         layer = self.by_node.get(node.name)
         if layer is None:  # watched for another reason (mask selection)
             return None
-        slot = bias_slot(node)
+        slot = _bias_slot(node)
         before = _relative_error(reference, working)
         if slot is None:
             self.records[layer.name] = {"mode": self.mode, "skipped": "no bias slot to take the shift",
                                         "error_before": before, "error_after": before}
             return None
-        axis = channel_axis(node, layer)
+        axis = _channel_axis(node, layer)
         mean, var = _channel_moments(working, axis)
         if self.mode == "bn":
             folded = self.folded[layer.weight_target]

@@ -18,9 +18,7 @@ from sparsecompile.learned import (
     train_masks,
 )
 from sparsecompile.learned.gumbel import temperature
-from sparsecompile.learned.train import (
-    METADATA_KEY, channel_statistics, layer_output_probe, match_channel_statistics,
-)
+from sparsecompile.learned.train import METADATA_KEY, layer_output_probe
 from sparsecompile.masks import topn_mask
 from sparsecompile.verify import count_nm_violations, flat_outputs
 
@@ -374,47 +372,3 @@ def test_the_layer_output_term_teaches_masks_the_output_objective_cannot():
     with pytest.raises(SparseCompileError, match="feature_weight"):
         TrainConfig(feature_weight=-1.0).validate()
 
-
-def test_match_channel_statistics_gives_each_channel_the_reference_mean_and_std():
-    generator = torch.Generator().manual_seed(0)
-    output = torch.randn(6, 3, 5, 5, generator=generator) * torch.tensor([0.5, 2.0, 7.0]).view(1, 3, 1, 1) + 4.0
-    reference = torch.tensor([[1.0, -2.0, 0.0], [0.1, 3.0, 1.5]])
-    matched = match_channel_statistics(output, reference, axis=1)
-    stats = channel_statistics(matched, axis=1)
-    assert torch.allclose(stats, reference, atol=1e-4)
-    assert torch.allclose(channel_statistics(output, 1)[0], output.mean((0, 2, 3)), atol=1e-5)
-    # the same affine map per channel: standardised values are unchanged
-    standardise = lambda t: (t - t.mean((0, 2, 3), keepdim=True)) / t.std((0, 2, 3), unbiased=False, keepdim=True)
-    assert torch.allclose(standardise(matched), standardise(output), atol=1e-4)
-    last = match_channel_statistics(output.movedim(1, -1), reference, axis=-1)  # channels last (linear)
-    assert torch.allclose(last.movedim(-1, 1), matched, atol=1e-6)
-
-
-def test_a_renormalising_probe_feeds_the_corrected_layer_output_downstream():
-    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    gm = export_graph(net, x[:4], dynamic_batch=True)
-    layers = [layer for layer in find_layers(gm, min_weights=0) if layer.weight_target is not None]
-    first = layers[0]
-    reference = torch.stack([torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8)])
-    probe = layer_output_probe(gm, layers, {first.node_name: -1})
-    out, features = probe(x, reference)
-    with torch.no_grad():
-        hidden = match_channel_statistics(net[0](x), reference, axis=-1)
-        expected = net[2](net[1](hidden))
-    assert torch.allclose(features[0], hidden, atol=1e-6)
-    assert torch.allclose(flat_outputs(out)[0], expected, atol=1e-5)
-    assert torch.allclose(features[1], expected, atol=1e-5)  # the second layer is the output
-    plain_out, plain_features = layer_output_probe(gm, layers)(x)
-    assert torch.allclose(flat_outputs(plain_out)[0], net(x), atol=1e-6)  # without renormalising: the model
-
-
-def test_learning_with_the_correction_in_the_loop_gives_valid_masks_and_is_seeded(small_gm):
-    runs = [learn_gumbel_masks(small_gm, _calib(), config=_quick(correct="bias")) for _ in range(2)]
-    assert runs[0].history == runs[1].history
-    plain = learn_gumbel_masks(small_gm, _calib(), config=_quick())
-    assert runs[0].history != plain.history  # the corrected student is a different objective
-    for target, mask in runs[0].masks.items():
-        assert count_nm_violations(mask.float(), _eligible(small_gm)[0].reduction_axis, 2, 4) == 0
-    with pytest.raises(SparseCompileError, match="unknown correct"):
-        TrainConfig(correct="median").validate()
