@@ -1,11 +1,12 @@
 """Learned masks (gumbel, proxsparse) against magnitude on the Fashion-MNIST CNNs of ``accuracy.py``.
 
-    python benchmarks/learned_accuracy.py [--steps 400] [--calib-samples 2048] [--threads 2] [--fresh]
+    python benchmarks/learned_accuracy.py [--steps N] [--feature-weight W] [--calib-samples 2048] [--threads 2] [--fresh]
 
 For the four models of ``accuracy.py`` (run it first to train them), this script builds one model per
 method and correction:
-- methods: gumbel (magnitude init) and proxsparse, each learned label-free for ``--steps`` steps on
-  ``--calib-samples`` stratified training images, and magnitude on the same images;
+- methods: gumbel (magnitude init) and proxsparse, each learned label-free for ``--steps`` steps (default:
+  the build's) on ``--calib-samples`` stratified training images, with the layer-output term at
+  ``--feature-weight`` (default: the build's), and magnitude on the same images;
 - corrections: ``none`` (weights bit-identical) and ``bias``.
 
 Every build targets a100 2:4 with min_weights 4096 and no permutation. It reports test top-1 on
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 
 from common import cached_build_record, source_hash  # noqa: E402
 from sparsecompile.build import BuildOptions, build  # noqa: E402
+from sparsecompile.learned import TrainConfig  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
 
 CACHE_DIR = acc.CACHE / "learned_accuracy"
@@ -42,14 +44,18 @@ SPECS = acc.standard_specs()
 
 
 def run_one(spec, calib, method, correct, ctx) -> dict:
-    key_data = {"v": 1, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][spec.key], "method": method,
-                "correct": correct, "steps": ctx["steps"], "source": source_hash(), "threads": ctx["threads"]}
+    key_data = {"v": 2, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][spec.key], "method": method,
+                "correct": correct, "steps": ctx["steps"], "source": source_hash(), "threads": ctx["threads"],
+                "feature_weight": ctx["feature_weight"]}
+    learned = method in ("gumbel", "proxsparse")
 
     def measure(out: Path) -> dict:
         started = time.perf_counter()
         result = build(BuildOptions(model=str(spec.pt2), output=str(out), target="a100", calib=str(calib),
                                     method=method, correct=correct, min_weights=4096, permute=False,
-                                    max_steps=ctx["steps"], engine=False, force=True), Progress(quiet=True))
+                                    max_steps=ctx["steps"], engine=False, force=True,
+                                    learn_options={"feature_weight": ctx["feature_weight"]} if learned else {}),
+                       Progress(quiet=True))
         return {"build_seconds": round(time.perf_counter() - started, 1),
                 "learning": result.report.get("learning"),
                 "accuracy": acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"],
@@ -68,7 +74,8 @@ def mean_std(values, scale=100.0) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=BuildOptions().max_steps)
+    ap.add_argument("--feature-weight", type=float, default=TrainConfig().feature_weight)
     ap.add_argument("--calib-samples", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true")
@@ -83,8 +90,8 @@ def main() -> int:
               f"- Machine: {os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {args.threads} threads "
               "(shared machine: wall times are indicative)",
               "- Command: `python benchmarks/learned_accuracy.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
-              f"- {args.calib_samples} stratified training images per model, {args.steps} steps, label-free; "
-              "test top-1 on 10,000 images"]
+              f"- {args.calib_samples} stratified training images per model, {args.steps} steps, label-free, "
+              f"layer-output term weight {args.feature_weight:g}; test top-1 on 10,000 images"]
     print("\n".join(header), flush=True)
     train_x, train_y = acc.fm_data.load("train")
     test_x, test_y = acc.fm_data.load("test")
@@ -96,7 +103,7 @@ def main() -> int:
         model_sha[spec.key], calib_sha[spec.key] = acc.sha256(spec.pt2), acc.sha256(calibs[spec.key])
         dense[spec.key] = acc.torch_accuracy(torch.export.load(str(spec.pt2)).module(), test_x, test_y)
     ctx = {"model_sha": model_sha, "calib_sha": calib_sha, "threads": args.threads, "fresh": args.fresh,
-           "steps": args.steps, "test_x": test_x, "test_y": test_y}
+           "steps": args.steps, "test_x": test_x, "test_y": test_y, "feature_weight": args.feature_weight}
     results = {}
     jobs = [(s, m, c) for s in SPECS for m in METHODS for c in CORRECTIONS]
     for i, (spec, method, correct) in enumerate(jobs, 1):

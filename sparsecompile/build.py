@@ -93,7 +93,7 @@ class BuildOptions:
     spectra: bool = False  # Marchenko-Pastur spectral diagnostics per layer (analysis/spectral.py)
     certify_samples: int = 256
     # learned methods (gumbel, proxsparse): see sparsecompile/learned
-    max_steps: int = 400
+    max_steps: int = 1500
     time_budget: float | None = None  # seconds of mask learning
     objective: str = "auto"  # auto | kl | mse | ce (ce needs labels)
     labels: str | None = None  # .npy of integer class labels, one per calibration sample

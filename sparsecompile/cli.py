@@ -138,7 +138,7 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--masks", "masks_file", type=click.Path(dir_okay=False), metavar="FILE",
               help="Apply masks saved with --save-masks (same architecture, e.g. an updated checkpoint) "
                    "instead of choosing them; reports how far the weights moved since.")
-@click.option("--max-steps", default=400, show_default=True, type=click.IntRange(min=0),
+@click.option("--max-steps", default=1500, show_default=True, type=click.IntRange(min=0),
               help="gumbel/proxsparse: optimiser steps of mask learning.")
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="gumbel/proxsparse: stop learning after this long (the best masks so far are used).")

@@ -96,3 +96,10 @@ def test_torchrun_build_with_two_gloo_ranks(tmp_path, model_files):
     assert result.stdout.count("wrote ") == 1  # one rank reports and writes
     report = json.loads((out / "report.json").read_text())
     assert report["learning"]["data_parallel_ranks"] == 2 and report["learning"]["steps"] == 4
+
+
+def test_cli_and_library_share_the_learning_defaults():
+    from sparsecompile.learned import TrainConfig
+
+    (param,) = [p for p in main.commands["build"].params if p.name == "max_steps"]
+    assert param.default == BuildOptions().max_steps == TrainConfig().max_steps

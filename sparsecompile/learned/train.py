@@ -123,7 +123,7 @@ class TrainingInterrupted(SparseCompileError):
 class TrainConfig:
     """Options of the shared loop. ``lr=None`` takes the method's default."""
 
-    max_steps: int = 400
+    max_steps: int = 1500
     batch_size: int = 64
     lr: float | None = None
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
@@ -140,7 +140,7 @@ class TrainConfig:
     static_batch: bool = False  # the model only takes batch_size samples at a time (evaluation uses it too)
     checkpoint_every: int | None = None  # steps between periodic checkpoints (needs a checkpoint path)
     # Weight of the layer-output matching term (0: output objective only); see "Layer outputs" above.
-    feature_weight: float = 0.0
+    feature_weight: float = 1.0
 
     def validate(self) -> None:
         if self.max_steps < 0:
