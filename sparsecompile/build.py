@@ -190,7 +190,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     if target.kind == "gpu" or options.precision != "auto":
         check_precision(target, engine_precision)
 
-    progress.total = 9 if permute else 8
+    # Stages that always run (load, normalize, masks, verify, ONNX, ONNX Runtime, compress, report), plus the
+    # optional ones asked for; one that turns out to have nothing to do takes itself off (_skip_stage).
+    learned = bool(getattr(method, "learned", False))
+    progress.total = 8 + sum([bool(permute), learned, options.max_drop is not None, bool(options.certify)])
 
     # 1. load
     with progress.stage("loading model"), _timed(timings, "load"):
@@ -318,11 +321,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         correct = options.correct
         if correct == "auto":  # measured best on real data; without real data it would fit noise
             correct = DEFAULT_CORRECTION if options.calib else "none"
-            if getattr(method, "learned", False):
+            if learned:
                 correct = "none"  # learned masks promise weights bit-identical to dense
         learning = None
-        if getattr(method, "learned", False) and eligible:
+        if learned and eligible:
             learning = _learn_masks(method, gm, layers, calib, options, loaded, progress)
+        elif learned:
+            progress.total -= 1  # nothing to learn
         if not eligible:
             correct = "none"
         uses_calibration = bool(method.needs) or correct != "none"
@@ -341,6 +346,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             notes.append(f"{name}: {why}")
 
     budget = None
+    if options.max_drop is not None and not masks:
+        progress.total -= 1
     if options.max_drop is not None and masks:
         with progress.stage(f"meeting --max-drop {options.max_drop:g} on the calibration set"), \
                 _timed(timings, "budget"):
@@ -378,6 +385,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         if options.spectra or options.budget_signal == "mp":
             _spectra(dense_gm, layers, layer_records)
     certificate = dense_values = None
+    if options.certify and not masks:
+        progress.total -= 1
     if options.certify and masks:
         with progress.stage("certifying predictions on the calibration set"), _timed(timings, "certify"):
             subset = calib.subset(_sample_count(options.certify_samples, calib.num_samples, loaded, batch_size))
@@ -453,7 +462,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
                     "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
                     "max_drop": options.max_drop, "budget_signal": options.budget_signal,
-                    "max_steps": options.max_steps if getattr(method, "learned", False) else None,
+                    "max_steps": options.max_steps if learned else None,
                     "precision": options.precision,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
@@ -529,6 +538,7 @@ def _engine_now(out: Path, target, progress: Progress) -> None:
     host = detect_host()
     if host.gpu_capability != target.compute_capability or not host.tensorrt:
         return
+    progress.total += 1
     with progress.stage(f"building the TensorRT engine on this {host.gpu_name}"):
         try:
             summary = build_engine(out, host=host)

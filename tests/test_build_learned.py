@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.cli import _key_values, main
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.progress import Progress
 
 
 def _options(model_files, tmp_path, name, **kwargs):
@@ -103,3 +104,29 @@ def test_cli_and_library_share_the_learning_defaults():
 
     (param,) = [p for p in main.commands["build"].params if p.name == "max_steps"]
     assert param.default == BuildOptions().max_steps == TrainConfig().max_steps
+
+
+class _CountingProgress(Progress):
+    def __init__(self):
+        super().__init__(quiet=True)
+        self.prefixes = []
+
+    def stage(self, name):
+        self.prefixes.append((self.index + 1, name))
+        return super().stage(name)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"method": "magnitude"},
+    {"method": "gumbel", "max_steps": 2},
+    {"method": "magnitude", "permute": True, "max_drop": 1.0, "certify": True},
+    {"method": "gumbel", "max_steps": 2, "exclude": [".*"]},  # nothing eligible: no learning stage
+])
+def test_stage_numbers_end_at_the_announced_total(tmp_path, model_files, kwargs):
+    progress = _CountingProgress()
+    options = _options(model_files, tmp_path, "s", **{k: v for k, v in kwargs.items() if k != "permute"})
+    options.permute = kwargs.get("permute", False)
+    build(options, progress)
+    assert progress.index == progress.total == len(progress.prefixes), progress.prefixes
+    assert any("learning" in name for _, name in progress.prefixes) == (
+        kwargs["method"] == "gumbel" and "exclude" not in kwargs)
