@@ -151,7 +151,8 @@ def _pattern(text: str) -> tuple[int, int]:
               help="gumbel/proxsparse: keep a learning checkpoint here (every 50 steps, at the end, on Ctrl-C).")
 @click.option("--resume", is_flag=True, help="gumbel/proxsparse: continue the learning saved in --checkpoint.")
 @click.option("--learn-option", "learn_options", multiple=True, metavar="KEY=VALUE",
-              help="gumbel/proxsparse method option (repeatable), e.g. init=random, tau_end=0.05, lambda1=2.")
+              help="gumbel/proxsparse option (repeatable): a method option (init=random, tau_end=0.05, lambda1=2) "
+                   "or a training-loop one (feature_weight=0, lr=0.1, patience=none; see the README).")
 @click.option("--certify", "certify_", is_flag=True,
               help="Also compute prediction-stability certificates on the calibration set (see sparsecompile certify).")
 @click.option("--spectra", is_flag=True, help="Record Marchenko-Pastur spectral diagnostics per layer (inspect --spectra).")
