@@ -96,8 +96,14 @@ def sparsify(
             source, kind = activation_input(node, layer.weight_target)
             values = (working_env if sequential else reference_env)[source]
             stats = InputStatistics(columns, hessian="hessian" in method.needs)
-            for value in values:
-                stats.update(gemm_columns(node, kind, value, tuple(weight.shape)))
+            # Sequential Hessian masks aim at the dense layer's output, not at this layer's own dense-weight
+            # output on already-sparse inputs: the upstream error enters as a linear term (masks/hessian.py).
+            dense_target = sequential and "hessian" in method.needs
+            references = reference_env[source] if dense_target else [None] * len(values)
+            for value, reference in zip(values, references):
+                stats.update(gemm_columns(node, kind, value, tuple(weight.shape)),
+                             None if reference is None else gemm_columns(node, kind, reference, tuple(weight.shape)))
+            context.options["dense_target"] = dense_target
             context.statistics = stats
         if update_weights and method.can_update_weights:
             mask, new_weight = method.select_and_update(weight, layer, context)

@@ -108,20 +108,33 @@ class InputStatistics:
         self.sums = torch.zeros(columns, dtype=torch.float64)
         self.sq_norms = torch.zeros(columns, dtype=torch.float64)
         self.gram = torch.zeros(columns, columns, dtype=torch.float64) if hessian else None
+        # With reference (dense-model) inputs: sum of (x_ref - x) and X^T (X_ref - X), for the upstream error.
+        self.shift_sums: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
 
-    def update(self, cols: torch.Tensor) -> None:
+    def update(self, cols: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add samples ``cols`` [S, K]; ``reference``: the same samples' columns in the dense model."""
         self.count += cols.shape[0]
         self.sums += cols.double().sum(0)
         self.sq_norms += cols.double().pow(2).sum(0)
+        if reference is not None:
+            shift = reference.double() - cols.double()
+            self.shift_sums = shift.sum(0) if self.shift_sums is None else self.shift_sums + shift.sum(0)
         if self.gram is not None:
             sample = cols.float()
+            ref_sample = reference.float() if reference is not None else None
             if cols.shape[0] > GRAM_ROWS_PER_UPDATE:
                 # Random rows, not a stride: a stride aliases with the image width and keeps
                 # picking the same (often zero-padded) columns.
                 generator = torch.Generator().manual_seed(self.gram_count + cols.shape[0])
-                sample = sample[torch.randperm(cols.shape[0], generator=generator)[:GRAM_ROWS_PER_UPDATE]]
+                rows = torch.randperm(cols.shape[0], generator=generator)[:GRAM_ROWS_PER_UPDATE]
+                sample = sample[rows]
+                ref_sample = ref_sample[rows] if ref_sample is not None else None
             self.gram_count += sample.shape[0]
             self.gram += (sample.T @ sample).double()  # fp32 products, fp64 accumulation across updates
+            if ref_sample is not None:
+                product = (sample.T @ (ref_sample - sample)).double()
+                self.cross = product if self.cross is None else self.cross + product
 
     @property
     def column_norms(self) -> torch.Tensor:
@@ -134,3 +147,17 @@ class InputStatistics:
             return second_moment
         mean = self.sums / max(self.count, 1)
         return second_moment - torch.outer(mean, mean)
+
+    def upstream_cross(self, centered: bool = False) -> torch.Tensor | None:
+        """``C = E[x (x_ref - x)^T]`` (centered: the covariance), or None without reference inputs.
+
+        For a row ``w`` whose pruned part is ``d``, the error against the *dense* output is
+        ``e = w.(x_ref - x) + d.x``, so ``E[e^2] = const + 2 d.(C w) + d^T H d``.
+        """
+        if self.cross is None:
+            return None
+        cross = self.cross / max(self.gram_count, 1)
+        if not centered:
+            return cross
+        mean = self.sums / max(self.count, 1)
+        return cross - torch.outer(mean, self.shift_sums / max(self.count, 1))

@@ -123,3 +123,54 @@ def test_methods_without_statistics_fail_clearly():
         get_method("activation").select(torch.randn(2, 4), _layer((2, 4)), MaskContext())
     with pytest.raises(ValueError, match="Hessian"):
         get_method("hessian").select(torch.randn(2, 4), _layer((2, 4)), MaskContext())
+
+
+def _upstream_problem(seed, samples=512, k=8):
+    """Dense inputs ``x_ref`` and the sparse model's ``x`` = x_ref plus an error correlated with it."""
+    g = torch.Generator().manual_seed(seed)
+    x_ref = _correlated_inputs(samples, k, seed)
+    x = x_ref @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g)) + 0.2 * torch.randn(samples, k, generator=g)
+    return x_ref, x
+
+
+def test_upstream_cross_statistics_match_a_direct_computation():
+    x_ref, x = _upstream_problem(0, samples=200)
+    stats = InputStatistics(8, hessian=True)
+    for start in range(0, 200, 50):  # several updates accumulate
+        stats.update(x[start:start + 50], x_ref[start:start + 50])
+    expected = x.double().T @ (x_ref - x).double() / 200
+    assert torch.allclose(stats.upstream_cross(), expected, atol=1e-5)
+    xc, dc = x.double() - x.double().mean(0), (x_ref - x).double() - (x_ref - x).double().mean(0)
+    assert torch.allclose(stats.upstream_cross(centered=True), xc.T @ dc / 200, atol=1e-5)
+    assert InputStatistics(8, hessian=True).upstream_cross() is None  # no reference inputs: no term
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dense_target_mask_minimises_the_error_against_the_dense_output(seed):
+    """With upstream error, the linear term finds the brute-force optimum of ||w x_ref - (w - d) x||^2."""
+    g = torch.Generator().manual_seed(seed + 10)
+    weight = torch.randn(4, 8, generator=g)
+    x_ref, x = _upstream_problem(seed)
+    stats = InputStatistics(8, hessian=True)
+    stats.update(x, x_ref)
+    h, cross = stats.hessian(), stats.upstream_cross()
+    keep = min_output_error_mask(weight, h, 2, 4, linear=weight.double() @ cross.T)
+    plain = min_output_error_mask(weight, h, 2, 4)
+
+    def dense_error(mask):
+        return float((x_ref.double() @ weight.double().T - x.double() @ (weight * mask).double().T).pow(2).sum())
+
+    patterns = list(itertools.combinations(range(4), 2))
+    optimum = 0.0
+    for r in range(weight.shape[0]):
+        errors = []
+        for choice in itertools.product(patterns, repeat=2):
+            mask = torch.zeros(8, dtype=torch.bool)
+            for group, pattern in enumerate(choice):
+                mask[[group * 4 + p for p in pattern]] = True
+            errors.append(float((x_ref.double() @ weight[r].double() - x.double() @ (weight[r] * mask).double())
+                                .pow(2).sum()))
+        optimum += min(errors)
+    assert dense_error(keep) <= optimum * 1.05  # coordinate descent lands at (or next to) the brute-force optimum
+    assert dense_error(keep) <= dense_error(plain) * (1 + 1e-9)
+    assert count_nm_violations(keep.float(), 1, 2, 4) == 0
