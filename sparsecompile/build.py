@@ -191,7 +191,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         check_precision(target, engine_precision)
 
     # Stages that always run (load, normalize, masks, verify, ONNX, ONNX Runtime, compress, report), plus the
-    # optional ones asked for; one that turns out to have nothing to do takes itself off (_skip_stage).
+    # optional ones asked for; one that turns out to have nothing to do takes itself off the total below.
     learned = bool(getattr(method, "learned", False))
     progress.total = 8 + sum([bool(permute), learned, options.max_drop is not None, bool(options.certify)])
 

@@ -26,7 +26,7 @@ learned layers, of each layer's relative squared output error
 models see the same inputs and ``o_sparse`` has every upstream mask applied.
 The output objective alone gives deep layers a weak, noisy signal from a few
 thousand images; matching every layer's output gives each mask a direct one
-(measured in ``benchmarks/results/learned_accuracy.md``). The dense layer
+(measured in ``benchmarks/results/learned_ablation.md``). The dense layer
 outputs are recomputed per batch (one extra forward pass without gradients).
 The held-out metric used for early stopping is the same sum.
 
@@ -464,18 +464,20 @@ class MaskTrainer:
         return flat_outputs(model_out), list(features)
 
     def _objective(self, overrides: dict[str, torch.Tensor], index: torch.Tensor):
-        """(student outputs, loss) on samples ``index``: the output objective, plus the layer-output term
-        when it is on (see the module docstring)."""
+        """(student outputs, teacher outputs, loss) on samples ``index``: the output objective, plus the
+        layer-output term when it is on (see the module docstring)."""
         inputs = self._select(index)
-        teacher = self._teacher(index)
         if self._probe is None:
+            teacher = self._teacher(index)
             student = self._forward(overrides, inputs)
-            return student, self._loss(student, teacher, index)
-        with torch.no_grad():
-            _, teacher_features = self._run_probe({}, inputs)
+            return student, teacher, self._loss(student, teacher, index)
+        with torch.no_grad():  # one dense pass gives the layer outputs and, when not cached, the model outputs
+            dense_outputs, teacher_features = self._run_probe({}, inputs)
+        teacher = self._teacher(index) if self._teacher_cache is not None else dense_outputs
         student, student_features = self._run_probe(overrides, inputs)
         loss = self._loss(student, teacher, index)
-        return student, loss + self.config.feature_weight * self._feature_loss(student_features, teacher_features)
+        return student, teacher, loss + self.config.feature_weight * self._feature_loss(student_features,
+                                                                                         teacher_features)
 
     def _feature_loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
         """Mean over layers of the relative squared error of each layer's output."""
@@ -567,8 +569,7 @@ class MaskTrainer:
         loss_sum, agree, count = 0.0, 0.0, 0
         err_sq, ref_sq = 0.0, 0.0
         for index in self._eval_chunks(self.eval_index):
-            student, loss = self._objective(overrides, index)
-            teacher = self._teacher(index)
+            student, teacher, loss = self._objective(overrides, index)
             size = index.numel()
             loss_sum += float(loss) * size
             s0, t0 = student[0], teacher[0]
@@ -617,7 +618,7 @@ class MaskTrainer:
             index = index[rank::world]
         lr = learning_rate(config, self.base_lr, self.step)
         weights = self.learner.training_weights(self.step, config.max_steps, config.seed)
-        _, loss = self._objective(weights, index)
+        _, _, loss = self._objective(weights, index)
         if not torch.isfinite(loss.detach()):
             raise SparseCompileError(f"the {self.learner.method} loss became {float(loss)} at step {self.step}; "
                                      "try a lower learning rate")

@@ -14,8 +14,8 @@ Against the dense output (sequential calibration, the default)
     (``InputStatistics.upstream_cross``; centered when a correction follows).
     The linear term lets a mask cancel part of the upstream error instead of
     only minimising its own. SparseGPT's objective is the case ``C = 0``.
-    Measured (``benchmarks/results/accuracy.md``): the hessian + bias drop on the four Fashion
-    CNNs went from -0.71 to -0.47 pt.
+    Measured (``benchmarks/results/hessian_dense_target.md``): the hessian + bias drop on the four
+    Fashion CNNs went from -0.71 to -0.47 pt.
 
 Weights kept as they are (default)
     Minimise ``d^T H d`` (plus the linear term above) over N:M masks, row by row, all rows at once:
@@ -65,11 +65,13 @@ def _row_errors(w: torch.Tensor, keep: torch.Tensor, h: torch.Tensor, linear: to
 
 def min_output_error_mask(matrix: torch.Tensor, hessian: torch.Tensor, n: int, m: int, sweeps: int = 3,
                           linear: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep-mask ``[rows, K]`` (N of each M along K) minimising ``sum_rows d^T H d``.
+    """Keep-mask ``[rows, K]`` (N of each M along K) minimising ``sum_rows d^T H d (+ 2 d.linear_row)``.
 
+    ``linear`` (``[rows, K]``, row r ``C w_r``) is the upstream-error term of the module docstring.
     Coordinate descent can stop in a local optimum, so it starts from three
     masks -- the diagonal estimate, magnitude, and the OBS (SparseGPT) mask --
-    and keeps, row by row, the best result.
+    plus, with ``linear``, the diagonal estimate of the full objective, and
+    keeps, row by row, the best result.
     """
     w = matrix.double()
     h = hessian.double()

@@ -372,3 +372,18 @@ def test_the_layer_output_term_teaches_masks_the_output_objective_cannot():
     with pytest.raises(SparseCompileError, match="feature_weight"):
         TrainConfig(feature_weight=-1.0).validate()
 
+
+
+@pytest.mark.parametrize("feature_weight", [0.0, 1.0])
+def test_uncached_teacher_outputs_give_the_same_run(small_gm, monkeypatch, feature_weight):
+    """Above TEACHER_CACHE_BYTES the dense outputs are recomputed per batch (from the probe's dense pass when
+    the layer term is on): the run must not change."""
+    import sparsecompile.learned.train as train
+
+    config = dict(max_steps=6, batch_size=16, eval_every=3, patience=None, seed=0, feature_weight=feature_weight)
+    cached = learn_gumbel_masks(small_gm, _calib(), config=TrainConfig(**config))
+    monkeypatch.setattr(train, "TEACHER_CACHE_BYTES", 0)
+    uncached = learn_gumbel_masks(small_gm, _calib(), config=TrainConfig(**config))
+    assert uncached.history == cached.history
+    for target, mask in cached.masks.items():
+        assert torch.equal(uncached.masks[target], mask)
