@@ -60,6 +60,19 @@ def small_input(batch: int = 4, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a whole test module (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Small SVDs and tiny tensors are fastest, and steadiest on a shared 2-core machine, on one thread:
+    two threads cost 10-100x in hand-offs there.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_net():
     return make_small_net()

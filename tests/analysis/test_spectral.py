@@ -16,13 +16,7 @@ from sparsecompile.analysis.spectral import (
 from sparsecompile.layers import find_layers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small SVDs are fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gaussian(n: int, p: int, sigma: float, seed: int) -> torch.Tensor:

@@ -27,13 +27,7 @@ def _calib(count: int = 64, seed: int = 3) -> torch.Tensor:
     return torch.randn(count, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: two intra-op threads on a busy 2-core machine cost 10-100x in thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -387,3 +381,7 @@ def test_uncached_teacher_outputs_give_the_same_run(small_gm, monkeypatch, featu
     assert uncached.history == cached.history
     for target, mask in cached.masks.items():
         assert torch.equal(uncached.masks[target], mask)
+
+
+def test_this_module_runs_on_one_torch_thread():
+    assert torch.get_num_threads() == 1  # conftest.one_torch_thread, through pytestmark

@@ -21,13 +21,7 @@ from sparsecompile.learned.proxsparse import alm, prox_objective, reg_2to4
 from sparsecompile.verify import count_nm_violations
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: two intra-op threads on a busy 2-core machine cost 10-100x in thread hand-offs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _grad_restricted(w: torch.Tensor) -> torch.Tensor:
