@@ -23,9 +23,6 @@ Results are cached in ``benchmarks/.cache/budgets/``, keyed by model, calibratio
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,7 +35,7 @@ sys.path.insert(0, str(BENCH))
 import accuracy as acc  # noqa: E402  (puts the repo root on sys.path)
 import torch  # noqa: E402
 
-from common import cached_build_record, source_hash  # noqa: E402
+from common import cached_build_record, run_header, source_hash  # noqa: E402
 from sparsecompile.build import BuildOptions, build  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
 
@@ -111,12 +108,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     started = time.time()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    header = [f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-              f"- Machine: {os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {args.threads} threads",
-              "- Command: `python benchmarks/budgets.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
-              f"- sparsecompile sources hash {source_hash()}"]
+    header = [*run_header("budgets.py", args.threads), f"- sparsecompile sources hash {source_hash()}"]
     print("\n".join(header), flush=True)
 
     train_x, train_y = acc.fm_data.load("train")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import os
+import platform
 import shutil
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -24,6 +28,18 @@ def source_hash() -> str:
         digest.update(str(path.relative_to(ROOT)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def run_header(script: str, threads: int, machine_note: str = "") -> list[str]:
+    """Markdown bullets for a result file: date, machine (CPU model, torch, threads) and the command line."""
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    return [f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"- Machine: {os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {threads} threads"
+            + (f" {machine_note}" if machine_note else ""),
+            f"- Command: `python benchmarks/{script}" + "".join(f" {a}" for a in sys.argv[1:]) + "`"]
 
 
 def cached_build_record(cache_dir: Path, key_data: dict, fresh: bool, record: dict,

@@ -17,9 +17,6 @@ Every build targets a100 2:4 with min_weights 4096 and no permutation. It report
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +29,7 @@ sys.path.insert(0, str(BENCH))
 import accuracy as acc  # noqa: E402
 import torch  # noqa: E402
 
-from common import cached_build_record, source_hash  # noqa: E402
+from common import cached_build_record, run_header, source_hash  # noqa: E402
 from sparsecompile.build import BuildOptions, build  # noqa: E402
 from sparsecompile.learned import TrainConfig  # noqa: E402
 from sparsecompile.progress import Progress  # noqa: E402
@@ -84,12 +81,7 @@ def main() -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     started = time.time()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    header = [f"- Date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-              f"- Machine: {os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, {args.threads} threads "
-              "(shared machine: wall times are indicative)",
-              "- Command: `python benchmarks/learned_accuracy.py" + "".join(f" {a}" for a in sys.argv[1:]) + "`",
+    header = [*run_header("learned_accuracy.py", args.threads, "(shared machine: wall times are indicative)"),
               f"- {args.calib_samples} stratified training images per model, {args.steps} steps, label-free, "
               f"layer-output term weight {args.feature_weight:g}; test top-1 on 10,000 images"]
     print("\n".join(header), flush=True)
