@@ -59,9 +59,7 @@ import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import warnings
 import zlib
 from pathlib import Path
@@ -80,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(EXAMPLE))
 sys.path.insert(0, str(BENCH))
 
-from common import source_hash  # noqa: E402  (benchmarks/common.py)
+from common import cached_build_record, source_hash  # noqa: E402  (benchmarks/common.py)
 import data as fm_data  # noqa: E402  (examples/fashion_mnist/data.py)
 import model as fm_model  # noqa: E402  (examples/fashion_mnist/model.py)
 import train as fm_train  # noqa: E402  (examples/fashion_mnist/train.py)
@@ -291,37 +289,21 @@ def run_build(spec, calib, label, method, update, correct, sequential, ctx) -> d
         "method": method, "update": update, "correct": correct, "sequential": sequential,
         "min_weights": 4096, "target": "a100", "source": ctx["source_hash"], "threads": ctx["threads"],
     }
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    cached = CACHE / "results" / f"{key}.json"
-    if cached.exists() and not ctx["fresh"]:
-        record = json.loads(cached.read_text())
-        record["cached"] = True
-        return record
     record = {"model": spec.key, "label": label, "method": method, "update_weights": update,
               "correct": correct, "sequential": sequential, "key": key_data}
-    out = Path(tempfile.mkdtemp(prefix="accbench-", dir=ctx["work"])) / "build"
-    try:
+
+    def measure(out: Path) -> dict:
         options = BuildOptions(model=str(spec.pt2), output=str(out), target="a100", calib=str(calib),
                                method=method, correct=correct, update_weights=update, sequential=sequential,
                                min_weights=4096, force=True)
         wall = time.perf_counter()
         result = build(options, Progress(quiet=True))
         wall = time.perf_counter() - wall
-        record["build_seconds"] = result.report["timings"]["total"]
-        record["build_wall"] = round(wall, 3)
-        record["timings"] = result.report["timings"]
-        record["summary"] = result.report.get("summary", {})
-        record["accuracy"] = onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"], ctx["threads"])
-        record["error"] = None
-    except Exception as exc:  # noqa: BLE001 - record and go on
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(record, indent=2) + "\n")
-    record["cached"] = False
-    return record
+        return {"build_seconds": result.report["timings"]["total"], "build_wall": round(wall, 3),
+                "timings": result.report["timings"], "summary": result.report.get("summary", {}),
+                "accuracy": onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"], ctx["threads"])}
+
+    return cached_build_record(CACHE / "results", key_data, ctx["fresh"], record, measure, work_dir=ctx["work"])
 
 
 def modelopt_rows(specs, calibs, ctx, log) -> dict | None:

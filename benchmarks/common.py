@@ -43,18 +43,21 @@ def run_header(script: str, threads: int, machine_note: str = "") -> list[str]:
 
 
 def cached_build_record(cache_dir: Path, key_data: dict, fresh: bool, record: dict,
-                        measure: Callable[[Path], dict]) -> dict:
+                        measure: Callable[[Path], dict], work_dir: str | Path | None = None) -> dict:
     """One benchmark build, cached as JSON under the sha256 of ``key_data``.
 
-    ``measure(out)`` builds into the fresh directory ``out`` and returns the fields to add to
-    ``record``; an exception is recorded in ``record["error"]`` (with the traceback) instead of
-    stopping the benchmark. The build directory is always removed.
+    ``measure(out)`` builds into the fresh directory ``out`` (under ``work_dir``, default the system
+    temporary directory) and returns the fields to add to ``record``; an exception is recorded in
+    ``record["error"]`` (with the traceback) instead of stopping the benchmark. The build directory is
+    always removed. The returned record says whether it came from the cache (``record["cached"]``, not stored).
     """
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_dir / f"{key}.json"
     if cached.exists() and not fresh:
-        return json.loads(cached.read_text())
-    out = Path(tempfile.mkdtemp(prefix="bench-")) / "build"
+        stored = json.loads(cached.read_text())
+        stored["cached"] = True
+        return stored
+    out = Path(tempfile.mkdtemp(prefix="bench-", dir=work_dir)) / "build"
     try:
         record.update(measure(out))
         record["error"] = None
@@ -65,4 +68,5 @@ def cached_build_record(cache_dir: Path, key_data: dict, fresh: bool, record: di
         shutil.rmtree(out.parent, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(record, indent=2) + "\n")
+    record["cached"] = False
     return record

@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
-import json
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -50,7 +45,7 @@ import accuracy as acc  # noqa: E402  (benchmarks/accuracy.py; puts the repo roo
 import torch  # noqa: E402
 
 from sparsecompile.build import BuildOptions, build  # noqa: E402
-from common import source_hash  # noqa: E402  (benchmarks/common.py)
+from common import cached_build_record, source_hash  # noqa: E402  (benchmarks/common.py)
 from sparsecompile.progress import Progress  # noqa: E402
 
 ROOT = BENCH.parent
@@ -91,38 +86,25 @@ def run_one(spec, calib, method, correct, permute, ctx) -> dict:
     key_data = {"v": RESULT_VERSION, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][spec.key],
                 "method": method, "correct": correct, "permute": permute, "permute_budget": BUDGET,
                 "min_weights": 4096, "target": "a100", "source": src, "threads": ctx["threads"]}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:20]
-    cached = CACHE_DIR / f"{key}.json"
-    if cached.exists() and not ctx["fresh"]:
-        record = json.loads(cached.read_text())
-        record["cached"] = True
-        return record
     record = {"model": spec.key, "method": method, "correct": correct, "permute": permute, "key": key_data}
-    out = Path(tempfile.mkdtemp(prefix="permacc-")) / "build"
-    try:
+
+    def measure(out: Path) -> dict:
         options = BuildOptions(model=str(spec.pt2), output=str(out), target="a100", calib=str(calib),
                                method=method, correct=correct, min_weights=4096, permute=permute,
                                permute_budget=BUDGET, force=True)
         wall = time.perf_counter()
         result = build(options, Progress(quiet=True))
-        record["build_wall"] = round(time.perf_counter() - wall, 3)
+        fields = {"build_wall": round(time.perf_counter() - wall, 3)}
         report = result.report
-        record["timings"] = report["timings"]
-        record["build_seconds"] = report["timings"]["total"]
-        record["permute_seconds"] = report["timings"].get("permute")
-        record.update(summarize_report(report))
-        record["accuracy"] = acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"],
+        fields["timings"] = report["timings"]
+        fields["build_seconds"] = report["timings"]["total"]
+        fields["permute_seconds"] = report["timings"].get("permute")
+        fields.update(summarize_report(report))
+        fields["accuracy"] = acc.onnx_accuracy(out / "model.onnx", ctx["test_x"], ctx["test_y"],
                                                threads=ctx["threads"])
-        record["error"] = None
-    except Exception as exc:  # noqa: BLE001 - record and go on
-        record["error"] = f"{type(exc).__name__}: {exc}"
-        record["traceback"] = traceback.format_exc()
-    finally:
-        shutil.rmtree(out.parent, ignore_errors=True)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(record, indent=2) + "\n")
-    record["cached"] = False
-    return record
+        return fields
+
+    return cached_build_record(CACHE_DIR, key_data, ctx["fresh"], record, measure)
 
 
 def paired_t(mean: float, se: float, df: int) -> tuple[float, float | None]:
