@@ -325,7 +325,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 correct = "none"  # learned masks promise weights bit-identical to dense
         learning = None
         if learned and eligible:
-            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress)
+            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, lambda: list(batches(calib)))
         elif learned:
             progress.total -= 1  # nothing to learn
         if not eligible:
@@ -573,18 +573,37 @@ class SecondaryRank(Exception):
         self.rank = rank
 
 
-def _init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPUs)."""
+def _init_distributed() -> tuple[int, int, bool]:
+    """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on GPUs).
+
+    Returns (world size, rank, whether this call created the group and so must destroy it).
+    """
     import os
 
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 1, 0
-    if not dist.is_initialized():
+        return 1, 0, False
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_world_size(), dist.get_rank()
+    return dist.get_world_size(), dist.get_rank(), created
+
+
+def _leave_distributed(created: bool) -> None:
+    """All ranks are done with collectives: wait for each other, then tear the group down (if ours).
+
+    Without this, rank 1 leaves while rank 0 still writes the build and each process's communicator
+    is torn down at interpreter exit, in whatever order; an explicit barrier and destroy is the
+    documented clean shutdown.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        if created:
+            dist.destroy_process_group()
 
 
 # --learn-option keys that set the shared training loop (TrainConfig) rather than the method.
@@ -592,9 +611,13 @@ LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", 
                 "lr_schedule", "warmup_fraction", "min_lr_fraction")
 
 
-def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
-    """Learn the masks of every eligible layer at once (weights frozen); returns the report's record."""
+def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -> dict:
+    """Learn the masks of every eligible layer at once (weights frozen); returns the report's record.
+
+    ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic.
+    """
     from sparsecompile.learned import TrainConfig, learn_masks
+    from sparsecompile.learned.gumbel import HEURISTIC_INITS
     from sparsecompile.learned import method_options as learned_method_options
 
     if calib.source == "random":
@@ -633,16 +656,22 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
             agree = "" if agreement is None else f", held-out agreement with dense {100 * agreement:.1f}%"
             progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}{_mask_state(info)}")
 
-    world, rank = _init_distributed()
+    world, rank, created = _init_distributed()
     if rank != 0:
         progress.quiet = True
+    init_masks = None
+    init = method_options.get("init") if method.name == "gumbel" else None
+    if init in HEURISTIC_INITS:
+        init_masks = _initial_masks(init, gm, layers, chunks, options, method, progress, world)
     with progress.stage(f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
                         + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")"):
         result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=method_options,
                              config=config, labels=labels, callback=report_progress,
-                             checkpoint_path=options.checkpoint,
+                             checkpoint_path=options.checkpoint, **({"init_masks": init_masks} if init_masks else {}),
                              resume=options.checkpoint if options.resume else None)
     method.masks = result.masks
+    if world > 1:
+        _leave_distributed(created)
     if rank != 0:
         raise SecondaryRank(rank)
     return {"method": result.method, "steps": result.steps, "data_parallel_ranks": world, "best_step": result.best_step,
@@ -651,6 +680,31 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress) -> dict:
             "objective": result.objective, "options": dict(options.learn_options),
             "feature_weight": config.feature_weight,
             "max_steps": options.max_steps, "time_budget_s": options.time_budget}
+
+
+def _initial_masks(name, gm, layers, chunks, options, method, progress, world: int) -> dict:
+    """``name``'s masks for the learned layers (weights unchanged, no correction), to initialise the logits.
+
+    Computed like a ``--method name --correct none`` build (sequential calibration unless ``--one-shot``)
+    on a copy of ``gm``; with several ranks, rank 0's masks are sent to all so every rank starts alike.
+    """
+    heuristic = get_method(name, method.n, method.m)
+    eligible = [layer for layer in layers if layer.reason is None]
+    progress.detail(f"initialising the Gumbel logits from {name} masks")
+    started = time.perf_counter()
+    outcome = sparsify(copy.deepcopy(gm), eligible, layers, heuristic, chunks(), sequential=options.sequential,
+                       correct="none")
+    masks = outcome.masks
+    if world > 1:
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl sends CUDA tensors only
+        for target in sorted(masks):
+            values = masks[target].to(device=device, dtype=torch.uint8)
+            dist.broadcast(values, src=0)
+            masks[target] = values.bool().to(masks[target].device)
+    progress.detail(f"{name} masks in {time.perf_counter() - started:.1f}s")
+    return masks
 
 
 def _mask_state(info: dict) -> str:

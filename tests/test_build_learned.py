@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
@@ -37,6 +38,23 @@ def test_loop_options_reach_the_learning(tmp_path, model_files):
     assert learning["options"] == {"feature_weight": 0.5, "lr": 0.2, "patience": "none", "init_logit": 4.0}
     plain = build(_options(model_files, tmp_path, "p", method="gumbel", max_steps=4, learn_options={"feature_weight": 0}))
     assert plain.report["learning"]["feature_weight"] == 0
+
+
+def test_gumbel_init_from_hessian_masks_starts_at_the_hessian_build(tmp_path, model_files):
+    """init=hessian: the logits start on the masks a --method hessian --correct none build picks."""
+    from sparsecompile.masks.saved import load_masks
+
+    build(_options(model_files, tmp_path, "h", method="hessian", correct="none",
+                   save_masks=str(tmp_path / "h.safetensors")))
+    learned = build(_options(model_files, tmp_path, "g", method="gumbel", max_steps=0,
+                             learn_options={"init": "hessian"}, save_masks=str(tmp_path / "g.safetensors")))
+    build(_options(model_files, tmp_path, "m", method="magnitude", correct="none",
+                   save_masks=str(tmp_path / "m.safetensors")))
+    assert learned.report["learning"]["options"] == {"init": "hessian"}
+    want, got = load_masks(tmp_path / "h.safetensors").masks, load_masks(tmp_path / "g.safetensors").masks
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    other = load_masks(tmp_path / "m.safetensors").masks
+    assert any(not torch.equal(want[k], other[k]) for k in want)  # the test can tell the inits apart
 
 
 def test_learned_bad_input(tmp_path, model_files):
@@ -81,7 +99,11 @@ def test_learn_option_parsing_and_cli(tmp_path, model_files):
 
 
 def test_torchrun_build_with_two_gloo_ranks(tmp_path, model_files):
-    """torchrun, 2 CPU processes: both learn (gradients averaged), rank 0 alone writes the build."""
+    """torchrun, 2 CPU processes: both learn (gradients averaged), rank 0 alone writes the build.
+
+    On failure the message holds both ranks' logs (torchrun --tee), since a dying rank's own stderr
+    is what tells why.
+    """
     import json
     import subprocess
     import sys
@@ -90,13 +112,18 @@ def test_torchrun_build_with_two_gloo_ranks(tmp_path, model_files):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "sparsecompile", "build", str(model_files / "dynamic.pt2"), "-o", str(out),
                "--calib", str(model_files / "calib.npy"), "--method", "gumbel", "--max-steps", "4",
-               "--min-weights", "0", "--no-permute"]
+               "--min-weights", "0", "--no-permute", "--learn-option", "init=hessian"]  # masks broadcast
+    logs = tmp_path / "logs"
+    command[3:3] = ["--tee", "3", "--log-dir", str(logs)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = "\n".join(f"--- {path.relative_to(logs)}\n{path.read_text(errors='replace')[-3000:]}"
+                      for path in sorted(logs.rglob("*.log")))
+    assert result.returncode == 0, result.stderr[-2000:] + "\n" + ranks
     assert result.stdout.count("wrote ") == 1  # one rank reports and writes
     report = json.loads((out / "report.json").read_text())
     assert report["learning"]["data_parallel_ranks"] == 2 and report["learning"]["steps"] == 4
+    assert report["learning"]["options"] == {"init": "hessian"}
 
 
 def test_cli_and_library_share_the_learning_defaults():

@@ -30,8 +30,12 @@ magnitude mask (top-N ``|w|`` per group) and 0 on the others, so the method
 starts from -- and at step 0 returns exactly -- the heuristic's mask; with the
 Gumbel noise the heuristic pattern is sampled with probability
 ``e^c / (e^c + P - 1)`` (0.97 for the default ``c = 5``, P = 6; 0.80 for ``c = 3``). Any heuristic's masks can
-be passed as ``init_masks``. ``init="random"`` draws logits from
-``N(0, random_init_std^2)`` as in the seed paper (its masks start random).
+be passed as ``init_masks``. ``init="hessian"`` and ``init="activation"`` start from
+those data-driven heuristics instead; their masks need calibration data and a
+walk through the model, so the caller computes them and passes them as
+``init_masks`` (the build does, see :func:`sparsecompile.build._learn_masks`).
+``init="random"`` draws logits from ``N(0, random_init_std^2)`` as in the seed
+paper (its masks start random).
 """
 
 from __future__ import annotations
@@ -49,13 +53,14 @@ from sparsecompile.learned.train import (
 )
 from sparsecompile.masks.base import topn_mask
 
-INITS = ("magnitude", "random")
+INITS = ("magnitude", "hessian", "activation", "random")
+HEURISTIC_INITS = ("hessian", "activation")  # masks computed by the caller from calibration data
 TAU_SCHEDULES = ("exponential", "linear", "constant")
 
 
 @dataclass
 class GumbelOptions:
-    init: str = "magnitude"  # magnitude | random
+    init: str = "magnitude"  # magnitude | hessian | activation (masks from the caller) | random
     init_logit: float = 5.0  # logit of the heuristic's pattern (others 0)
     random_init_std: float = 0.01  # init="random": logits ~ N(0, std^2)
     tau_start: float = 1.0
@@ -100,6 +105,11 @@ class GumbelMaskLearner(MaskLearner):
         unknown = sorted(set(init_masks) - set(self.targets))
         if unknown:
             raise SparseCompileError(f"init_masks for layers that are not learned: {', '.join(unknown)}")
+        missing = [t for t in self.targets if t not in init_masks]
+        if self.opts.init in HEURISTIC_INITS and missing:
+            raise SparseCompileError(f"Gumbel init '{self.opts.init}' needs init_masks (the {self.opts.init} masks, "
+                                     f"computed from calibration data) for every learned layer; missing: "
+                                     f"{', '.join(missing)}")
         self.logits: dict[str, torch.Tensor] = {}
         self.init_patterns: dict[str, torch.Tensor] = {}
         for index, target in enumerate(self.targets):
@@ -107,7 +117,7 @@ class GumbelMaskLearner(MaskLearner):
             rows = weight.numel() // weight.shape[axis]
             groups = weight.shape[axis] // m
             shape = (rows, groups, self.num_patterns)
-            if target in init_masks or self.opts.init == "magnitude":
+            if target in init_masks or self.opts.init != "random":
                 mask = init_masks.get(target)
                 if mask is None:
                     mask = topn_mask(weight.abs(), axis, n, m)
@@ -180,4 +190,4 @@ def learn_gumbel_masks(gm: torch.nn.Module, inputs, *, layers: Sequence | None =
                        checkpoint_path=checkpoint_path, resume=resume)
 
 
-__all__ = ["GumbelMaskLearner", "GumbelOptions", "learn_gumbel_masks", "temperature"]
+__all__ = ["HEURISTIC_INITS", "GumbelMaskLearner", "GumbelOptions", "learn_gumbel_masks", "temperature"]

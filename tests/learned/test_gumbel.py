@@ -97,6 +97,18 @@ def test_init_masks_from_any_heuristic_are_the_starting_point(small_gm):
     assert logits.shape[-1] == 6 and float(logits.detach().max()) == GumbelOptions().init_logit
 
 
+@pytest.mark.parametrize("init", ["hessian", "activation"])
+def test_data_driven_inits_need_the_callers_masks_for_every_layer(small_gm, init):
+    layers = find_layers(small_gm)
+    targets = [layer.weight_target for layer in _eligible(small_gm)]
+    with pytest.raises(SparseCompileError, match=f"init '{init}' needs init_masks.*missing: {targets[0]}"):
+        GumbelMaskLearner(small_gm, layers, options=GumbelOptions(init=init))
+    masks = {layer.weight_target: topn_mask(torch.rand(layer.weight_shape), layer.reduction_axis, 2, 4)
+             for layer in _eligible(small_gm)}
+    learner = GumbelMaskLearner(small_gm, layers, options=GumbelOptions(init=init), init_masks=masks)
+    assert all(torch.equal(learner.masks()[t], masks[t]) for t in targets)
+
+
 def test_random_init_gives_n_m_masks_other_than_magnitude(small_gm):
     learner = GumbelMaskLearner(small_gm, find_layers(small_gm), options=GumbelOptions(init="random"))
     magnitude = _magnitude_masks(small_gm)
@@ -273,8 +285,8 @@ def test_temperature_anneals_from_tau_start_to_tau_end():
     assert temperature(options, 50, 101) == pytest.approx((2.0 * 0.2) ** 0.5)  # geometric midpoint
     linear = GumbelOptions(tau_start=2.0, tau_end=0.2, tau_schedule="linear")
     assert temperature(linear, 50, 101) == pytest.approx(1.1)
-    with pytest.raises(SparseCompileError):
-        GumbelOptions(init="hessian").validate()
+    with pytest.raises(SparseCompileError, match="unknown Gumbel init 'wanda'"):
+        GumbelOptions(init="wanda").validate()
 
 
 def test_a_real_ctrl_c_finishes_the_step_saves_and_raises(small_gm, tmp_path):
