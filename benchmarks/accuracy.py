@@ -1,6 +1,7 @@
 """Accuracy benchmark: 2:4 mask methods x statistics corrections on small Fashion-MNIST CNNs.
 
-    python benchmarks/accuracy.py [--quick] [--calib-samples 256|512] [--threads 2] [--fresh]
+    python benchmarks/accuracy.py [--quick] [--calib-samples 256|512] [--learned-calib-samples 2048]
+                                  [--no-learned] [--threads 2] [--fresh]
 
 What it does:
 
@@ -30,7 +31,11 @@ What it does:
    ``sparsecompile.masks.MASK_METHODS`` in this process only, so random
    masks go through the same pipeline (corrections, ONNX, ORT check).
    On the shipped model also magnitude+bias and hessian+bias with
-   ``sequential=False`` (one-shot).
+   ``sequential=False`` (one-shot). Learned masks (gumbel, proxsparse) are
+   built once per model with the build's defaults (label-free, weights
+   unchanged, ``--correct none``) on ``--learned-calib-samples`` (default
+   2048) stratified training images: they fill the ``none`` column only
+   (``--no-learned`` skips them; they take most of the run).
 4. Prints the tables (aggregate mean +- sample std over models, top-1 and
    drop vs dense; per model; build time; one-shot) and writes them as
    Markdown to ``benchmarks/results/accuracy.md`` (``--quick``:
@@ -39,7 +44,7 @@ What it does:
    (``sparse_magnitude`` and ``sparsegpt``, evaluated in torch); otherwise
    prints that they were skipped.
 
-``--quick``: only the shipped model, only magnitude/hessian x none/bias.
+``--quick``: only the shipped model, only magnitude/hessian x none/bias, no learned rows.
 
 Per-build results are cached in ``benchmarks/.cache/results/`` keyed by the
 model file, calibration file, build options and a hash of the
@@ -99,6 +104,9 @@ CORRECTIONS = ["none", "bn", "bias"]
 QUICK_METHODS = ["magnitude", "hessian"]
 QUICK_CORRECTIONS = ["none", "bias"]
 ONE_SHOT = [("magnitude", "magnitude", False, "bias"), ("hessian", "hessian", False, "bias")]
+# Learned masks (label, method): built with the build's defaults (weights unchanged, --correct none) on
+# --learned-calib-samples images; their bn/bias cells are n/a (see learned_accuracy.py for those).
+LEARNED = [("gumbel", "gumbel"), ("proxsparse", "proxsparse")]
 RESULT_VERSION = 1  # bump when the meaning of a cached result changes
 
 
@@ -285,7 +293,7 @@ def onnx_accuracy(path: Path, images, labels, threads: int, batch=1000) -> float
 def run_build(spec, calib, label, method, update, correct, sequential, ctx) -> dict:
     ctx["source_hash"] = source_hash()  # per build: the tree may be edited while this runs
     key_data = {
-        "v": RESULT_VERSION, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][spec.key],
+        "v": RESULT_VERSION, "model": ctx["model_sha"][spec.key], "calib": ctx["calib_sha"][str(calib)],
         "method": method, "update": update, "correct": correct, "sequential": sequential,
         "min_weights": 4096, "target": "a100", "source": ctx["source_hash"], "threads": ctx["threads"],
     }
@@ -378,6 +386,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=5, help="training epochs of the extra models (default 5)")
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads (default 2)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached build results (models stay cached)")
+    ap.add_argument("--learned-calib-samples", type=int, default=2048,
+                    help="calibration images for the learned rows (gumbel, proxsparse; default 2048)")
+    ap.add_argument("--no-learned", action="store_true", help="skip the learned rows (they take most of the time)")
     ap.add_argument("--output", help="Markdown output (default benchmarks/results/accuracy[-quick].md)")
     args = ap.parse_args()
     command = "python benchmarks/accuracy.py" + "".join(f" {a}" for a in sys.argv[1:])
@@ -393,6 +404,7 @@ def main() -> int:
     specs = standard_specs(args.epochs)[:1 if args.quick else None]
     methods = [m for m in METHODS if not args.quick or m[0] in QUICK_METHODS]
     corrections = QUICK_CORRECTIONS if args.quick else CORRECTIONS
+    learned = [] if args.quick or args.no_learned else LEARNED
     src_hash = source_hash()
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -408,7 +420,7 @@ def main() -> int:
     test_x, test_y = fm_data.load("test")
     log(f"data: {len(train_x)} train / {len(test_x)} test images (full test set used for every accuracy)")
 
-    metas, calibs, model_sha, calib_sha, dense = {}, {}, {}, {}, {}
+    metas, calibs, learned_calibs, model_sha, calib_sha, dense = {}, {}, {}, {}, {}, {}
     for spec in specs:
         if spec.shipped:
             metas[spec.key] = {"epochs": 9, "train_seconds": 1807, "note": "shipped (examples/fashion_mnist)"}
@@ -419,7 +431,10 @@ def main() -> int:
             metas[spec.key] = train_model(spec, train_x, train_y, test_x, test_y, log)
         calibs[spec.key] = calibration_file(spec, args.calib_samples, train_x, train_y, log)
         model_sha[spec.key] = sha256(spec.pt2)
-        calib_sha[spec.key] = sha256(calibs[spec.key])
+        calib_sha[str(calibs[spec.key])] = sha256(calibs[spec.key])
+        if learned:
+            learned_calibs[spec.key] = calibration_file(spec, args.learned_calib_samples, train_x, train_y, log)
+            calib_sha[str(learned_calibs[spec.key])] = sha256(learned_calibs[spec.key])
         dense[spec.key] = torch_accuracy(torch.export.load(str(spec.pt2)).module(), test_x, test_y)
         log(f"{spec.label}: dense top-1 {pct(dense[spec.key])}%  calib {calibs[spec.key].relative_to(ROOT)}")
 
@@ -433,8 +448,11 @@ def main() -> int:
             for spec in specs for (label, method, update) in methods for correct in corrections]
     if not args.quick:
         jobs += [(specs[0], label, method, update, correct, False) for (label, method, update, correct) in ONE_SHOT]
+    jobs += [(spec, label, method, False, "none", True) for spec in specs for (label, method) in learned]
+    learned_labels = {label for label, _ in learned}
     for i, (spec, label, method, update, correct, sequential) in enumerate(jobs, 1):
-        record = run_build(spec, calibs[spec.key], label, method, update, correct, sequential, ctx)
+        calib = (learned_calibs if label in learned_labels else calibs)[spec.key]
+        record = run_build(spec, calib, label, method, update, correct, sequential, ctx)
         results[(label, correct, spec.key, sequential)] = record
         mode = "" if sequential else " one-shot"
         if record["error"]:
@@ -460,14 +478,19 @@ def main() -> int:
         r = results.get((label, correct, key, sequential))
         return None if r is None or r["error"] else r["accuracy"]
 
-    row_labels = [m[0] for m in methods]
+    def not_run(label, correct) -> bool:  # learned rows are built with --correct none only
+        return label in learned_labels and correct != "none"
+
+    row_labels = [m[0] for m in methods] + [label for label, _ in learned]
     sections = []  # (title, headers, rows, note)
 
     agg_rows = [["dense"] + [mean_spread([dense[s.key] for s in specs])] * len(corrections)]
     drop_rows = []
     for label in row_labels:
-        agg_rows.append([label] + [mean_spread([acc(label, c, s.key) for s in specs]) for c in corrections])
-        drop_rows.append([label] + [mean_spread([None if acc(label, c, s.key) is None else acc(label, c, s.key) - dense[s.key]
+        agg_rows.append([label] + ["n/a" if not_run(label, c) else mean_spread([acc(label, c, s.key) for s in specs])
+                                   for c in corrections])
+        drop_rows.append([label] + ["n/a" if not_run(label, c) else
+                                    mean_spread([None if acc(label, c, s.key) is None else acc(label, c, s.key) - dense[s.key]
                                                  for s in specs], signed=True) for c in corrections])
     if mo_rows:
         for name in sorted({k[0] for k in mo_rows}):
@@ -487,6 +510,9 @@ def main() -> int:
     for label in row_labels:
         cells = []
         for c in corrections:
+            if not_run(label, c):
+                cells.append("n/a")
+                continue
             secs = [results[(label, c, s.key, True)].get("build_seconds") for s in specs
                     if not results[(label, c, s.key, True)]["error"]]
             cells.append(f"{statistics.fmean(secs):.1f}" if secs else "ERR")
@@ -497,7 +523,7 @@ def main() -> int:
     for spec in specs:
         rows = [["dense"] + [pct(dense[spec.key])] * len(corrections)]
         for label in row_labels:
-            rows.append([label] + [("ERR" if acc(label, c, spec.key) is None else
+            rows.append([label] + [("n/a" if not_run(label, c) else "ERR" if acc(label, c, spec.key) is None else
                                     f"{pct(acc(label, c, spec.key))} ({100 * (acc(label, c, spec.key) - dense[spec.key]):+.2f})")
                                    for c in corrections])
         if mo_rows:
@@ -572,6 +598,11 @@ def main() -> int:
           "- random: a benchmark-only `RandomMask` (uniform random scores, seeded per layer) registered into "
           "`sparsecompile.masks.MASK_METHODS` in-process, built through the same pipeline",
           ]
+    if learned:
+        md.append(f"- learned rows ({', '.join(label for label, _ in learned)}): the build's defaults (label-free, "
+                  f"weights unchanged so `--correct none`, channel permutation on like every row here) on "
+                  f"{args.learned_calib_samples} stratified training images (`default_rng(seed + 1)`); "
+                  "with correction they are in `learned_accuracy.md`")
     if modelopt_note:
         md.append(f"- {modelopt_note}")
     md.append("")
