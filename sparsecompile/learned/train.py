@@ -8,8 +8,12 @@ FX module with its dense weights, and the loss matches their outputs on the
 calibration inputs. Per model output, ``objective="auto"`` picks
 
 * ``kl``: ``KL(softmax(teacher) || softmax(student))`` averaged over samples,
-  for classifier-like outputs (floating point, 2-D, more than one column);
-* ``mse``: ``mean((student - teacher)**2) / mean(teacher**2)``, otherwise. The
+  for classifier-like outputs (floating point, 2-D, more than one column) whose
+  dense values on the calibration set are not all inside [0, 1];
+* ``mse``: ``mean((student - teacher)**2) / mean(teacher**2)``, otherwise. Outputs
+  that are already probabilities (a final sigmoid or softmax: every dense value in
+  [0, 1]) get MSE too, since a softmax over probabilities is nearly flat and KL on
+  it barely sees a change (the CREPE pitch model's 360 sigmoid bins). The
   denominator is a constant measured once over the calibration set, so this is
   the MSE up to a fixed scale that makes learning rates transferable between
   models.
@@ -499,6 +503,8 @@ class MaskTrainer:
         total_bytes = 0
         sums: list[float] = []
         counts: list[int] = []
+        lows: list[float] = []
+        highs: list[float] = []
         shapes: list[tuple[int, ...]] = []
         for part in used:
             for index in self._eval_chunks(part):
@@ -508,12 +514,15 @@ class MaskTrainer:
                         raise SparseCompileError("the model returned no tensor outputs")
                     shapes = [tuple(o.shape) for o in outs]
                     sums, counts = [0.0] * len(outs), [0] * len(outs)
+                    lows, highs = [math.inf] * len(outs), [-math.inf] * len(outs)
                     per_sample = sum(o[:1].numel() * o.element_size() for o in outs)
                     if per_sample * self.num_samples <= TEACHER_CACHE_BYTES:
                         cache = [o.new_zeros((self.num_samples,) + tuple(o.shape[1:])) for o in outs]
                 for i, out in enumerate(outs):
                     sums[i] += float(out.double().pow(2).sum())
                     counts[i] += out.numel()
+                    if out.is_floating_point() and out.numel():
+                        lows[i], highs[i] = min(lows[i], float(out.min())), max(highs[i], float(out.max()))
                     if cache is not None:
                         cache[i][index.to(out.device)] = out
                     total_bytes += out.numel() * out.element_size()
@@ -522,11 +531,12 @@ class MaskTrainer:
         kinds = []
         for i, shape in enumerate(shapes):
             classifier = len(shape) == 2 and shape[1] > 1 and self._float_output(i)
+            probabilities = 0.0 <= lows[i] and highs[i] <= 1.0
             if self.config.objective == "auto":
                 if self.labels is not None:
                     kind = "ce" if i == 0 else "none"
                 else:
-                    kind = "kl" if classifier else "mse"
+                    kind = "kl" if classifier and not probabilities else "mse"
             elif self.config.objective == "ce":
                 kind = "ce" if i == 0 else "none"
             elif self.config.objective == "kl":

@@ -251,6 +251,23 @@ def test_objectives_auto_kl_mse_and_labels(small_gm):
         learn_gumbel_masks(small_gm, _calib(), config=_quick(objective="l1"))
 
 
+class _Sigmoid(nn.Module):
+    """The small net with a final sigmoid (like CREPE's pitch bins): its 2-D outputs are probabilities."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_small_net()
+
+    def forward(self, x):
+        return torch.sigmoid(self.net(x))
+
+
+def test_auto_objective_uses_mse_for_outputs_that_are_already_probabilities():
+    gm = export_graph(_Sigmoid().eval(), _calib(4), dynamic_batch=True)
+    assert learn_gumbel_masks(gm, _calib(), config=_quick(max_steps=1)).objective == ["mse"]
+    assert learn_gumbel_masks(gm, _calib(), config=_quick(max_steps=1, objective="kl")).objective == ["kl"]
+
+
 def test_progress_callback_gets_step_loss_agreement_and_held_out_metric(small_gm):
     calls = []
     learn_gumbel_masks(small_gm, _calib(), config=_quick(max_steps=6, eval_every=3),
