@@ -44,8 +44,8 @@ What it does:
    Rows: dense (the exported program in torch), dense ONNX (a sparsecompile
    build for target ``cpu``, which has no sparse tensor cores, so nothing is
    masked -- checks the ONNX path), and one ``sparsecompile.build.build``
-   per method in {magnitude, activation, hessian, hessian+update_weights} x
-   correction in {none, bn, bias} (target a100, min_weights 4096, calib =
+   per method in {magnitude, activation, hessian, hessian+update_weights,
+   gumbel (learned masks, the build's defaults)} x correction in {none, bn, bias} (target a100, min_weights 4096, calib =
    the 512 calibration frames). Each build's ``model.onnx`` is evaluated with
    ONNX Runtime (CPU, ``--threads`` intra-op threads).
 4. Prints the tables and writes them as Markdown to
@@ -105,6 +105,7 @@ METHODS = [  # (label, method, update_weights)
     ("activation", "activation", False),
     ("hessian", "hessian", False),
     ("hessian+update", "hessian", True),
+    ("gumbel", "gumbel", False),  # learned, label-free, build defaults; slow (minutes per build)
 ]
 CORRECTIONS = ["none", "bn", "bias"]
 RESULT_VERSION = 1
