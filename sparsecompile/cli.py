@@ -143,7 +143,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="gumbel/proxsparse: stop learning after this long (the best masks so far are used).")
 @click.option("--objective", type=click.Choice(["auto", "kl", "mse", "ce"]), default="auto", show_default=True,
-              help="gumbel/proxsparse: match the dense outputs (kl for classifiers, mse otherwise) or, with "
+              help="gumbel/proxsparse: match the dense outputs (kl for classifier logits, mse otherwise, "
+                   "including outputs already in [0, 1]) or, with "
                    "--labels, cross-entropy (ce).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="gumbel/proxsparse: .npy of class labels, one per "
               "calibration sample (optional; learning is label-free without it).")
