@@ -327,6 +327,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         if learned and eligible:
             learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, lambda: list(batches(calib)))
         elif learned:
+            _learning_config(method, options, loaded)  # still refuse bad --learn-option values
             progress.total -= 1  # nothing to learn
         if not eligible:
             correct = "none"
@@ -616,9 +617,8 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
 
     ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic.
     """
-    from sparsecompile.learned import TrainConfig, learn_masks
+    from sparsecompile.learned import learn_masks
     from sparsecompile.learned.gumbel import HEURISTIC_INITS
-    from sparsecompile.learned import method_options as learned_method_options
 
     if calib.source == "random":
         raise SparseCompileError(f"--method {method.name} learns from data: pass --calib (a few hundred to a few "
@@ -631,24 +631,7 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
         if labels.ndim != 1 or len(labels) != calib.num_samples:
             raise SparseCompileError(f"--labels must hold one integer label per calibration sample "
                                      f"({calib.num_samples}), got shape {tuple(labels.shape)}")
-    method_options = {k: v for k, v in options.learn_options.items() if k not in LOOP_OPTIONS}
-    loop_options = {k: (None if v == "none" else v) for k, v in options.learn_options.items() if k in LOOP_OPTIONS}
-    if "batch_size" in loop_options and not loaded.dynamic_batch:
-        raise SparseCompileError(f"--learn-option batch_size: this model takes batches of exactly {loaded.batch_size}")
-    config = TrainConfig(max_steps=options.max_steps, time_budget_s=options.time_budget, seed=options.seed,
-                         objective=options.objective, static_batch=not loaded.dynamic_batch,
-                         batch_size=64 if loaded.dynamic_batch else loaded.batch_size,
-                         checkpoint_every=50 if options.checkpoint else None)
-    for key, value in loop_options.items():
-        setattr(config, key, value)
-    try:
-        learned_method_options(method.name, method_options)
-    except SparseCompileError as exc:
-        raise SparseCompileError(f"{exc}; training-loop options: {', '.join(LOOP_OPTIONS)}") from None
-    try:
-        config.validate()
-    except TypeError as exc:  # a string where a number belongs
-        raise SparseCompileError(f"--learn-option: {exc}") from None
+    config, method_options = _learning_config(method, options, loaded)
     every = max(1, options.max_steps // 10)
 
     def report_progress(step, loss, agreement, held_out, info):
@@ -680,6 +663,31 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
             "objective": result.objective, "options": dict(options.learn_options),
             "feature_weight": config.feature_weight,
             "max_steps": options.max_steps, "time_budget_s": options.time_budget}
+
+
+def _learning_config(method, options, loaded):
+    """(TrainConfig, method options dict) from the build options; a one-line error for bad --learn-option."""
+    from sparsecompile.learned import TrainConfig, typed_options
+    from sparsecompile.learned import method_options as learned_method_options
+
+    method_options = {k: v for k, v in options.learn_options.items() if k not in LOOP_OPTIONS}
+    loop_options = {k: (None if v == "none" else v) for k, v in options.learn_options.items() if k in LOOP_OPTIONS}
+    if "batch_size" in loop_options and not loaded.dynamic_batch:
+        raise SparseCompileError(f"--learn-option batch_size: this model takes batches of exactly {loaded.batch_size}")
+    config = TrainConfig(max_steps=options.max_steps, time_budget_s=options.time_budget, seed=options.seed,
+                         objective=options.objective, static_batch=not loaded.dynamic_batch,
+                         batch_size=64 if loaded.dynamic_batch else loaded.batch_size,
+                         checkpoint_every=50 if options.checkpoint else None)
+    for key, value in typed_options(TrainConfig, loop_options, "--learn-option").items():
+        setattr(config, key, value)
+    try:
+        learned_method_options(method.name, method_options)
+    except SparseCompileError as exc:
+        if not str(exc).startswith("unknown"):
+            raise
+        raise SparseCompileError(f"{exc}; training-loop options: {', '.join(LOOP_OPTIONS)}") from None
+    config.validate()
+    return config, method_options
 
 
 def _initial_masks(name, gm, layers, chunks, options, method, progress, world: int) -> dict:

@@ -70,9 +70,16 @@ def test_learned_bad_input(tmp_path, model_files):
         build(_options(model_files, tmp_path, "d", method="gumbel", max_steps=2, learn_options={"nope": 1}))
     with pytest.raises(SparseCompileError, match="feature_weight must be"):
         build(_options(model_files, tmp_path, "e", method="gumbel", max_steps=2, learn_options={"feature_weight": -1}))
-    with pytest.raises(SparseCompileError, match="--learn-option"):
+    with pytest.raises(SparseCompileError, match="--learn-option lr must be a number, got 'fast'"):
         build(_options(model_files, tmp_path, "f", method="gumbel", max_steps=2, learn_options={"lr": "fast"}))
-    for name in "abcdef":
+    with pytest.raises(SparseCompileError, match="--learn-option batch_size must be a whole number, got 16.5"):
+        build(_options(model_files, tmp_path, "g", method="gumbel", max_steps=2, learn_options={"batch_size": 16.5}))
+    with pytest.raises(SparseCompileError, match="gumbel option tau_end must be a number, got 'cold'$"):
+        build(_options(model_files, tmp_path, "h", method="gumbel", max_steps=2, learn_options={"tau_end": "cold"}))
+    with pytest.raises(SparseCompileError, match="proxsparse option alm_max_iter must be a whole number"):
+        build(_options(model_files, tmp_path, "i", method="proxsparse", max_steps=2,
+                       learn_options={"alm_max_iter": 2.5}))
+    for name in "abcdefghi":
         assert not (tmp_path / name).exists()
 
 
@@ -90,12 +97,24 @@ def test_checkpoint_and_resume_give_the_same_masks(tmp_path, model_files):
     assert all((first.masks[k] == second.masks[k]).all() for k in first.masks)
 
 
+def test_whole_number_options_given_as_floats_are_taken(tmp_path, model_files):
+    result = build(_options(model_files, tmp_path, "w", method="gumbel", max_steps=2,
+                            learn_options={"batch_size": 16.0, "eval_every": 1.0}))
+    assert result.report["learning"]["steps"] == 2
+
+
 def test_learn_option_parsing_and_cli(tmp_path, model_files):
     assert _key_values(["init=random", "tau_end=0.05", "steps=3"], "--learn-option") == {
         "init": "random", "tau_end": 0.05, "steps": 3}
     result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
                                        "--method", "gumbel", "--learn-option", "oops"])
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
+    result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
+                                       "--calib", str(model_files / "calib.npy"), "--method", "gumbel",
+                                       "--max-steps", "2", "--learn-option", "batch_size=16.5"])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
+        "error: --learn-option batch_size must be a whole number, got 16.5")
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
 
 
 def test_torchrun_build_with_two_gloo_ranks(tmp_path, model_files):

@@ -20,6 +20,7 @@ from sparsecompile.learned.proxsparse import (
 )
 from sparsecompile.learned.train import (
     MaskLearner, MaskTrainer, TrainConfig, TrainingInterrupted, TrainResult, masked_weights, train_masks,
+    typed_options,
 )
 
 LEARNED_METHODS = {"gumbel": learn_gumbel_masks, "proxsparse": learn_proxsparse_masks}
@@ -39,7 +40,7 @@ def method_options(method: str, values: dict | None = None):
     unknown = sorted(set(values or {}) - known)
     if unknown:
         raise SparseCompileError(f"unknown {method} option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    options = cls(**(values or {}))
+    options = cls(**typed_options(cls, values or {}, f"{method} option"))
     options.validate()
     return options
 
@@ -62,6 +63,6 @@ __all__ = [
     "GumbelMaskLearner", "GumbelOptions", "LEARNED_METHODS", "MaskLearner", "MaskTrainer", "ProxSparseLearner",
     "ProxSparseOptions", "TrainConfig", "TrainResult", "TrainingInterrupted", "enum_alm", "enum_pgd",
     "keep_patterns", "learn_gumbel_masks", "learn_masks", "learn_proxsparse_masks", "mask_to_patterns",
-    "masked_weights", "method_options",
+    "masked_weights", "method_options", "typed_options",
     "num_patterns", "patterns_to_mask", "train_masks",
 ]

@@ -851,16 +851,46 @@ def train_masks(learner: MaskLearner, gm: torch.nn.Module, inputs, *, labels: to
     return trainer.run()
 
 
+def typed_options(cls, values: dict, what: str) -> dict:
+    """``values`` checked against the field types of the options dataclass ``cls``.
+
+    ``int`` fields take whole numbers (``16.0`` becomes ``16``), ``float`` fields any number, ``str`` fields
+    text, and ``X | None`` fields also ``None``; anything else is a one-line error naming ``what`` and the
+    key (``what`` is, e.g., ``"--learn-option"``). Keys that are not fields pass through unchanged: the
+    caller reports those with the valid names.
+    """
+    kinds = {f.name: str(f.type) for f in fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        kind = kinds.get(key, "")
+        base = kind.split("|")[0].strip()
+        if key not in kinds or (value is None and "None" in kind):
+            checked[key] = value
+            continue
+        if base in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SparseCompileError(f"{what} {key} must be a number, got {value!r}")
+            if base == "int":
+                if not float(value).is_integer():
+                    raise SparseCompileError(f"{what} {key} must be a whole number, got {value!r}")
+                value = int(value)
+        elif base == "str" and not isinstance(value, str):
+            raise SparseCompileError(f"{what} {key} must be text, got {value!r}")
+        checked[key] = value
+    return checked
+
+
 def config_from_dict(data: dict) -> TrainConfig:
-    """A :class:`TrainConfig` from a dict, refusing unknown keys (for CLI/JSON plumbing)."""
+    """A :class:`TrainConfig` from a dict, refusing unknown keys and values of the wrong type (for CLI/JSON
+    plumbing)."""
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise SparseCompileError(f"unknown training option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    return TrainConfig(**data)
+    return TrainConfig(**typed_options(TrainConfig, data, "training option"))
 
 
 __all__ = [
     "MaskLearner", "MaskTrainer", "ProgressCallback", "TrainConfig", "TrainResult", "TrainingInterrupted",
-    "config_from_dict", "learning_rate", "masked_weight", "masked_weights", "train_masks",
+    "config_from_dict", "learning_rate", "masked_weight", "masked_weights", "train_masks", "typed_options",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -332,6 +333,25 @@ def test_a_run_stopped_by_its_time_budget_continues_when_resumed_with_more_time(
     assert first.stop_reason == "time_budget" and first.steps == 0
     resumed = learn_gumbel_masks(small_gm, _calib(), config=_quick(), resume=path)
     assert resumed.stop_reason == "max_steps" and resumed.steps == 12
+
+
+def test_typed_options_check_and_coerce_by_field_type():
+    from sparsecompile.learned import method_options, typed_options
+    from sparsecompile.learned.train import config_from_dict
+
+    assert typed_options(TrainConfig, {"batch_size": 32.0, "lr": 1, "patience": None, "other": "x"}, "opt") == {
+        "batch_size": 32, "lr": 1, "patience": None, "other": "x"}  # unknown keys are the caller's to report
+    assert isinstance(config_from_dict({"max_steps": 10.0}).max_steps, int)
+    for values, message in [({"batch_size": 1.5}, "opt batch_size must be a whole number, got 1.5"),
+                            ({"lr": "fast"}, "opt lr must be a number, got 'fast'"),
+                            ({"lr": True}, "opt lr must be a number, got True"),
+                            ({"lr": float("nan")}, "opt lr must be a number, got nan"),
+                            ({"objective": 3}, "opt objective must be text, got 3")]:
+        with pytest.raises(SparseCompileError, match=f"^{re.escape(message)}$"):
+            typed_options(TrainConfig, values, "opt")
+    assert method_options("gumbel", {"init_logit": 4}).init_logit == 4
+    with pytest.raises(SparseCompileError, match="gumbel option init must be text"):
+        method_options("gumbel", {"init": 1})
 
 
 def test_learn_masks_dispatches_by_name_with_dict_options(small_gm):
