@@ -45,7 +45,7 @@ What it does:
    build for target ``cpu``, which has no sparse tensor cores, so nothing is
    masked -- checks the ONNX path), and one ``sparsecompile.build.build``
    per method in {magnitude, activation, hessian, hessian+update_weights,
-   gumbel (learned masks, the build's defaults)} x correction in {none, bn, bias} (target a100, min_weights 4096, calib =
+   gumbel, proxsparse (learned masks, the build's defaults)} x correction in {none, bn, bias} (target a100, min_weights 4096, calib =
    the 512 calibration frames). Each build's ``model.onnx`` is evaluated with
    ONNX Runtime (CPU, ``--threads`` intra-op threads).
 4. Prints the tables and writes them as Markdown to
@@ -106,6 +106,7 @@ METHODS = [  # (label, method, update_weights)
     ("hessian", "hessian", False),
     ("hessian+update", "hessian", True),
     ("gumbel", "gumbel", False),  # learned, label-free, build defaults; slow (minutes per build)
+    ("proxsparse", "proxsparse", False),
 ]
 CORRECTIONS = ["none", "bn", "bias"]
 RESULT_VERSION = 1
