@@ -643,7 +643,7 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
     if rank != 0:
         progress.quiet = True
     init_masks = None
-    init = method_options.get("init") if method.name == "gumbel" else None
+    init = getattr(method_options, "init", None)  # Gumbel only
     if init in HEURISTIC_INITS:
         init_masks = _initial_masks(init, gm, layers, chunks, options, method, progress, world)
     with progress.stage(f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
@@ -666,11 +666,12 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
 
 
 def _learning_config(method, options, loaded):
-    """(TrainConfig, method options dict) from the build options; a one-line error for bad --learn-option."""
+    """(TrainConfig, the method's options dataclass) from the build options; a one-line error for a bad
+    --learn-option."""
     from sparsecompile.learned import TrainConfig, typed_options
     from sparsecompile.learned import method_options as learned_method_options
 
-    method_options = {k: v for k, v in options.learn_options.items() if k not in LOOP_OPTIONS}
+    method_values = {k: v for k, v in options.learn_options.items() if k not in LOOP_OPTIONS}
     loop_options = {k: (None if v == "none" else v) for k, v in options.learn_options.items() if k in LOOP_OPTIONS}
     if "batch_size" in loop_options and not loaded.dynamic_batch:
         raise SparseCompileError(f"--learn-option batch_size: this model takes batches of exactly {loaded.batch_size}")
@@ -680,12 +681,8 @@ def _learning_config(method, options, loaded):
                          checkpoint_every=50 if options.checkpoint else None)
     for key, value in typed_options(TrainConfig, loop_options, "--learn-option").items():
         setattr(config, key, value)
-    try:
-        learned_method_options(method.name, method_options)
-    except SparseCompileError as exc:
-        if not str(exc).startswith("unknown"):
-            raise
-        raise SparseCompileError(f"{exc}; training-loop options: {', '.join(LOOP_OPTIONS)}") from None
+    method_options = learned_method_options(method.name, method_values,
+                                            unknown_hint=f"; training-loop options: {', '.join(LOOP_OPTIONS)}")
     config.validate()
     return config, method_options
 

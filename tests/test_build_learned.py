@@ -128,12 +128,11 @@ def test_torchrun_build_with_two_gloo_ranks(tmp_path, model_files):
     import sys
 
     out = tmp_path / "ddp"
+    logs = tmp_path / "logs"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "sparsecompile", "build", str(model_files / "dynamic.pt2"), "-o", str(out),
+               "--tee", "3", "--log-dir", str(logs), "-m", "sparsecompile", "build", str(model_files / "dynamic.pt2"), "-o", str(out),
                "--calib", str(model_files / "calib.npy"), "--method", "gumbel", "--max-steps", "4",
                "--min-weights", "0", "--no-permute", "--learn-option", "init=hessian"]  # masks broadcast
-    logs = tmp_path / "logs"
-    command[3:3] = ["--tee", "3", "--log-dir", str(logs)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     ranks = "\n".join(f"--- {path.relative_to(logs)}\n{path.read_text(errors='replace')[-3000:]}"

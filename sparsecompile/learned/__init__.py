@@ -27,8 +27,9 @@ LEARNED_METHODS = {"gumbel": learn_gumbel_masks, "proxsparse": learn_proxsparse_
 _OPTIONS = {"gumbel": GumbelOptions, "proxsparse": ProxSparseOptions}
 
 
-def method_options(method: str, values: dict | None = None):
-    """The options dataclass of ``method`` from a dict (unknown keys are an error naming the valid ones)."""
+def method_options(method: str, values: dict | None = None, unknown_hint: str = ""):
+    """The options dataclass of ``method`` from a dict (unknown keys are an error naming the valid ones,
+    followed by ``unknown_hint``)."""
     from dataclasses import fields
 
     from sparsecompile.errors import SparseCompileError
@@ -39,7 +40,8 @@ def method_options(method: str, values: dict | None = None):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values or {}) - known)
     if unknown:
-        raise SparseCompileError(f"unknown {method} option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        raise SparseCompileError(f"unknown {method} option(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+                                 + unknown_hint)
     options = cls(**typed_options(cls, values or {}, f"{method} option"))
     options.validate()
     return options
