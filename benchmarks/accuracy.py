@@ -1,7 +1,7 @@
 """Accuracy benchmark: 2:4 mask methods x statistics corrections on small Fashion-MNIST CNNs.
 
     python benchmarks/accuracy.py [--quick] [--calib-samples 256|512] [--learned-calib-samples 2048]
-                                  [--no-learned] [--threads 2] [--fresh]
+                                  [--no-learned] [--learned-corrections none,bn,bias] [--threads 2] [--fresh]
 
 What it does:
 
@@ -32,10 +32,11 @@ What it does:
    masks go through the same pipeline (corrections, ONNX, ORT check).
    On the shipped model also magnitude+bias and hessian+bias with
    ``sequential=False`` (one-shot). Learned masks (gumbel, proxsparse) are
-   built once per model with the build's defaults (label-free, weights
-   unchanged, ``--correct none``) on ``--learned-calib-samples`` (default
-   2048) stratified training images: they fill the ``none`` column only
-   (``--no-learned`` skips them; they take most of the run).
+   built with the build's defaults (label-free) on ``--learned-calib-samples``
+   (default 2048) stratified training images, once per model and correction
+   in ``--learned-corrections`` (default all three; with ``bn``/``bias`` the
+   masks are learned under that correction, ``none`` keeps the weights bit
+   for bit). ``--no-learned`` skips them; they take most of the run.
 4. Prints the tables (aggregate mean +- sample std over models, top-1 and
    drop vs dense; per model; build time; one-shot) and writes them as
    Markdown to ``benchmarks/results/accuracy.md`` (``--quick``:
@@ -104,8 +105,8 @@ CORRECTIONS = ["none", "bn", "bias"]
 QUICK_METHODS = ["magnitude", "hessian"]
 QUICK_CORRECTIONS = ["none", "bias"]
 ONE_SHOT = [("magnitude", "magnitude", False, "bias"), ("hessian", "hessian", False, "bias")]
-# Learned masks (label, method): built with the build's defaults (weights unchanged, --correct none) on
-# --learned-calib-samples images; their bn/bias cells are n/a (see learned_accuracy.py for those).
+# Learned masks (label, method): built with the build's defaults on --learned-calib-samples images, for each
+# correction in --learned-corrections (the others are n/a).
 LEARNED = [("gumbel", "gumbel"), ("proxsparse", "proxsparse")]
 RESULT_VERSION = 1  # bump when the meaning of a cached result changes
 
@@ -389,6 +390,8 @@ def main() -> int:
     ap.add_argument("--learned-calib-samples", type=int, default=2048,
                     help="calibration images for the learned rows (gumbel, proxsparse; default 2048)")
     ap.add_argument("--no-learned", action="store_true", help="skip the learned rows (they take most of the time)")
+    ap.add_argument("--learned-corrections", default="none,bn,bias",
+                    help="comma-separated --correct values for the learned rows (default none,bn,bias)")
     ap.add_argument("--output", help="Markdown output (default benchmarks/results/accuracy[-quick].md)")
     args = ap.parse_args()
     command = "python benchmarks/accuracy.py" + "".join(f" {a}" for a in sys.argv[1:])
@@ -405,6 +408,9 @@ def main() -> int:
     methods = [m for m in METHODS if not args.quick or m[0] in QUICK_METHODS]
     corrections = QUICK_CORRECTIONS if args.quick else CORRECTIONS
     learned = [] if args.quick or args.no_learned else LEARNED
+    learned_corrections = [c.strip() for c in args.learned_corrections.split(",") if c.strip()]
+    if any(c not in CORRECTIONS for c in learned_corrections):
+        ap.error(f"--learned-corrections takes values from {', '.join(CORRECTIONS)}")
     src_hash = source_hash()
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -448,7 +454,8 @@ def main() -> int:
             for spec in specs for (label, method, update) in methods for correct in corrections]
     if not args.quick:
         jobs += [(specs[0], label, method, update, correct, False) for (label, method, update, correct) in ONE_SHOT]
-    jobs += [(spec, label, method, False, "none", True) for spec in specs for (label, method) in learned]
+    jobs += [(spec, label, method, False, correct, True)
+             for spec in specs for (label, method) in learned for correct in learned_corrections]
     learned_labels = {label for label, _ in learned}
     for i, (spec, label, method, update, correct, sequential) in enumerate(jobs, 1):
         calib = (learned_calibs if label in learned_labels else calibs)[spec.key]
@@ -478,8 +485,8 @@ def main() -> int:
         r = results.get((label, correct, key, sequential))
         return None if r is None or r["error"] else r["accuracy"]
 
-    def not_run(label, correct) -> bool:  # learned rows are built with --correct none only
-        return label in learned_labels and correct != "none"
+    def not_run(label, correct) -> bool:  # learned rows are built with --learned-corrections only
+        return label in learned_labels and correct not in learned_corrections
 
     row_labels = [m[0] for m in methods] + [label for label, _ in learned]
     sections = []  # (title, headers, rows, note)
@@ -600,9 +607,9 @@ def main() -> int:
           ]
     if learned:
         md.append(f"- learned rows ({', '.join(label for label, _ in learned)}): the build's defaults (label-free, "
-                  f"weights unchanged so `--correct none`, channel permutation on like every row here) on "
-                  f"{args.learned_calib_samples} stratified training images (`default_rng(seed + 1)`); "
-                  "with correction they are in `learned_accuracy.md`")
+                  f"channel permutation on like every row here) on {args.learned_calib_samples} stratified training "
+                  "images (`default_rng(seed + 1)`); with `bn`/`bias` the masks are learned under that correction, "
+                  "with `none` the weights are bit for bit the dense ones")
     if modelopt_note:
         md.append(f"- {modelopt_note}")
     md.append("")

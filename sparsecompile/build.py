@@ -325,7 +325,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 correct = "none"  # learned masks promise weights bit-identical to dense
         learning = None
         if learned and eligible:
-            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, lambda: list(batches(calib)))
+            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, lambda: list(batches(calib)),
+                                    correct, fold_pass.folded_params)
         elif learned:
             _learning_config(method, options, loaded)  # still refuse bad --learn-option values
             progress.total -= 1  # nothing to learn
@@ -612,10 +613,13 @@ LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", 
                 "lr_schedule", "warmup_fraction", "min_lr_fraction")
 
 
-def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -> dict:
+def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, correct: str,
+                 folded_batchnorm: dict) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record.
 
-    ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic.
+    ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic. The masks
+    are learned under the statistics correction ``correct`` that the build applies after them
+    (``learned/correction.py``).
     """
     from sparsecompile.learned import learn_masks
     from sparsecompile.learned.gumbel import HEURISTIC_INITS
@@ -632,6 +636,7 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
             raise SparseCompileError(f"--labels must hold one integer label per calibration sample "
                                      f"({calib.num_samples}), got shape {tuple(labels.shape)}")
     config, method_options = _learning_config(method, options, loaded)
+    config.correct = correct
     every = max(1, options.max_steps // 10)
 
     def report_progress(step, loss, agreement, held_out, info):
@@ -650,7 +655,8 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
                         + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")"):
         result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=method_options,
                              config=config, labels=labels, callback=report_progress,
-                             checkpoint_path=options.checkpoint, **({"init_masks": init_masks} if init_masks else {}),
+                             checkpoint_path=options.checkpoint, folded_batchnorm=folded_batchnorm,
+                             **({"init_masks": init_masks} if init_masks else {}),
                              resume=options.checkpoint if options.resume else None)
     method.masks = result.masks
     if world > 1:
@@ -661,7 +667,7 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks) -
             "best_held_out": result.best_held_out, "stop_reason": result.stop_reason,
             "wall_time_s": round(result.wall_time_s, 2), "held_out": result.held_out,
             "objective": result.objective, "options": dict(options.learn_options),
-            "feature_weight": config.feature_weight,
+            "feature_weight": config.feature_weight, "correct_in_loop": correct,
             "max_steps": options.max_steps, "time_budget_s": options.time_budget}
 
 

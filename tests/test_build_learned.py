@@ -26,8 +26,20 @@ def test_learned_build_keeps_weights_and_records_learning(tmp_path, model_files,
     learning = report["learning"]
     assert learning["method"] == method and 0 < learning["steps"] <= 6
     assert learning["stop_reason"] in ("max_steps", "early_stopping", "time_budget")
+    assert learning["correct_in_loop"] == "none"
     sparse = [r for r in report["layers"] if r["status"] == "sparse"]
     assert sparse and all(r["kept_weights"] == "unchanged" for r in sparse)  # the build checks bit-identity
+
+
+@pytest.mark.parametrize("correct", ["bias", "bn"])
+def test_a_learned_method_learns_under_the_correction_it_gets(tmp_path, model_files, correct):
+    """--correct bias|bn: the masks are learned under that correction, which the build then applies."""
+    result = build(_options(model_files, tmp_path, correct, method="gumbel", max_steps=4, correct=correct))
+    report = result.report
+    assert report["options"]["correct"] == correct and report["learning"]["correct_in_loop"] == correct
+    corrected = [r for r in report["layers"] if r.get("correction")]
+    assert corrected and all(r["correction"]["mode"] == correct for r in corrected)
+    assert all(r["kept_weights"] != "unchanged" for r in corrected)  # said, not hidden
 
 
 def test_loop_options_reach_the_learning(tmp_path, model_files):

@@ -173,7 +173,7 @@ class GumbelMaskLearner(MaskLearner):
 def learn_gumbel_masks(gm: torch.nn.Module, inputs, *, layers: Sequence | None = None, n: int = 2, m: int = 4,
                        options: GumbelOptions | None = None, config: TrainConfig | None = None,
                        labels: torch.Tensor | None = None, init_masks: dict[str, torch.Tensor] | None = None,
-                       callback=None, checkpoint_path=None, resume=None) -> TrainResult:
+                       callback=None, checkpoint_path=None, resume=None, folded_batchnorm=None) -> TrainResult:
     """Learn N:M masks of ``gm``'s eligible layers with Gumbel-softmax pattern logits.
 
     ``layers`` defaults to ``find_layers(gm, n=n, m=m)`` (those with ``reason is None`` are learned);
@@ -187,7 +187,7 @@ def learn_gumbel_masks(gm: torch.nn.Module, inputs, *, layers: Sequence | None =
         layers = find_layers(gm, n=n, m=m)
     learner = GumbelMaskLearner(gm, layers, n, m, options=options, init_masks=init_masks, seed=config.seed)
     return train_masks(learner, gm, inputs, labels=labels, config=config, callback=callback,
-                       checkpoint_path=checkpoint_path, resume=resume)
+                       checkpoint_path=checkpoint_path, resume=resume, folded_batchnorm=folded_batchnorm)
 
 
 __all__ = ["HEURISTIC_INITS", "GumbelMaskLearner", "GumbelOptions", "learn_gumbel_masks", "temperature"]

@@ -337,7 +337,7 @@ class ProxSparseLearner(MaskLearner):
 def learn_proxsparse_masks(gm: torch.nn.Module, inputs, *, layers: Sequence | None = None,
                            options: ProxSparseOptions | None = None, config: TrainConfig | None = None,
                            labels: torch.Tensor | None = None, callback=None, checkpoint_path=None,
-                           resume=None) -> TrainResult:
+                           resume=None, folded_batchnorm=None) -> TrainResult:
     """Learn 2:4 masks of ``gm``'s eligible layers with ProxSparse; ``result.weights`` is ``W0 * mask``.
 
     ``gm`` is not modified. See :func:`learn_gumbel_masks` for the shared arguments.
@@ -348,7 +348,7 @@ def learn_proxsparse_masks(gm: torch.nn.Module, inputs, *, layers: Sequence | No
         layers = find_layers(gm, n=2, m=4)
     learner = ProxSparseLearner(gm, layers, 2, 4, options=options)
     return train_masks(learner, gm, inputs, labels=labels, config=config, callback=callback,
-                       checkpoint_path=checkpoint_path, resume=resume)
+                       checkpoint_path=checkpoint_path, resume=resume, folded_batchnorm=folded_batchnorm)
 
 
 __all__ = [

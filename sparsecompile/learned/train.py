@@ -32,7 +32,18 @@ The output objective alone gives deep layers a weak, noisy signal from a few
 thousand images; matching every layer's output gives each mask a direct one
 (measured in ``benchmarks/results/learned_ablation.md``). The dense layer
 outputs are recomputed per batch (one extra forward pass without gradients).
-The held-out metric used for early stopping is the same sum.
+The held-out metric used for early stopping is the same sum. A layer's output is
+copied as the layer runs: an in-place activation after it (``relu_`` from
+``ReLU(inplace=True)``) would otherwise rewrite it into the activation's output.
+
+Statistics correction in the loop
+---------------------------------
+With ``correct = "bias"`` or ``"bn"`` (the build passes its ``--correct``), every
+learned layer the build's correction pass can correct gets that correction in
+the student's forward pass, measured on the batch
+(:mod:`sparsecompile.learned.correction`), so the masks are learned for the
+corrected network the build ships. The layer-output term and the held-out
+metric see the corrected outputs.
 
 Optimisation
 ------------
@@ -90,6 +101,8 @@ from torch.func import functional_call
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.fileio import atomic_write
 from sparsecompile.graph import get_tensor
+from sparsecompile.learned.correction import IN_LOOP_MODES, InLoopCorrection, match_batch_statistics
+from sparsecompile.passes.correct_statistics import channel_axis
 from sparsecompile.verify import flat_outputs
 
 CHECKPOINT_FORMAT = "sparsecompile-learned-checkpoint"
@@ -145,6 +158,9 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between periodic checkpoints (needs a checkpoint path)
     # Weight of the layer-output matching term (0: output objective only); see "Layer outputs" above.
     feature_weight: float = 1.0
+    # Statistics correction the masks are learned under (none | bn | bias; see learned/correction.py).
+    # The build sets it to its --correct mode.
+    correct: str = "none"
 
     def validate(self) -> None:
         if self.max_steps < 0:
@@ -167,6 +183,8 @@ class TrainConfig:
             raise SparseCompileError(f"eval_every must be >= 1, got {self.eval_every}")
         if self.patience is not None and self.patience < 1:
             raise SparseCompileError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.correct not in IN_LOOP_MODES:
+            raise SparseCompileError(f"unknown correct '{self.correct}'; valid: {', '.join(IN_LOOP_MODES)}")
         if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
             raise SparseCompileError(f"feature_weight must be a finite number >= 0, got {self.feature_weight}")
 
@@ -201,10 +219,15 @@ def stream_seed(seed: int, stream: int, *index: int) -> int:
 STREAM_DATA, STREAM_NOISE, STREAM_SPLIT, STREAM_INIT = 1, 2, 3, 4
 
 
-def layer_output_probe(gm: torch.nn.Module, layers: Sequence) -> torch.fx.GraphModule:
+def layer_output_probe(gm: torch.nn.Module, layers: Sequence, correct: bool = False) -> torch.fx.GraphModule:
     """A module computing what ``gm`` computes, returning ``(gm's output, [output of each layer])``.
 
     It shares ``gm``'s parameters and buffers (same names), so ``functional_call`` overrides reach it.
+    The layer outputs are copies taken as each layer runs (an in-place activation downstream does not
+    reach them). With ``correct``, every layer's output passes through
+    :func:`~sparsecompile.learned.correction.match_batch_statistics` before anything downstream (and the
+    returned list) sees it; the module then takes, after the model's inputs, three tensors per layer
+    (target mean, numerator, offset; ``None``: that layer passes unchanged).
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise SparseCompileError("layer outputs are read from the graph: this needs an FX graph module")
@@ -217,7 +240,29 @@ def layer_output_probe(gm: torch.nn.Module, layers: Sequence) -> torch.fx.GraphM
     missing = [layer.node_name for layer in layers if layer.node_name not in nodes]
     if missing:
         raise SparseCompileError(f"layer node(s) not in the graph: {', '.join(missing)}")
-    graph.output((original, [nodes[layer.node_name] for layer in layers]))
+    outputs = [nodes[layer.node_name] for layer in layers]
+    replaced: dict = {}
+    if correct:
+        last = [node for node in graph.nodes if node.op == "placeholder"][-1]
+        for i, layer in enumerate(layers):
+            targets = []
+            for part in ("mean", "numerator", "offset"):
+                with graph.inserting_after(last):
+                    last = graph.placeholder(f"sc_correction_{part}_{i}")
+                targets.append(last)
+            node = outputs[i]
+            with graph.inserting_after(node):
+                fixed = graph.call_function(match_batch_statistics, (node, *targets, channel_axis(node, layer)))
+            node.replace_all_uses_with(fixed, delete_user_cb=lambda user: user is not fixed)
+            outputs[i] = replaced[node] = fixed
+        original = torch.fx.node.map_arg(original, lambda n: replaced.get(n, n))  # a layer may be the output
+    # A copy taken before anything downstream runs: an in-place consumer (``relu_`` from ReLU(inplace=True))
+    # would otherwise rewrite the returned tensor into the activation's output.
+    features = []
+    for node in outputs:
+        with graph.inserting_after(node):
+            features.append(graph.call_function(torch.ops.aten.clone.default, (node,)))
+    graph.output((original, features))
     graph.lint()
     return torch.fx.GraphModule(gm, graph)
 
@@ -368,7 +413,7 @@ class MaskTrainer:
 
     def __init__(self, learner: MaskLearner, gm: torch.nn.Module, inputs, *, labels: torch.Tensor | None = None,
                  config: TrainConfig | None = None, callback: ProgressCallback | None = None,
-                 checkpoint_path: str | os.PathLike | None = None):
+                 checkpoint_path: str | os.PathLike | None = None, folded_batchnorm: dict | None = None):
         self.learner, self.gm = learner, gm
         self.config = config or TrainConfig()
         self.config.validate()
@@ -390,7 +435,10 @@ class MaskTrainer:
                         list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
         self._split()
         self._prepare_teacher()
-        self._probe = layer_output_probe(gm, learner.layers) if self.config.feature_weight > 0 else None
+        self.correction = (InLoopCorrection(gm, learner.layers, self.config.correct, folded_batchnorm, self.device)
+                           if self.config.correct != "none" else None)
+        self._probe = (layer_output_probe(gm, learner.layers, correct=self.correction is not None)
+                       if self.config.feature_weight > 0 or self.correction is not None else None)
         # The probe holds only the tensors its graph reads (a folded BatchNorm's are gone).
         self._probe_names = ({name for name, _ in self._probe.named_parameters(remove_duplicate=False)}
                              | {name for name, _ in self._probe.named_buffers(remove_duplicate=False)}
@@ -460,10 +508,14 @@ class MaskTrainer:
         state.update(overrides)
         return flat_outputs(functional_call(self.gm, state, inputs, strict=False, tie_weights=False))
 
-    def _run_probe(self, overrides: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...]):
-        """(model outputs, layer outputs) through the probe module (see :func:`layer_output_probe`)."""
+    def _run_probe(self, overrides: dict[str, torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                   targets: tuple | None = None):
+        """(model outputs, layer outputs) through the probe module (see :func:`layer_output_probe`);
+        ``targets``: the per-layer statistics of the in-loop correction (None: no correction)."""
         state = {name: t for name, t in self._frozen.items() if name in self._probe_names}
         state.update(overrides)
+        if self.correction is not None:
+            inputs = tuple(inputs) + (targets if targets is not None else self.correction.identity())
         model_out, features = functional_call(self._probe, state, inputs, strict=False, tie_weights=False)
         return flat_outputs(model_out), list(features)
 
@@ -478,8 +530,11 @@ class MaskTrainer:
         with torch.no_grad():  # one dense pass gives the layer outputs and, when not cached, the model outputs
             dense_outputs, teacher_features = self._run_probe({}, inputs)
         teacher = self._teacher(index) if self._teacher_cache is not None else dense_outputs
-        student, student_features = self._run_probe(overrides, inputs)
+        targets = self.correction.targets(teacher_features) if self.correction is not None else None
+        student, student_features = self._run_probe(overrides, inputs, targets)
         loss = self._loss(student, teacher, index)
+        if self.config.feature_weight == 0:
+            return student, teacher, loss
         return student, teacher, loss + self.config.feature_weight * self._feature_loss(student_features,
                                                                                          teacher_features)
 
@@ -838,14 +893,16 @@ def _any_rank(flag: bool) -> bool:
 def train_masks(learner: MaskLearner, gm: torch.nn.Module, inputs, *, labels: torch.Tensor | None = None,
                 config: TrainConfig | None = None, callback: ProgressCallback | None = None,
                 checkpoint_path: str | os.PathLike | None = None,
-                resume: str | os.PathLike | None = None) -> TrainResult:
+                resume: str | os.PathLike | None = None, folded_batchnorm: dict | None = None) -> TrainResult:
     """Train ``learner`` and return its masks; ``resume`` continues from a checkpoint file.
 
     ``checkpoint_path`` receives the state at the end, on interrupt, and every
     ``config.checkpoint_every`` steps. Resuming with ``resume == checkpoint_path`` is the usual pattern.
+    ``folded_batchnorm`` (weight target -> ``FoldedBatchNorm``, from the fold pass) is what
+    ``config.correct = "bn"`` re-estimates.
     """
     trainer = MaskTrainer(learner, gm, inputs, labels=labels, config=config, callback=callback,
-                          checkpoint_path=checkpoint_path)
+                          checkpoint_path=checkpoint_path, folded_batchnorm=folded_batchnorm)
     if resume is not None:
         trainer.load_checkpoint(resume)
     return trainer.run()

@@ -47,7 +47,8 @@ CORRECTION_MODES = ("bn", "bias")  # plus "none": no pass at all
 _EPS = 1e-12
 
 
-def _bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
+def bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
+    """(argument index, keyword) of the layer's bias, or None when the op has none (``mm``, ``matmul``)."""
     if node.target in CONV_OPS or node.target == aten.linear.default:
         return 2, "bias"
     if node.target == aten.addmm.default:
@@ -55,7 +56,8 @@ def _bias_slot(node: torch.fx.Node) -> tuple[int, str] | None:
     return None
 
 
-def _channel_axis(node: torch.fx.Node, layer) -> int:
+def channel_axis(node: torch.fx.Node, layer) -> int:
+    """The axis of ``node``'s output that holds the layer's output channels."""
     if node.target in CONV_OPS:
         return 1
     _, kind = activation_input(node, layer.weight_target)
@@ -132,7 +134,7 @@ class StatisticsCorrector:
         """Give every layer to correct a bias (zero: the function is unchanged) before running."""
         for node in self.gm.graph.nodes:
             layer = self.by_node.get(node.name)
-            slot = _bias_slot(node) if layer is not None else None
+            slot = bias_slot(node) if layer is not None else None
             if slot is None or arg(node, *slot) is not None:
                 continue
             weight = get_tensor(self.gm, layer.weight_target)
@@ -147,13 +149,13 @@ class StatisticsCorrector:
         layer = self.by_node.get(node.name)
         if layer is None:  # watched for another reason (mask selection)
             return None
-        slot = _bias_slot(node)
+        slot = bias_slot(node)
         before = _relative_error(reference, working)
         if slot is None:
             self.records[layer.name] = {"mode": self.mode, "skipped": "no bias slot to take the shift",
                                         "error_before": before, "error_after": before}
             return None
-        axis = _channel_axis(node, layer)
+        axis = channel_axis(node, layer)
         mean, var = _channel_moments(working, axis)
         if self.mode == "bn":
             folded = self.folded[layer.weight_target]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import make_small_net
-from helpers import export_graph
+from helpers import count_ops, export_graph
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.graph import get_tensor
 from sparsecompile.layers import find_layers
@@ -44,6 +44,11 @@ def _quick(**kwargs) -> TrainConfig:
 
 def _eligible(gm):
     return [layer for layer in find_layers(gm) if layer.reason is None]
+
+
+def _eligible_all(gm):
+    """Every layer, however small (the toy nets here are below the default size floor)."""
+    return [layer for layer in find_layers(gm, min_weights=0) if layer.reason is None]
 
 
 def _magnitude_masks(gm):
@@ -386,6 +391,34 @@ def test_layer_output_probe_returns_the_model_output_and_every_layer_output(smal
     assert not any(name.startswith("_probe") for name, _ in small_gm.named_children())  # gm itself is untouched
     with pytest.raises(SparseCompileError, match="FX graph module"):
         layer_output_probe(make_small_net(), layers)
+
+
+class _InplaceNet(nn.Module):
+    """Linear -> ReLU(inplace=True) -> Linear: the export keeps ``relu_``, which rewrites the first layer's
+    output tensor in place."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.fc2 = nn.Linear(16, 32), nn.ReLU(inplace=True), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_layer_outputs_are_read_before_an_in_place_activation_rewrites_them():
+    """Regression: the probe returned fc1's output *after* ``relu_`` had rewritten it in place."""
+    net = _InplaceNet().eval()
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+    gm = export_graph(net, x[:4], dynamic_batch=True)
+    assert count_ops(gm, torch.ops.aten.relu_.default) == 1  # the case under test is really there
+    layers = _eligible_all(gm)
+    out, (first, second) = layer_output_probe(gm, layers)(x)
+    with torch.no_grad():
+        pre_activation = net.fc1(x)
+        assert torch.equal(flat_outputs(out)[0], net(x))
+    assert (pre_activation < 0).any()  # so a ReLU'd copy would differ
+    assert torch.allclose(first, pre_activation, atol=1e-6) and torch.allclose(second, net(x), atol=1e-6)
 
 
 class _Blind(nn.Module):

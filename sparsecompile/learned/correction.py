@@ -1,0 +1,123 @@
+"""Statistics correction inside the mask-learning loop (``--correct bn|bias`` with a learned method).
+
+After masking, the build's statistics correction (``passes/correct_statistics.py``)
+gives each sparse layer's output channel one scale and one shift,
+``o' = t * o + c``, measured on the calibration set. Masks learned without
+it spend their freedom on what that correction repairs for free (a channel's
+mean and spread) and are then corrected anyway. Learning them *under* the
+correction aims them at what it cannot repair.
+
+In the loop, the correction is measured on each batch, like BatchNorm in
+training mode: with the layer's output ``o`` on the batch (mean ``mu``,
+biased variance ``var`` per channel), ``o' = (o - mu) * sqrt(a / (var + b)) + target_mean``,
+differentiable, where per mode
+
+``bias``
+    ``target_mean``, ``a`` = the dense layer's per-channel mean and variance
+    on the same batch (from the dense pass the loop runs anyway), ``b = 0``;
+    channels with no variance keep their scale (as after learning).
+``bn``
+    re-estimated BatchNorm for layers whose BN was folded: ``target_mean = beta``,
+    ``a = s^2 (running_var + eps)``, ``b = s^2 eps`` with the fold's
+    ``s = gamma / sqrt(running_var + eps)``, which is ``BN`` with statistics
+    measured on the batch. BatchNorms the fold could not remove are
+    re-estimated after learning only.
+
+Layers the build's correction skips (no bias slot to take the shift: ``mm``
+/ ``matmul``; under ``bn``, layers without a folded BN) pass unchanged. The
+build then runs the usual correction on the whole calibration set, so the
+batch estimate is used only while learning (and for the held-out metric,
+per evaluation chunk).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from sparsecompile.passes.correct_statistics import CORRECTION_MODES, bias_slot, channel_axis
+
+IN_LOOP_MODES = ("none",) + CORRECTION_MODES
+_EPS = 1e-12
+_NONE = (None, None, None)
+
+
+def channel_moments(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``out`` over everything but ``axis``."""
+    values = out.movedim(axis, -1)
+    flat = values.reshape(-1, values.shape[-1])
+    return flat.mean(0), flat.var(0, unbiased=False)
+
+
+def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None, numerator: torch.Tensor | None,
+                           offset: torch.Tensor | None, axis: int) -> torch.Tensor:
+    """``(out - mu) * sqrt(numerator / (var + offset)) + target_mean`` per channel of ``axis``, with ``mu``,
+    ``var`` measured on ``out`` itself; ``None`` targets: ``out`` unchanged. See the module docstring."""
+    if target_mean is None:
+        return out
+    values = out.movedim(axis, -1)
+    flat = values.reshape(-1, values.shape[-1])
+    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    denominator = var + offset
+    scale = torch.where(denominator > _EPS, torch.sqrt(numerator / denominator.clamp_min(_EPS)),
+                        torch.ones_like(denominator))
+    return ((values - mean) * scale + target_mean).movedim(-1, axis)
+
+
+class InLoopCorrection:
+    """The per-layer plan of one mode: which layers are corrected, on which axis, towards what.
+
+    ``targets(dense_features)`` gives the probe's extra inputs (three per layer, see
+    :func:`sparsecompile.learned.train.layer_output_probe`); ``identity()`` the inputs that leave every
+    layer unchanged (the dense pass).
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, layers: Sequence, mode: str, folded_batchnorm: dict | None,
+                 device: torch.device | None = None):
+        if mode not in CORRECTION_MODES:
+            raise ValueError(f"unknown correction mode '{mode}'")
+        nodes = {node.name: node for node in gm.graph.nodes}
+        folded = folded_batchnorm or {}
+        self.mode = mode
+        self.axes: list[int] = []
+        self.constants: list[tuple | None] = []  # per layer: bn constants, "bias" (dense batch moments), or None
+        self.skipped: dict[str, str] = {}
+        for layer in layers:
+            node = nodes[layer.node_name]
+            self.axes.append(channel_axis(node, layer))
+            if bias_slot(node) is None:
+                self.skipped[layer.name] = "no bias slot to take the shift"
+                self.constants.append(None)
+            elif mode == "bias":
+                self.constants.append("bias")
+            elif layer.weight_target in folded:
+                bn = folded[layer.weight_target]
+                s2 = bn.scale.pow(2)
+                self.constants.append(tuple(t.to(device=device, dtype=torch.float32) for t in
+                                            (bn.beta, s2 * (bn.running_var + bn.eps), s2 * bn.eps)))
+            else:
+                self.skipped[layer.name] = "no folded BatchNorm"
+                self.constants.append(None)
+
+    @property
+    def corrected(self) -> int:
+        return sum(c is not None for c in self.constants)
+
+    def identity(self) -> tuple:
+        return _NONE * len(self.axes)
+
+    def targets(self, dense_features: Sequence[torch.Tensor]) -> tuple:
+        flat: list = []
+        for feature, axis, constants in zip(dense_features, self.axes, self.constants):
+            if constants is None:
+                flat.extend(_NONE)
+            elif constants == "bias":
+                mean, var = channel_moments(feature.detach(), axis)
+                flat.extend((mean, var, var.new_zeros(())))
+            else:
+                flat.extend(constants)
+        return tuple(flat)
+
+
+__all__ = ["IN_LOOP_MODES", "InLoopCorrection", "channel_moments", "match_batch_statistics"]
