@@ -43,11 +43,18 @@ _EPS = 1e-12
 _NONE = (None, None, None)
 
 
+def _other_dims(out: torch.Tensor, axis: int) -> tuple[list[int], list[int]]:
+    """(the dims to reduce over, the broadcast shape of a per-channel vector) for channel axis ``axis``."""
+    axis = axis % out.dim()
+    shape = [1] * out.dim()
+    shape[axis] = -1
+    return [d for d in range(out.dim()) if d != axis], shape
+
+
 def channel_moments(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``out`` over everything but ``axis``."""
-    values = out.movedim(axis, -1)
-    flat = values.reshape(-1, values.shape[-1])
-    return flat.mean(0), flat.var(0, unbiased=False)
+    dims, _ = _other_dims(out, axis)
+    return out.mean(dims), out.var(dims, unbiased=False)
 
 
 def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None, numerator: torch.Tensor | None,
@@ -56,13 +63,12 @@ def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None, 
     ``var`` measured on ``out`` itself; ``None`` targets: ``out`` unchanged. See the module docstring."""
     if target_mean is None:
         return out
-    values = out.movedim(axis, -1)
-    flat = values.reshape(-1, values.shape[-1])
-    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    dims, shape = _other_dims(out, axis)
+    mean, var = out.mean(dims), out.var(dims, unbiased=False)
     denominator = var + offset
     scale = torch.where(denominator > _EPS, torch.sqrt(numerator / denominator.clamp_min(_EPS)),
                         torch.ones_like(denominator))
-    return ((values - mean) * scale + target_mean).movedim(-1, axis)
+    return (out - mean.reshape(shape)) * scale.reshape(shape) + target_mean.reshape(shape)
 
 
 class InLoopCorrection:
