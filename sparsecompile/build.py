@@ -320,9 +320,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         dense_gm = copy.deepcopy(gm)
         correct = options.correct
         if correct == "auto":  # measured best on real data; without real data it would fit noise
+            # Learned methods too: they learn their masks under it (learned/correction.py), and
+            # --correct none keeps their weights bit for bit.
             correct = DEFAULT_CORRECTION if options.calib else "none"
-            if learned:
-                correct = "none"  # learned masks promise weights bit-identical to dense
         learning = None
         if learned and eligible:
             learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, lambda: list(batches(calib)),

@@ -122,7 +122,8 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--correct", type=click.Choice(["auto", "none", "bn", "bias"]), default="auto", show_default=True,
               help="Statistics correction after masking: match the dense layer's per-channel mean/variance "
                    "(bias) or re-estimate folded BatchNorm (bn); rescales surviving weights per output row. "
-                   "auto: bias with --calib, none without.")
+                   "auto: bias with --calib, none without. gumbel/proxsparse learn their masks under the "
+                   "correction; with none their weights stay bit for bit.")
 @click.option("--sequential/--one-shot", default=True, show_default=True,
               help="Calibration statistics for layer k with layers < k already sparse (sequential), or all from "
                    "the dense model (one-shot).")

@@ -20,7 +20,8 @@ def _options(model_files, tmp_path, name, **kwargs):
 
 @pytest.mark.parametrize("method", ["gumbel", "proxsparse"])
 def test_learned_build_keeps_weights_and_records_learning(tmp_path, model_files, method):
-    result = build(_options(model_files, tmp_path, method, method=method, max_steps=6))
+    """--correct none: the weights stay bit for bit (the default, auto, corrects: see the next test)."""
+    result = build(_options(model_files, tmp_path, method, method=method, max_steps=6, correct="none"))
     report = result.report
     assert report["method"] == method and report["options"]["correct"] == "none"
     learning = report["learning"]
@@ -31,14 +32,15 @@ def test_learned_build_keeps_weights_and_records_learning(tmp_path, model_files,
     assert sparse and all(r["kept_weights"] == "unchanged" for r in sparse)  # the build checks bit-identity
 
 
-@pytest.mark.parametrize("correct", ["bias", "bn"])
-def test_a_learned_method_learns_under_the_correction_it_gets(tmp_path, model_files, correct):
-    """--correct bias|bn: the masks are learned under that correction, which the build then applies."""
+@pytest.mark.parametrize("correct, effective", [("bias", "bias"), ("bn", "bn"), ("auto", "bias")])
+def test_a_learned_method_learns_under_the_correction_it_gets(tmp_path, model_files, correct, effective):
+    """--correct bias|bn (auto: bias, as for the heuristics): the masks are learned under that correction,
+    which the build then applies."""
     result = build(_options(model_files, tmp_path, correct, method="gumbel", max_steps=4, correct=correct))
     report = result.report
-    assert report["options"]["correct"] == correct and report["learning"]["correct_in_loop"] == correct
+    assert report["options"]["correct"] == effective and report["learning"]["correct_in_loop"] == effective
     corrected = [r for r in report["layers"] if r.get("correction")]
-    assert corrected and all(r["correction"]["mode"] == correct for r in corrected)
+    assert corrected and all(r["correction"]["mode"] == effective for r in corrected)
     assert all(r["kept_weights"] != "unchanged" for r in corrected)  # said, not hidden
 
 
