@@ -7,7 +7,8 @@ method and correction:
 - methods: gumbel (magnitude init) and proxsparse, each learned label-free for ``--steps`` steps (default:
   the build's) on ``--calib-samples`` stratified training images, with the layer-output term at
   ``--feature-weight`` (default: the build's), and magnitude on the same images;
-- corrections: ``none`` (weights bit-identical) and ``bias``.
+- corrections: ``none`` (weights bit-identical) and ``bias`` (masks learned under the correction
+  since stop 15; ``results/learned_accuracy.md`` predates that).
 
 Every build targets a100 2:4 with min_weights 4096 and no permutation. It reports test top-1 on
 10,000 images (ONNX Runtime) and the wall time of the build. Results are cached in
