@@ -41,7 +41,8 @@ class Net(nn.Module):
 def _pass(gm, **kw):
     layers = find_layers(gm, min_weights=0)
     eligible = {layer.node_name for layer in layers if layer.reason is None}
-    return PermuteChannels(layers, eligible, budget_s=2.0, **kw)
+    kw.setdefault("budget_s", 2.0)
+    return PermuteChannels(layers, eligible, **kw)
 
 
 def _kept(gm, target, axis=1):
@@ -92,7 +93,9 @@ def test_deterministic_for_a_seed():
     results = []
     for _ in range(2):
         gm = export_graph(model, x)
-        gm, _ = run_pass(_pass(gm, seed=7), gm, (x,))
+        # A budget the search never reaches: a search the budget stops depends on machine load (it failed
+        # once at 2 s with the machine saturated).
+        gm, _ = run_pass(_pass(gm, seed=7, budget_s=600.0), gm, (x,))
         results.append(get_tensor(gm, "c2.weight").clone())
     assert torch.equal(results[0], results[1])
 
