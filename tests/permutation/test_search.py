@@ -249,7 +249,11 @@ def test_budget_stops_a_long_search():
     assert result.budget_exhausted
     assert result.seconds < 20.0  # generous: shared CI machines stall; the point is that it stops
     _assert_valid(result, scores)
-    assert result.kept_permuted > result.kept_plain
+    # Never worse than no permutation; better once a round finished (on a saturated machine the
+    # budget once ran out before the first round: rounds=0, nothing to gain yet).
+    assert result.kept_permuted >= result.kept_plain
+    if result.rounds > 0:
+        assert result.kept_permuted > result.kept_plain
 
 
 @pytest.mark.parametrize("segments,match", [
