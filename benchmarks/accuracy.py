@@ -391,7 +391,8 @@ def main() -> int:
                     help="calibration images for the learned rows (gumbel, proxsparse; default 2048)")
     ap.add_argument("--no-learned", action="store_true", help="skip the learned rows (they take most of the time)")
     ap.add_argument("--learned-corrections", default="none,bn,bias",
-                    help="comma-separated --correct values for the learned rows (default none,bn,bias)")
+                    help="comma-separated --correct values for the learned rows (default none,bn,bias), or "
+                         "per method: gumbel:none,bn,bias/proxsparse:none")
     ap.add_argument("--output", help="Markdown output (default benchmarks/results/accuracy[-quick].md)")
     args = ap.parse_args()
     command = "python benchmarks/accuracy.py" + "".join(f" {a}" for a in sys.argv[1:])
@@ -408,9 +409,16 @@ def main() -> int:
     methods = [m for m in METHODS if not args.quick or m[0] in QUICK_METHODS]
     corrections = QUICK_CORRECTIONS if args.quick else CORRECTIONS
     learned = [] if args.quick or args.no_learned else LEARNED
-    learned_corrections = [c.strip() for c in args.learned_corrections.split(",") if c.strip()]
-    if any(c not in CORRECTIONS for c in learned_corrections):
-        ap.error(f"--learned-corrections takes values from {', '.join(CORRECTIONS)}")
+    # "none,bn,bias" for every learned method, or per method: "gumbel:none,bn,bias/proxsparse:none".
+    learned_corrections: dict[str, list[str]] = {}
+    for group in args.learned_corrections.split("/"):
+        names, _, values = group.rpartition(":")
+        chosen = [c.strip() for c in values.split(",") if c.strip()]
+        if any(c not in CORRECTIONS for c in chosen):
+            ap.error(f"--learned-corrections takes values from {', '.join(CORRECTIONS)}")
+        for label, _ in LEARNED:
+            if not names or label == names.strip():
+                learned_corrections[label] = chosen
     src_hash = source_hash()
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -455,7 +463,7 @@ def main() -> int:
     if not args.quick:
         jobs += [(specs[0], label, method, update, correct, False) for (label, method, update, correct) in ONE_SHOT]
     jobs += [(spec, label, method, False, correct, True)
-             for spec in specs for (label, method) in learned for correct in learned_corrections]
+             for spec in specs for (label, method) in learned for correct in learned_corrections.get(label, [])]
     learned_labels = {label for label, _ in learned}
     for i, (spec, label, method, update, correct, sequential) in enumerate(jobs, 1):
         calib = (learned_calibs if label in learned_labels else calibs)[spec.key]
@@ -486,7 +494,7 @@ def main() -> int:
         return None if r is None or r["error"] else r["accuracy"]
 
     def not_run(label, correct) -> bool:  # learned rows are built with --learned-corrections only
-        return label in learned_labels and correct not in learned_corrections
+        return label in learned_labels and correct not in learned_corrections.get(label, [])
 
     row_labels = [m[0] for m in methods] + [label for label, _ in learned]
     sections = []  # (title, headers, rows, note)
