@@ -9,19 +9,19 @@ correction aims them at what it cannot repair.
 
 In the loop, the correction is measured on each batch, like BatchNorm in
 training mode: with the layer's output ``o`` on the batch (mean ``mu``,
-biased variance ``var`` per channel), ``o' = (o - mu) * sqrt(a / (var + b)) + target_mean``,
-differentiable, where per mode
+biased variance ``var`` per channel), ``o' = (o - mu) * t + target``,
+differentiable, with the pass's own factor ``t``
+(:func:`~sparsecompile.passes.correct_statistics.channel_scale`). Per mode
 
 ``bias``
-    ``target_mean``, ``a`` = the dense layer's per-channel mean and variance
-    on the same batch (from the dense pass the loop runs anyway), ``b = 0``;
-    channels with no variance keep their scale (as after learning).
+    ``target`` and the variance ``t`` matches are the dense layer's
+    per-channel mean and variance on the same batch (from the dense pass the
+    loop runs anyway); channels with no variance keep their scale.
 ``bn``
-    re-estimated BatchNorm for layers whose BN was folded: ``target_mean = beta``,
-    ``a = s^2 (running_var + eps)``, ``b = s^2 eps`` with the fold's
-    ``s = gamma / sqrt(running_var + eps)``, which is ``BN`` with statistics
-    measured on the batch. BatchNorms the fold could not remove are
-    re-estimated after learning only.
+    re-estimated BatchNorm for layers whose BN was folded: ``target`` is its
+    beta and ``t`` rescales to its running variance, which is ``BN`` with
+    statistics measured on the batch. BatchNorms the fold could not remove
+    are re-estimated after learning only.
 
 Layers the build's correction skips (no bias slot to take the shift: ``mm``
 / ``matmul``; under ``bn``, layers without a folded BN) pass unchanged. The
@@ -36,10 +36,10 @@ from typing import Sequence
 
 import torch
 
-from sparsecompile.passes.correct_statistics import CORRECTION_MODES, bias_slot, channel_axis
+from sparsecompile.passes.correct_statistics import CORRECTION_MODES, bias_slot, channel_axis, channel_scale
+from sparsecompile.passes.fold_batchnorm import FoldedBatchNorm
 
 IN_LOOP_MODES = ("none",) + CORRECTION_MODES
-_EPS = 1e-12
 _NONE = (None, None, None)
 
 
@@ -57,17 +57,17 @@ def channel_moments(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.T
     return out.mean(dims), out.var(dims, unbiased=False)
 
 
-def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None, numerator: torch.Tensor | None,
-                           offset: torch.Tensor | None, axis: int) -> torch.Tensor:
-    """``(out - mu) * sqrt(numerator / (var + offset)) + target_mean`` per channel of ``axis``, with ``mu``,
-    ``var`` measured on ``out`` itself; ``None`` targets: ``out`` unchanged. See the module docstring."""
+def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None,
+                           reference_var: torch.Tensor | None, folded: FoldedBatchNorm | None,
+                           axis: int) -> torch.Tensor:
+    """``(out - mu) * channel_scale(var, reference_var, folded) + target_mean`` per channel of ``axis``, with
+    ``mu``, ``var`` measured on ``out`` itself; ``target_mean=None``: ``out`` unchanged. See the module
+    docstring."""
     if target_mean is None:
         return out
     dims, shape = _other_dims(out, axis)
     mean, var = out.mean(dims), out.var(dims, unbiased=False)
-    denominator = var + offset
-    scale = torch.where(denominator > _EPS, torch.sqrt(numerator / denominator.clamp_min(_EPS)),
-                        torch.ones_like(denominator))
+    scale = channel_scale(var, reference_var, folded)
     return (out - mean.reshape(shape)) * scale.reshape(shape) + target_mean.reshape(shape)
 
 
@@ -87,42 +87,39 @@ class InLoopCorrection:
         folded = folded_batchnorm or {}
         self.mode = mode
         self.axes: list[int] = []
-        self.constants: list[tuple | None] = []  # per layer: bn constants, "bias" (dense batch moments), or None
+        self.corrects: list[bool] = []
+        self.batchnorms: list[FoldedBatchNorm | None] = []  # bn: the folded BN in float32 on ``device``
         self.skipped: dict[str, str] = {}
         for layer in layers:
             node = nodes[layer.node_name]
             self.axes.append(channel_axis(node, layer))
+            bn = folded.get(layer.weight_target) if mode == "bn" else None
             if bias_slot(node) is None:
                 self.skipped[layer.name] = "no bias slot to take the shift"
-                self.constants.append(None)
-            elif mode == "bias":
-                self.constants.append("bias")
-            elif layer.weight_target in folded:
-                bn = folded[layer.weight_target]
-                s2 = bn.scale.pow(2)
-                self.constants.append(tuple(t.to(device=device, dtype=torch.float32) for t in
-                                            (bn.beta, s2 * (bn.running_var + bn.eps), s2 * bn.eps)))
-            else:
+            elif mode == "bn" and bn is None:
                 self.skipped[layer.name] = "no folded BatchNorm"
-                self.constants.append(None)
+            self.corrects.append(layer.name not in self.skipped)
+            self.batchnorms.append(None if bn is None else FoldedBatchNorm(
+                *(t.to(device=device, dtype=torch.float32) for t in (bn.scale, bn.running_var)), bn.eps,
+                bn.beta.to(device=device, dtype=torch.float32), bn.output_axis))
 
     @property
     def corrected(self) -> int:
-        return sum(c is not None for c in self.constants)
+        return sum(self.corrects)
 
     def identity(self) -> tuple:
         return _NONE * len(self.axes)
 
     def targets(self, dense_features: Sequence[torch.Tensor]) -> tuple:
         flat: list = []
-        for feature, axis, constants in zip(dense_features, self.axes, self.constants):
-            if constants is None:
+        for feature, axis, corrects, bn in zip(dense_features, self.axes, self.corrects, self.batchnorms):
+            if not corrects:
                 flat.extend(_NONE)
-            elif constants == "bias":
-                mean, var = channel_moments(feature.detach(), axis)
-                flat.extend((mean, var, var.new_zeros(())))
+            elif bn is not None:
+                flat.extend((bn.beta, None, bn))
             else:
-                flat.extend(constants)
+                mean, var = channel_moments(feature.detach(), axis)
+                flat.extend((mean, var, None))
         return tuple(flat)
 
 

@@ -226,8 +226,8 @@ def layer_output_probe(gm: torch.nn.Module, layers: Sequence, correct: bool = Fa
     The layer outputs are copies taken as each layer runs (an in-place activation downstream does not
     reach them). With ``correct``, every layer's output passes through
     :func:`~sparsecompile.learned.correction.match_batch_statistics` before anything downstream (and the
-    returned list) sees it; the module then takes, after the model's inputs, three tensors per layer
-    (target mean, numerator, offset; ``None``: that layer passes unchanged).
+    returned list) sees it; the module then takes, after the model's inputs, three per layer (target
+    mean, reference variance, folded BatchNorm; a ``None`` target mean: that layer passes unchanged).
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise SparseCompileError("layer outputs are read from the graph: this needs an FX graph module")
@@ -246,7 +246,7 @@ def layer_output_probe(gm: torch.nn.Module, layers: Sequence, correct: bool = Fa
         last = [node for node in graph.nodes if node.op == "placeholder"][-1]
         for i, layer in enumerate(layers):
             targets = []
-            for part in ("mean", "numerator", "offset"):
+            for part in ("mean", "reference_var", "batchnorm"):
                 with graph.inserting_after(last):
                     last = graph.placeholder(f"sc_correction_{part}_{i}")
                 targets.append(last)

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 
 from sparsecompile.graph import CONV_OPS, add_bias, arg, get_tensor, set_tensor
-from sparsecompile.passes.fold_batchnorm import BN_OPS
+from sparsecompile.passes.fold_batchnorm import BN_OPS, FoldedBatchNorm
 from sparsecompile.masks.statistics import activation_input
 from sparsecompile.passes.manager import PassContext, PassResult
 from sparsecompile.sequential import LockstepRunner
@@ -62,6 +62,19 @@ def channel_axis(node: torch.fx.Node, layer) -> int:
         return 1
     _, kind = activation_input(node, layer.weight_target)
     return -2 if kind == "left" else -1
+
+
+def channel_scale(var: torch.Tensor, reference_var: torch.Tensor | None = None,
+                  folded: FoldedBatchNorm | None = None) -> torch.Tensor:
+    """The per-channel factor ``t`` of the correction ``o' = t * (o - mean) + target`` from the sparse
+    output's variance ``var``: with ``folded``, BatchNorm re-estimation (``bn``; the target is its beta);
+    otherwise the dense output's variance ``reference_var`` is matched (``bias``; the target is the dense
+    mean), and channels with no variance keep their scale. Also used, differentiably and per batch,
+    while masks are learned (``learned/correction.py``)."""
+    if folded is not None:
+        pre_bn_var = var / folded.scale.pow(2).clamp_min(_EPS)
+        return torch.sqrt(folded.running_var + folded.eps) / torch.sqrt(pre_bn_var + folded.eps)
+    return torch.where(var > _EPS, torch.sqrt(reference_var / var.clamp_min(_EPS)), torch.ones_like(var))
 
 
 def _channel_moments(values: list[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,12 +172,11 @@ class StatisticsCorrector:
         mean, var = _channel_moments(working, axis)
         if self.mode == "bn":
             folded = self.folded[layer.weight_target]
-            pre_bn_var = var / folded.scale.pow(2).clamp_min(_EPS)
-            scale = torch.sqrt(folded.running_var + folded.eps) / torch.sqrt(pre_bn_var + folded.eps)
+            scale = channel_scale(var, folded=folded)
             shift = folded.beta - scale * mean
         else:
             ref_mean, ref_var = _channel_moments(reference, axis)
-            scale = torch.where(var > _EPS, torch.sqrt(ref_var / var.clamp_min(_EPS)), torch.ones_like(var))
+            scale = channel_scale(var, reference_var=ref_var)
             shift = ref_mean - scale * mean
         self._fold_into_layer(node, layer, slot, scale, shift)
         shape = [1] * working[0].dim()
