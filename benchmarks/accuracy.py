@@ -416,6 +416,9 @@ def main() -> int:
         chosen = [c.strip() for c in values.split(",") if c.strip()]
         if any(c not in CORRECTIONS for c in chosen):
             ap.error(f"--learned-corrections takes values from {', '.join(CORRECTIONS)}")
+        if names and names.strip() not in {label for label, _ in LEARNED}:
+            ap.error(f"--learned-corrections: unknown learned method '{names.strip()}'; "
+                     f"valid: {', '.join(label for label, _ in LEARNED)}")
         for label, _ in LEARNED:
             if not names or label == names.strip():
                 learned_corrections[label] = chosen
