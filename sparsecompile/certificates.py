@@ -68,27 +68,27 @@ def certificate_lines(result: dict, top: int = 5) -> list[str]:
     return lines
 
 
-def certify_build(build_dir: str, calib: str, samples: int = 256, progress=None) -> dict:
+def certify_build(build_dir: str, calib: str, samples: int = 256, progress=None, verify: bool = True) -> dict:
     """Recompute the certificate of a ``--certify`` build on other calibration data."""
     from safetensors.torch import load_file
 
     from sparsecompile.analysis.certify import certify
     from sparsecompile.builddir import open_build
     from sparsecompile.calibration import load_calibration, match_to_model
-    from sparsecompile.frontend import _load_pt2
+    from sparsecompile.frontend import load_pt2
     from sparsecompile.graph import set_tensor
     from sparsecompile.hardware import torch_threads
     from sparsecompile.layers import find_layers
     from sparsecompile.runtime import example_arrays
 
-    path, manifest = open_build(build_dir)
+    path, manifest = open_build(build_dir, verify=verify)
     values_path = path / CERTIFY_DIR / "dense_values.safetensors"
     if not values_path.exists():
         raise SparseCompileError(f"build '{path}' was made without --certify: rebuild it with --certify "
                                  "(it keeps the dense values certification compares against)")
     if not (path / "model.pt2").exists():
         raise SparseCompileError(f"build '{path}' has no model.pt2 (made by an older sparsecompile); rebuild it")
-    sparse = _load_pt2(path / "model.pt2", trust_pickle=False).module()
+    sparse = load_pt2(path / "model.pt2", trust_pickle=False).module()
     dense = copy.deepcopy(sparse)
     for name, value in load_file(str(values_path)).items():
         try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import sys
 import traceback
@@ -218,7 +219,85 @@ def _input_names(ep, count: int) -> list[str]:
     return names if len(names) == count else [f"input_{i}" for i in range(count)]
 
 
-def _load_pt2(path: Path, trust_pickle: bool):
+# Members of a .pt2 whose loading runs code: torch.export.load hands ``opaque_obj_*``
+# constants to plain ``pickle.loads`` and ``custom_obj_*`` ones to the TorchScript object
+# unpickler (weights-only mode covers neither), and AOTInductor members are compiled
+# native libraries that it loads into the process.
+_PT2_CODE_MEMBER_PREFIXES = ("opaque_obj_", "custom_obj_")
+_NATIVE_SUFFIXES = (".so", ".dll", ".dylib", ".pyd")
+_MAX_CONFIG_BYTES = 64 << 20
+
+
+def verify_zip_members(path: Path) -> None:
+    """Refuse a zip whose members fail their CRC (a flipped bit in a weight would load silently)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise SparseCompileError(f"'{path}' is a corrupt zip archive: {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - zlib.error and friends from a damaged stream
+        raise SparseCompileError(f"'{path}' is a corrupt zip archive ({type(exc).__name__}: {_first_line(exc)})") from None
+    if bad is not None:
+        raise SparseCompileError(f"'{path}' is corrupt: member '{bad}' fails its CRC check (the file was altered or damaged)")
+
+
+def code_members_of_pt2(path: Path) -> list[str]:
+    """Members of a ``.pt2`` archive that ``torch.export.load`` would run code to load.
+
+    Read from the zip directory and the payload configs (JSON) only: nothing is
+    deserialized. Pickled *tensors* are not listed: they load through the
+    weights-only unpickler, which :func:`load_pt2` forces for the whole call.
+    """
+    found: dict[str, str] = {}  # member -> why
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            name = info.filename
+            base = name.rsplit("/", 1)[-1]
+            if base.startswith(_PT2_CODE_MEMBER_PREFIXES):
+                found.setdefault(name, "pickled Python object")
+            elif "/aotinductor/" in f"/{name}" or base.endswith(_NATIVE_SUFFIXES):
+                found[name] = "compiled native code"
+            elif base.endswith("_config.json") and "/data/" in f"/{name}":
+                if info.file_size > _MAX_CONFIG_BYTES:
+                    found[name] = f"payload config of {info.file_size} bytes"
+                    continue
+                try:
+                    config = json.loads(archive.read(info)).get("config", {})
+                except (ValueError, AttributeError):
+                    continue  # not a payload config; torch.export.load rejects a broken one itself
+                if not isinstance(config, dict):
+                    continue
+                folder = name.rsplit("/", 1)[0]
+                for fqn, meta in config.items():
+                    if not isinstance(meta, dict) or not meta.get("use_pickle"):
+                        continue
+                    member = f"{folder}/{meta.get('path_name', '?')}"
+                    if meta.get("tensor_meta") is None and not str(meta.get("path_name", "")).startswith(("tensor_", "weight_")):
+                        found[member] = f"pickled Python object '{fqn}'"
+    return [f"{member} ({why})" for member, why in sorted(found.items())]
+
+
+def load_pt2(path: Path, trust_pickle: bool):
+    """``torch.export.load`` of ``path``, refusing (unless trusted) anything whose loading runs code.
+
+    The archive is inspected first: member CRCs, then pickled non-tensor constants and
+    native libraries (see :func:`code_members_of_pt2`). Every ``torch.load`` inside
+    the call is forced to weights-only, since ``torch.export.load`` retries
+    ``weights_only=False`` when a weights-only load fails.
+    """
+    path = Path(path)
+    verify_zip_members(path)
+    if not trust_pickle:
+        try:
+            risky = code_members_of_pt2(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise SparseCompileError(f"'{path}' is not a readable .pt2 archive: {_first_line(exc)}") from None
+        if risky:
+            more = f" and {len(risky) - 1} more" if len(risky) > 1 else ""
+            raise SparseCompileError(
+                f"'{path}' holds members that only load by running code: {risky[0]}{more}; "
+                "nothing was loaded. Re-run with --trust-pickle only if you trust where the file came from"
+            )
     try:
         with _weights_only_torch_load(not trust_pickle):
             return torch.export.load(str(path))
@@ -356,7 +435,7 @@ def load_model(
             )
         module = None
         if kind == "pt2":
-            ep = _load_pt2(path, trust_pickle)
+            ep = load_pt2(path, trust_pickle)
             if explicit_inputs is None:
                 explicit_inputs = _example_inputs_of(ep)
             module = ep.module()
@@ -404,6 +483,14 @@ def _check_runs(module, example_inputs) -> None:
 
 
 def _load_torchscript(path: Path, example_inputs):
+    # torch.jit.load runs no Python: its unpickler is TorchScript's own and rebuilds only
+    # tensors and TorchScript objects. The archive's TorchScript code does run when the
+    # model is called (any registered torch operator, no Python), so native libraries are refused.
+    verify_zip_members(path)
+    with zipfile.ZipFile(path) as archive:
+        native = [n for n in archive.namelist() if n.endswith(_NATIVE_SUFFIXES)]
+    if native:
+        raise SparseCompileError(f"TorchScript archive '{path}' holds compiled native code ('{native[0]}'); refused")
     try:
         scripted = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001

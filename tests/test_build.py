@@ -203,9 +203,9 @@ def test_calibration_that_does_not_fit(model_files, tmp_path):
 
 def test_build_saves_the_sparse_program_for_torch_backends(sample_build):
     from sparsecompile.backends.onnxruntime_runner import OrtRunner
-    from sparsecompile.frontend import _load_pt2
+    from sparsecompile.frontend import load_pt2
 
-    module = _load_pt2(sample_build.output / "model.pt2", trust_pickle=False).module()
+    module = load_pt2(sample_build.output / "model.pt2", trust_pickle=False).module()
     x = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     with OrtRunner(sample_build.output / "model.onnx") as runner:
         want = runner.infer([x.numpy()])[0]

@@ -103,9 +103,9 @@ class TorchCudaRunner(Runner):
         if self._given_module is not None:
             module = self._given_module
         else:
-            from sparsecompile.frontend import _load_pt2
+            from sparsecompile.frontend import load_pt2
 
-            module = _load_pt2(self.program_path, trust_pickle=False).module()
+            module = load_pt2(self.program_path, trust_pickle=False).module()
         self.module = module.to(device="cuda", dtype=self.dtype)
         torch.cuda.synchronize()
         if self.sparse and self.sparse_weights:
