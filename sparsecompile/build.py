@@ -27,7 +27,8 @@ from sparsecompile.backends.onnxruntime_runner import OrtRunner
 from sparsecompile.budget import enforce_budget
 from sparsecompile.certificates import certificate_summary, write_certificate
 from sparsecompile.masks.saved import SavedMaskMethod, check_against, load_masks, save_masks, update_norms
-from sparsecompile.builddir import BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir
+from sparsecompile.builddir import (BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir,
+                                   remove_stale_staging)
 from sparsecompile.calibration import (
     CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
 )
@@ -147,7 +148,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     if options.save_masks is not None and not Path(options.save_masks).resolve().parent.is_dir():
         raise SparseCompileError(f"--save-masks: directory '{Path(options.save_masks).parent}' does not exist")
     out = Path(options.output)
-    check_output_dir(out, options.force)
+    check_output_dir(out, options.force, inputs=(options.model, options.weights, options.calib, options.masks,
+                                                 options.labels, options.checkpoint, options.save_masks))
+    removed, left = remove_stale_staging(out)
+    for stale in removed:
+        progress.info(f"removed '{stale}', left by an interrupted build")
+    for stale in left:
+        notes.append(f"'{stale}' looks like an interrupted build's staging folder; delete it if no build is running")
     # Cheap checks first, so a typo fails before any work or progress output.
     if options.model is not None:
         check_readable(Path(options.model))

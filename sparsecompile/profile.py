@@ -722,6 +722,7 @@ class ProfileOptions:
     trust_pickle: bool = False
     top: int = 10
     seed: int = 0
+    verify: bool = True  # check a build's files against its manifest hashes before loading
 
 
 def check_backend_available(backend: str) -> None:
@@ -874,7 +875,7 @@ def profile(options: ProfileOptions, progress: Progress | None = None) -> dict:
     if is_build:
         from sparsecompile.builddir import open_build
 
-        target, manifest = open_build(target)
+        target, manifest = open_build(target, verify=options.verify)
         if options.backend in ("torch", "torch-cuda") and not (target / "model.pt2").exists():
             raise SparseCompileError(
                 f"build '{target}' has no model.pt2 (made by an older sparsecompile) to run with --backend "
@@ -998,7 +999,7 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
         return [Variant(name="sparse", artifact=str(engine), specs=manifest["inputs"],
                         loader=lambda: TensorRTRunner(engine).load(), device="cuda")]
     if is_build and options.backend in ("torch", "torch-cuda"):
-        from sparsecompile.frontend import _load_pt2
+        from sparsecompile.frontend import load_pt2
 
         sparse_weights = [r["weight"] for r in (report or {}).get("layers", []) if r.get("status") == "sparse"]
 
@@ -1019,7 +1020,7 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
                            layer_profiler=profiler if layers_wanted else None)
 
         variants.append(torch_variant("sparse", str(target / "model.pt2"), manifest["inputs"],
-                                      lambda: _load_pt2(target / "model.pt2", trust_pickle=False).module(), True))
+                                      lambda: load_pt2(target / "model.pt2", trust_pickle=False).module(), True))
         if dense_source is not None:
             def dense_module():
                 return _load_dense(dense_source, manifest["inputs"], options.input_shapes, options.trust_pickle).module
@@ -1391,9 +1392,10 @@ def write_plot(result: dict, path: Path) -> None:
 @click.option("--top", default=10, show_default=True, type=int,
               help="Layers in the per-layer table (0 skips the per-layer profile).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs and the bootstrap.")
+@click.option("--no-verify", is_flag=True, help="Skip checking a build's files against its manifest's SHA-256 hashes.")
 @click.pass_context
 def profile_command(ctx, target, backend, batch_text, runs, warmup, threads, compare, dense_model, json_out, plot,
-                    input_shapes, trust_pickle, top, seed):
+                    input_shapes, trust_pickle, top, seed, no_verify):
     """Measure latency, throughput, load time, memory and per-layer time of TARGET.
 
     TARGET is a build directory (sparsecompile build) or a model file (the
@@ -1412,6 +1414,7 @@ def profile_command(ctx, target, backend, batch_text, runs, warmup, threads, com
         target=target, backend=backend, batches=parse_batches(batch_text), runs=runs, warmup=warmup,
         threads=threads, compare=compare, dense=dense_model, json_out=json_out, plot=plot,
         input_shapes=[parse_input_shape(s) for s in input_shapes], trust_pickle=trust_pickle, top=top, seed=seed,
+        verify=not no_verify,
     )
     result = profile(options, Progress(verbose=verbose))
     click.echo(format_profile(result, top=top))

@@ -110,8 +110,8 @@ def build_runner(path: Path, manifest: dict, backend: str, threads: int | None =
 
 
 def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads: int | None,
-                  backend: str = "ort") -> list[np.ndarray]:
-    path, manifest = open_build(build_dir)
+                  backend: str = "ort", verify: bool = True) -> list[np.ndarray]:
+    path, manifest = open_build(build_dir, verify=verify)
     arrays = read_inputs(inputs, manifest["inputs"])
     with build_runner(path, manifest, backend, threads) as runner:
         outputs = runner.infer(arrays)
@@ -127,10 +127,11 @@ def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads
 
 
 def run_package(package_path: str, inputs: list[str], output: str | None, threads: int | None,
-                allow_other_target: bool = False) -> list[np.ndarray]:
+                allow_other_target: bool = False, verify_key=None) -> list[np.ndarray]:
     from sparsecompile.package.runner import PackageRunner
 
-    with PackageRunner(package_path, threads=threads, allow_other_target=allow_other_target) as runner:
+    with PackageRunner(package_path, threads=threads, allow_other_target=allow_other_target,
+                       verify_key=verify_key) as runner:
         for note in runner.notes:
             click.echo(f"note: {note}", err=True)
         arrays = read_inputs(inputs, runner.input_specs)

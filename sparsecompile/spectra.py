@@ -13,12 +13,12 @@ from pathlib import Path
 from sparsecompile.errors import SparseCompileError
 
 
-def spectra_of(target: str, plot: str | None = None) -> dict[str, dict]:
+def spectra_of(target: str, plot: str | None = None, verify: bool = True) -> dict[str, dict]:
     path = Path(target)
     if path.is_dir():
         from sparsecompile.builddir import open_build
 
-        build, _ = open_build(path)
+        build, _ = open_build(path, verify=verify)
         report = json.loads((build / "report.json").read_text())
         found = {r["name"]: r["spectrum"] for r in report["layers"] if "spectrum" in r}
         if not found:

@@ -95,8 +95,8 @@ def shared_timing_cache(host: HostInfo) -> Path:
 
 
 def build_engine(build_dir: str | Path, timing_cache: str | None = None, allow_other_gpu: bool = False,
-                 host: HostInfo | None = None) -> dict:
-    path, _ = open_build(build_dir)
+                 host: HostInfo | None = None, verify: bool = True) -> dict:
+    path, _ = open_build(build_dir, verify=verify)
     recipe_path = path / ENGINE_DIR / "recipe.json"
     if not recipe_path.exists():
         raise SparseCompileError(f"build '{path}' has no TensorRT recipe (built for a CPU target?); "
