@@ -1,0 +1,227 @@
+"""Damage: how far a sparse model's outputs are from the dense model's, per output, in units a user can read.
+
+Every output gets a *kind* from its shape and values (``--output-kind`` overrides it):
+
+``classes``
+    ``[N, C]`` with ``C > 1`` (class scores, logits or probabilities). Damage is the top-1
+    agreement lost, in points: ``100 * (1 - mean(argmax dense == argmax sparse))``.
+``sequence``
+    ``[N, T, C]`` whose last axis is a distribution per position (softmax: every row in
+    ``[0, 1]`` summing to 1; or log-softmax: every row's logsumexp is 0), as CTC-style
+    recognizers emit. Damage is the per-position argmax agreement lost, in points. The
+    report adds the share of samples whose greedy CTC decoding (repeats merged, blank 0
+    dropped) is unchanged.
+``values``
+    Anything else: regressions, boxes, feature maps, embeddings. Damage is the relative
+    L2 error ``100 * ||dense - sparse|| / ||dense||`` in percent; the cosine similarity is
+    reported beside it. Boxes and scores of a detector are ``values`` unless you say
+    otherwise: the build cannot tell anchors from classes by shape.
+
+Budgets: ``classes`` and ``sequence`` outputs are held to ``max_drop`` points,
+``values`` outputs to ``max_error`` percent. An output whose sparse values are NaN or
+infinite where the dense ones are finite has infinite damage. The model's *score* is the
+largest ``damage / budget`` over its outputs: at most 1 is within budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsecompile.errors import SparseCompileError
+
+OUTPUT_KINDS = ("classes", "sequence", "values")
+DEFAULT_MAX_DROP = 1.0  # points of top-1 / per-position agreement
+DEFAULT_MAX_ERROR = 10.0  # percent relative L2 error, for outputs that are not class scores
+
+
+def _is_distribution(ref: torch.Tensor) -> bool:
+    rows = ref.detach().reshape(-1, ref.shape[-1]).double()
+    if not bool(torch.isfinite(rows).all()):
+        return False
+    if float(rows.min()) >= -1e-6 and float(rows.max()) <= 1 + 1e-6:
+        return bool(torch.allclose(rows.sum(-1), torch.ones(rows.shape[0], dtype=rows.dtype), atol=1e-3))
+    return bool(torch.allclose(torch.logsumexp(rows, -1), torch.zeros(rows.shape[0], dtype=rows.dtype), atol=1e-3))
+
+
+def infer_kind(ref: torch.Tensor) -> str:
+    """The kind of an output from the dense model's values (see the module docstring)."""
+    if not ref.is_floating_point():
+        return "values"
+    if ref.dim() == 2 and ref.shape[1] > 1:
+        return "classes"
+    if ref.dim() == 3 and ref.shape[2] > 1 and ref.numel() and _is_distribution(ref):
+        return "sequence"
+    return "values"
+
+
+def parse_output_kinds(text: str | None) -> dict[int, str]:
+    """``"0=classes,1=values"`` -> ``{0: "classes", 1: "values"}``."""
+    kinds: dict[int, str] = {}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        index, sep, kind = item.partition("=")
+        if not sep or not index.isdigit() or kind not in OUTPUT_KINDS:
+            raise SparseCompileError(
+                f"--output-kind '{item}' must look like INDEX=KIND with KIND one of {', '.join(OUTPUT_KINDS)} "
+                "(e.g. --output-kind 0=classes,1=values)")
+        kinds[int(index)] = kind
+    return kinds
+
+
+def ctc_greedy(ids: torch.Tensor, blank: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of ``[N, T]`` argmax ids: merge repeats, drop ``blank``."""
+    decoded = []
+    for row in ids.tolist():
+        out, previous = [], None
+        for token in row:
+            if token != previous and token != blank:
+                out.append(token)
+            previous = token
+        decoded.append(tuple(out))
+    return decoded
+
+
+@dataclass
+class OutputDamage:
+    output: int
+    kind: str
+    damage: float  # points (classes, sequence) or percent relative error (values)
+    budget: float
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def unit(self) -> str:
+        return "%" if self.kind == "values" else " pt"
+
+    @property
+    def ratio(self) -> float:
+        if math.isinf(self.damage) or math.isnan(self.damage):
+            return math.inf
+        return self.damage / self.budget if self.budget > 0 else (math.inf if self.damage > 0 else 0.0)
+
+    def describe(self) -> str:
+        what = {"classes": "top-1 agreement lost", "sequence": "per-position agreement lost",
+                "values": "relative error"}[self.kind]
+        value = "non-finite outputs" if math.isinf(self.damage) else f"{self.damage:.3g}{self.unit}"
+        return f"output {self.output} ({self.kind}): {what} {value} (budget {self.budget:g}{self.unit})"
+
+    def to_json(self) -> dict:
+        damage = self.damage if math.isfinite(self.damage) else None
+        return {"output": self.output, "kind": self.kind, "damage": None if damage is None else round(damage, 4),
+                "unit": self.unit.strip(), "budget": self.budget, "within": self.ratio <= 1.0,
+                **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.detail.items()}}
+
+
+def output_damage(index: int, ref: torch.Tensor, cand: torch.Tensor, kind: str, max_drop: float,
+                  max_error: float) -> OutputDamage:
+    budget = max_error if kind == "values" else max_drop
+    ref_finite = torch.isfinite(ref) if ref.is_floating_point() else torch.ones_like(ref, dtype=torch.bool)
+    cand_finite = torch.isfinite(cand) if cand.is_floating_point() else torch.ones_like(cand, dtype=torch.bool)
+    if bool((ref_finite & ~cand_finite).any()):
+        bad = int((ref_finite & ~cand_finite).sum())
+        return OutputDamage(index, kind, math.inf, budget, {"non_finite_values": bad})
+    ref64, cand64 = ref.double(), cand.double()
+    both = ref_finite & cand_finite
+    diff = torch.where(both, ref64 - cand64, torch.zeros((), dtype=torch.float64))
+    norm = float(torch.linalg.vector_norm(torch.where(both, ref64, torch.zeros((), dtype=torch.float64))))
+    relative = float(torch.linalg.vector_norm(diff)) / max(norm, 1e-30)
+    detail: dict = {"relative_error": relative}
+    if kind == "classes":
+        # Axis 1 holds the classes: [N, C] scores, or [N, C, H, W] per-pixel scores (with --output-kind).
+        agree = float((ref.argmax(1) == cand.argmax(1)).double().mean()) if ref.numel() else 1.0
+        detail["top1_agreement"] = agree
+        damage = 100.0 * (1.0 - agree)
+    elif kind == "sequence":
+        ref_ids, cand_ids = ref.argmax(-1), cand.argmax(-1)
+        agree = float((ref_ids == cand_ids).double().mean()) if ref.numel() else 1.0
+        detail["position_agreement"] = agree
+        decoded = [a == b for a, b in zip(ctc_greedy(ref_ids.reshape(-1, ref_ids.shape[-1])),
+                                          ctc_greedy(cand_ids.reshape(-1, cand_ids.shape[-1])))]
+        detail["sequence_agreement"] = sum(decoded) / max(len(decoded), 1)
+        damage = 100.0 * (1.0 - agree)
+    else:
+        flat_ref = torch.where(both, ref64, torch.zeros((), dtype=torch.float64)).reshape(-1)
+        flat_cand = torch.where(both, cand64, torch.zeros((), dtype=torch.float64)).reshape(-1)
+        denominator = float(torch.linalg.vector_norm(flat_ref) * torch.linalg.vector_norm(flat_cand))
+        detail["cosine"] = float(flat_ref @ flat_cand) / denominator if denominator > 0 else 1.0
+        damage = 100.0 * relative
+    return OutputDamage(index, kind, damage, budget, detail)
+
+
+@dataclass
+class Damage:
+    outputs: list[OutputDamage]
+    samples: int
+
+    @property
+    def score(self) -> float:
+        """Largest damage / budget over the outputs; at most 1 is within budget."""
+        return max((o.ratio for o in self.outputs), default=0.0)
+
+    @property
+    def within(self) -> bool:
+        return self.score <= 1.0
+
+    @property
+    def worst(self) -> OutputDamage | None:
+        return max(self.outputs, key=lambda o: o.ratio, default=None)
+
+    def to_json(self) -> dict:
+        score = self.score
+        return {"samples": self.samples, "score": round(score, 4) if math.isfinite(score) else None,
+                "within_budget": self.within, "outputs": [o.to_json() for o in self.outputs]}
+
+
+def measure_damage(dense: list[torch.Tensor], sparse: list[torch.Tensor], kinds: list[str],
+                   max_drop: float = DEFAULT_MAX_DROP, max_error: float = DEFAULT_MAX_ERROR) -> Damage:
+    """Per-output damage of ``sparse`` against ``dense`` (both: one tensor per output, samples on axis 0)."""
+    if len(dense) != len(sparse):
+        raise SparseCompileError(f"models disagree on the number of outputs: {len(dense)} vs {len(sparse)}")
+    outputs = [output_damage(i, ref, cand, kinds[i], max_drop, max_error)
+               for i, (ref, cand) in enumerate(zip(dense, sparse))]
+    samples = int(dense[0].shape[0]) if dense and dense[0].dim() else 0
+    return Damage(outputs, samples)
+
+
+def output_kinds(dense: list[torch.Tensor], overrides: dict[int, str] | None = None) -> list[str]:
+    """Each output's kind: ``overrides`` (from ``--output-kind``) where given, else inferred."""
+    overrides = overrides or {}
+    unknown = sorted(i for i in overrides if i >= len(dense))
+    if unknown:
+        raise SparseCompileError(f"--output-kind names output {unknown[0]}, but the model has {len(dense)} output(s)")
+    for index, kind in overrides.items():
+        ref = dense[index]
+        if kind == "classes" and ref.dim() < 2:
+            raise SparseCompileError(f"--output-kind {index}=classes: output {index} has shape "
+                                     f"{list(ref.shape)}, not [N, C]")
+        if kind == "sequence" and ref.dim() < 3:
+            raise SparseCompileError(f"--output-kind {index}=sequence: output {index} has shape "
+                                     f"{list(ref.shape)}, not [N, T, C]")
+    return [overrides.get(i, infer_kind(ref)) for i, ref in enumerate(dense)]
+
+
+HOLDOUT_FRACTION = 0.25
+MIN_HOLDOUT = 8  # fewer held-back samples than this and the guard reuses the fitting samples (and says so)
+
+
+def holdout_split(num_samples: int, seed: int = 0, multiple: int = 1,
+                  fraction: float = HOLDOUT_FRACTION) -> tuple[list[int], list[int]] | None:
+    """``(fit, held_back)`` sample indices, or None when there are too few samples to hold any back.
+
+    A seeded shuffle picks the held-back quarter, so data sorted by class still gives a
+    held-back set of every class; both lists keep the file's order. ``multiple`` is a static
+    batch size: both parts are whole batches.
+    """
+    count = int(round(num_samples * fraction))
+    count -= count % multiple
+    fit = num_samples - count
+    fit -= fit % multiple
+    if count < max(MIN_HOLDOUT, multiple) or fit < max(MIN_HOLDOUT, multiple):
+        return None
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = sorted(order[:count])
+    return sorted(order[count:count + fit]), held
