@@ -239,11 +239,15 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
 @click.option("--spectra", is_flag=True,
               help="Marchenko-Pastur spectra per layer: from a --spectra build, or computed for a model file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="With --spectra on a model file: write a PNG (needs matplotlib).")
-def inspect(target, as_json, spectra, plot):
+@click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEY.pub",
+              help="For a package: require its manifest.sig to be this Ed25519 public key's signature.")
+def inspect(target, as_json, spectra, plot, verify_key):
     """Show what a build made sparse, what stayed dense and why; a package's manifest; or (--spectra) the
     weight spectra of a build or of a model file."""
     from pathlib import Path
 
+    if verify_key and (spectra or not Path(target).is_file()):
+        raise SparseCompileError(f"--verify-key applies to .scpkg packages (without --spectra); '{target}' is not one")
     if spectra:
         from sparsecompile.spectra import spectra_lines, spectra_of
 
@@ -255,7 +259,7 @@ def inspect(target, as_json, spectra, plot):
         from sparsecompile.package.archive import open_package
         from sparsecompile.package.describe import describe_package
 
-        package = open_package(target)
+        package = open_package(target, verify_key=verify_key)
         click.echo(json.dumps(package.manifest, indent=2) if as_json else describe_package(package))
         return
     from sparsecompile.builddir import open_build
@@ -288,7 +292,9 @@ def inspect(target, as_json, spectra, plot):
               help="Run a package on a machine it was not packaged for (CPU fallback).")
 @click.option("--backend", type=click.Choice(["ort", "torch-cuda"]), default="ort", show_default=True,
               help="For a build: ONNX Runtime on the CPU, or torch on a GPU with 2:4 semi-structured sparse weights.")
-def run(target, inputs, output, threads, allow_other_target, backend):
+@click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEY.pub",
+              help="For a package: require its manifest.sig to be this Ed25519 public key's signature.")
+def run(target, inputs, output, threads, allow_other_target, backend, verify_key):
     """Run a build (ONNX Runtime on the CPU, or --backend torch-cuda) or a .scpkg package.
 
     A package is verified (every member's SHA-256) before anything runs, and
@@ -301,8 +307,10 @@ def run(target, inputs, output, threads, allow_other_target, backend):
             raise SparseCompileError("--backend applies to build directories; a package picks its own backend")
         from sparsecompile.runtime import run_package
 
-        run_package(target, list(inputs), output, threads, allow_other_target)
+        run_package(target, list(inputs), output, threads, allow_other_target, verify_key=verify_key)
         return
+    if verify_key:
+        raise SparseCompileError(f"--verify-key applies to .scpkg packages; '{target}' is not one")
     from sparsecompile.runtime import run_build_dir
 
     run_build_dir(target, list(inputs), output, threads, backend)
@@ -316,7 +324,9 @@ def run(target, inputs, output, threads, allow_other_target, backend):
 @click.option("-o", "--output", required=True, type=click.Path(), help="The bundle to write, e.g. model.scpkg.")
 @click.option("--note", help="Preprocessing note for the manifest (what inputs the model expects).")
 @click.option("--force", is_flag=True, help="Overwrite an existing file that is not a package.")
-def package(build_dir, edge, output, note, force):
+@click.option("--sign-key", type=click.Path(dir_okay=False), metavar="KEY",
+              help="Sign the manifest with this Ed25519 private key (sparsecompile keygen): adds manifest.sig.")
+def package(build_dir, edge, output, note, force, sign_key):
     """Bundle a build into one verified .scpkg file for an edge device.
 
     \b
@@ -327,7 +337,7 @@ def package(build_dir, edge, output, note, force):
     from sparsecompile.package.pack import package_build, size_lines
     from sparsecompile.progress import Progress
 
-    result = package_build(build_dir, output, edge, force=force, note=note, progress=Progress())
+    result = package_build(build_dir, output, edge, force=force, note=note, progress=Progress(), sign_key=sign_key)
     click.echo("\n".join(size_lines(result)))
 
 
@@ -383,17 +393,37 @@ def engine(build_dir, timing_cache, allow_other_gpu):
 @click.argument("package_path", metavar="PACKAGE", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="ONNX file to write, or an existing directory: model.onnx and, for GPU targets, engine/ (the recipe).")
-def unpack(package_path, output):
+@click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEY.pub",
+              help="For a package: require its manifest.sig to be this Ed25519 public key's signature.")
+def unpack(package_path, output, verify_key):
     """Write a package's ONNX model with its weights restored (for trtexec or other tools)."""
     from pathlib import Path
 
     from sparsecompile.package.runner import write_onnx
 
-    written = write_onnx(package_path, output)
+    written = write_onnx(package_path, output, verify_key=verify_key)
     click.echo(f"wrote {written}")
     if Path(output).is_dir() and (Path(output) / "engine" / "recipe.json").exists():
         click.echo(f"wrote {Path(output) / 'engine'}/ (on the target GPU: python {Path(output) / 'engine'}/build_engine.py, "
                    f"or sh {Path(output) / 'engine'}/trtexec.sh)")
+
+
+@main.command(context_settings=_CONTEXT)
+@click.argument("key_file", metavar="KEYFILE", type=click.Path(dir_okay=False))
+def keygen(key_file):
+    """Make an Ed25519 key pair for signing packages: KEYFILE (private, mode 0600) and KEYFILE.pub.
+
+    \b
+    Sign:   sparsecompile package build/ -o model.scpkg --sign-key KEYFILE
+    Verify: sparsecompile run model.scpkg -i x.npy --verify-key KEYFILE.pub
+    Needs the optional 'cryptography' package: pip install 'sparsecompile[sign]'.
+    """
+    from sparsecompile.package.signing import generate_key
+
+    private_path, public_path, key_id = generate_key(key_file)
+    click.echo(f"wrote {private_path} (private key, mode 0600: keep it secret) and {public_path} (public key: "
+               f"give it to whoever runs the packages)")
+    click.echo(f"key id {key_id}")
 
 
 from sparsecompile.profile import profile_command  # noqa: E402 - registered after the commands defined here

@@ -27,6 +27,7 @@ RECIPE_FORMAT = "sparsecompile-engine-recipe"
 RECIPE_VERSION = 1
 ENGINE_DIR = "engine"
 _PRECISION_FLAGS = {"fp16": " --fp16", "bf16": " --bf16", "fp32": "", "int8": " --int8 --fp16", "fp8": " --fp8 --fp16"}
+PRECISIONS = tuple(_PRECISION_FLAGS)
 # int8/fp8 engines come from explicitly quantized models (Q/DQ nodes in the ONNX, e.g. from nvidia-modelopt);
 # fp8 tensor cores exist from Ada (sm_89) on.
 QUANTIZED = ("int8", "fp8")

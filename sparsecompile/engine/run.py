@@ -3,9 +3,10 @@
 Checks first, in this order, each failure one clear line: a GPU build with a recipe; a CUDA
 GPU on this machine (asked through torch; TensorRT is never imported in this process); the
 GPU's compute capability is the target's (an engine is specific to it); TensorRT installed.
-Then ``engine/build_engine.py`` runs in a subprocess (a TensorRT crash cannot take this
-process down), its verbose log is parsed for the sparse-math decisions, and
-``engine/engine.json`` records per layer: picked sparse / eligible, stayed dense / not
+Then this library's ``build_engine.py`` runs on the build's recipe in a subprocess (a TensorRT
+crash cannot take this process down); the build's own copy, ``engine/build_engine.py``, is for
+people to read or run by hand and is never run from here. Its verbose log is parsed for the
+sparse-math decisions, and ``engine/engine.json`` records per layer: picked sparse / eligible, stayed dense / not
 eligible. The build's manifest gains the new files' hashes.
 
 NOT RUN where this project is developed (no GPU): the checks, the log parsing and the
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 from sparsecompile.builddir import MANIFEST, open_build
+from sparsecompile.engine import build_engine as library_build_engine
 from sparsecompile.engine.recipe import ENGINE_DIR
 from sparsecompile.engine.sparsity_log import layer_sparsity, layer_tactics, parse_sparsity_log, weight_consumers
 from sparsecompile.errors import SparseCompileError
@@ -107,7 +109,7 @@ def build_engine(build_dir: str | Path, timing_cache: str | None = None, allow_o
     if timing_cache is None:
         timing_cache = shared_timing_cache(host)
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(path / ENGINE_DIR / "build_engine.py"), "--recipe", str(recipe_path),
+    command = [sys.executable, str(Path(library_build_engine.__file__).resolve()), "--recipe", str(recipe_path),
                "--timing-cache", str(timing_cache)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

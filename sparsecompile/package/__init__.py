@@ -6,6 +6,7 @@
 * ``pack.py``: ``sparsecompile package``.
 * ``runner.py``: ``sparsecompile run model.scpkg`` and ``sparsecompile.load``.
 * ``describe.py``: ``sparsecompile inspect model.scpkg``.
+* ``signing.py``: optional Ed25519 signatures (``keygen``, ``--sign-key``, ``--verify-key``).
 """
 
 from sparsecompile.package.archive import PACKAGE_FORMAT, PACKAGE_VERSION, open_package

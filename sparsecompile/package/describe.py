@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from sparsecompile.package.archive import Package
+from sparsecompile.package.archive import SIGNATURE, Package
 
 
 def _shape(spec: dict) -> str:
     return "x".join(str(d) if isinstance(d, int) and d > 0 else "N" for d in spec["shape"])
+
+
+def signature_line(package: Package) -> str:
+    if package.signature_key_id:
+        return f"{SIGNATURE}: signature verified, Ed25519 key {package.signature_key_id} (--verify-key)"
+    if package.signature is None:
+        return ("none: unsigned package (the SHA-256 hashes catch corruption, not someone who rewrites the "
+                "manifest too)")
+    from sparsecompile.package.signing import claimed_key_id
+
+    claimed = claimed_key_id(package.signature)
+    who = f"claims Ed25519 key {claimed}" if claimed else "unreadable"
+    return f"{SIGNATURE} present ({who}), NOT checked: pass --verify-key KEY.pub to check it"
 
 
 def describe_package(package: Package) -> str:
@@ -55,5 +68,6 @@ def describe_package(package: Package) -> str:
     lines.append("libraries " + ", ".join(f"{k} {v}" for k, v in sorted(libs.items())))
     for name, entry in m["members"].items():
         lines.append(f"member    {name:<24} {entry['bytes']:>10} B  sha256 {entry['sha256'][:16]}...")
+    lines.append(f"signature {signature_line(package)}")
     lines.extend(f"note      {n}" for n in m.get("notes", []))
     return "\n".join(lines)

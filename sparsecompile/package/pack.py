@@ -11,7 +11,9 @@ The bundle (a ``.scpkg`` zip, see :mod:`sparsecompile.package.archive`) holds
 * ``report.json``: the full build report;
 * ``engine/`` for GPU targets: the build's TensorRT recipe re-targeted to the edge device
   (``recipe.json``, ``build_engine.py``, ``trtexec.sh``, see :mod:`sparsecompile.engine.recipe`);
-  no engine is built here.
+  no engine is built here;
+* ``manifest.sig`` with ``--sign-key``: a detached Ed25519 signature of the manifest's bytes
+  (:mod:`sparsecompile.package.signing`), the only member the manifest does not list.
 
 Before anything is written the bundle is read back the way a device reads it
 (reconstituted graph run by ONNX Runtime) and compared with the build's ONNX on
@@ -34,7 +36,7 @@ from sparsecompile.compress import load_weights, size_summary
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import file_sha256
 from sparsecompile.package.archive import (
-    MANIFEST, PACKAGE_FORMAT, PACKAGE_VERSION, is_package_file, sha256_bytes, write_archive,
+    MANIFEST, PACKAGE_FORMAT, PACKAGE_VERSION, SIGNATURE, is_package_file, sha256_bytes, write_archive,
 )
 from sparsecompile.engine import build_engine as build_engine_script
 from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_script
@@ -56,6 +58,7 @@ class PackResult:
     path: Path
     manifest: dict
     size: int
+    signed_by: str | None = None  # the signing key's id (``--sign-key``)
 
 
 def _library_versions() -> dict:
@@ -114,8 +117,10 @@ def _compare(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
 
 
 def package_build(build_dir: str | Path, output: str | Path, edge_name: str | None = None,
-                  force: bool = False, note: str | None = None, progress=None) -> PackResult:
-    """Bundle a build for ``edge_name`` into ``output`` (a ``.scpkg`` file)."""
+                  force: bool = False, note: str | None = None, progress=None, sign_key=None) -> PackResult:
+    """Bundle a build for ``edge_name`` into ``output`` (a ``.scpkg`` file).
+
+    ``sign_key`` (an Ed25519 private key file or key): add ``manifest.sig``, its signature of the manifest."""
     import onnx
 
     from sparsecompile.backends.onnxruntime_runner import OrtRunner
@@ -128,6 +133,11 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         raise SparseCompileError(f"output directory '{output.parent}' does not exist")
     if output.exists() and not force and not is_package_file(output):
         raise SparseCompileError(f"'{output}' exists and is not a sparsecompile package; choose another -o or pass --force")
+    private_key = None
+    if sign_key is not None:  # a bad key fails before any work
+        from sparsecompile.package.signing import load_private_key
+
+        private_key = load_private_key(sign_key)
     _verify_build_files(path, build_manifest)
     try:
         report = json.loads((path / "report.json").read_text())
@@ -218,8 +228,14 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         "members": {name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in sorted(members.items())},
     }
     members[MANIFEST] = (json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    signed_by = None
+    if private_key is not None:
+        from sparsecompile.package.signing import key_id, sign_manifest
+
+        members[SIGNATURE] = sign_manifest(members[MANIFEST], private_key)
+        signed_by = key_id(private_key.public_key())
     write_archive(output, members)
-    return PackResult(output, manifest, output.stat().st_size)
+    return PackResult(output, manifest, output.stat().st_size, signed_by)
 
 
 def size_lines(result: PackResult) -> list[str]:
@@ -242,5 +258,7 @@ def size_lines(result: PackResult) -> list[str]:
     check = result.manifest["accuracy"]["bundle_vs_build_onnx"]
     lines.append(f"  bundle vs build ONNX: max abs diff {check['max_abs_diff']:.3g} "
                  f"(relative {check['relative_diff']:.2g}; {result.manifest['precision']} weights)")
+    lines.append(f"  signed: {SIGNATURE}, Ed25519 key {result.signed_by} (check with --verify-key KEY.pub)"
+                 if result.signed_by else "  unsigned (sign with --sign-key KEY; make a key with sparsecompile keygen)")
     lines.extend(f"  note: {n}" for n in result.manifest["notes"])
     return lines
