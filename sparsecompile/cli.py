@@ -239,9 +239,11 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
 @click.option("--spectra", is_flag=True,
               help="Marchenko-Pastur spectra per layer: from a --spectra build, or computed for a model file.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="With --spectra on a model file: write a PNG (needs matplotlib).")
+@click.option("--no-verify", is_flag=True,
+              help="Skip checking the build's files against the SHA-256 hashes in its manifest.")
 @click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEY.pub",
               help="For a package: require its manifest.sig to be this Ed25519 public key's signature.")
-def inspect(target, as_json, spectra, plot, verify_key):
+def inspect(target, as_json, spectra, plot, no_verify, verify_key):
     """Show what a build made sparse, what stayed dense and why; a package's manifest; or (--spectra) the
     weight spectra of a build or of a model file."""
     from pathlib import Path
@@ -251,7 +253,7 @@ def inspect(target, as_json, spectra, plot, verify_key):
     if spectra:
         from sparsecompile.spectra import spectra_lines, spectra_of
 
-        click.echo("\n".join(spectra_lines(spectra_of(target, plot))))
+        click.echo("\n".join(spectra_lines(spectra_of(target, plot, verify=not no_verify))))
         return
     if plot:
         raise SparseCompileError("--plot goes with --spectra")
@@ -265,7 +267,7 @@ def inspect(target, as_json, spectra, plot, verify_key):
     from sparsecompile.builddir import open_build
     from sparsecompile.report import format_report
 
-    path, _ = open_build(target)
+    path, _ = open_build(target, verify=not no_verify)
     try:
         report = json.loads((path / "report.json").read_text())
     except (OSError, ValueError) as exc:
@@ -292,9 +294,11 @@ def inspect(target, as_json, spectra, plot, verify_key):
               help="Run a package on a machine it was not packaged for (CPU fallback).")
 @click.option("--backend", type=click.Choice(["ort", "torch-cuda"]), default="ort", show_default=True,
               help="For a build: ONNX Runtime on the CPU, or torch on a GPU with 2:4 semi-structured sparse weights.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip checking the build's files against the SHA-256 hashes in its manifest.")
 @click.option("--verify-key", type=click.Path(dir_okay=False), metavar="KEY.pub",
               help="For a package: require its manifest.sig to be this Ed25519 public key's signature.")
-def run(target, inputs, output, threads, allow_other_target, backend, verify_key):
+def run(target, inputs, output, threads, allow_other_target, backend, no_verify, verify_key):
     """Run a build (ONNX Runtime on the CPU, or --backend torch-cuda) or a .scpkg package.
 
     A package is verified (every member's SHA-256) before anything runs, and
@@ -313,7 +317,7 @@ def run(target, inputs, output, threads, allow_other_target, backend, verify_key
         raise SparseCompileError(f"--verify-key applies to .scpkg packages; '{target}' is not one")
     from sparsecompile.runtime import run_build_dir
 
-    run_build_dir(target, list(inputs), output, threads, backend)
+    run_build_dir(target, list(inputs), output, threads, backend, verify=not no_verify)
 
 
 @main.command(context_settings=_CONTEXT)
@@ -347,7 +351,9 @@ def package(build_dir, edge, output, note, force, sign_key):
               help="Calibration inputs (.npy/.npz, a directory of images, or pkg.mod:fn) to certify on.")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=1), help="At most this many samples.")
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Write the full result as JSON.")
-def certify(build_dir, calib, samples, json_out):
+@click.option("--no-verify", is_flag=True,
+              help="Skip checking the build's files against the SHA-256 hashes in its manifest.")
+def certify(build_dir, calib, samples, json_out, no_verify):
     """Which predictions can the build's sparsification provably not change? (needs a --certify build)
 
     \b
@@ -360,7 +366,7 @@ def certify(build_dir, calib, samples, json_out):
     from sparsecompile.certificates import certificate_lines, certify_build
     from sparsecompile.progress import Progress
 
-    result = certify_build(build_dir, calib, samples, Progress())
+    result = certify_build(build_dir, calib, samples, Progress(), verify=not no_verify)
     click.echo("\n".join(certificate_lines(result)))
     if json_out:
         from pathlib import Path
@@ -375,7 +381,9 @@ def certify(build_dir, calib, samples, json_out):
               help="TensorRT timing cache to reuse and update (default: one per GPU and TensorRT version "
                    "under ~/.cache/sparsecompile/timing, shared by all builds).")
 @click.option("--allow-other-gpu", is_flag=True, help="Build for this GPU even if it is not the build's target.")
-def engine(build_dir, timing_cache, allow_other_gpu):
+@click.option("--no-verify", is_flag=True,
+              help="Skip checking the build's files against the SHA-256 hashes in its manifest.")
+def engine(build_dir, timing_cache, allow_other_gpu, no_verify):
     """Build the TensorRT engine of a GPU build, on the target machine.
 
     \b
@@ -386,7 +394,7 @@ def engine(build_dir, timing_cache, allow_other_gpu):
     """
     from sparsecompile.engine.run import build_engine, engine_lines
 
-    click.echo("\n".join(engine_lines(build_engine(build_dir, timing_cache, allow_other_gpu))))
+    click.echo("\n".join(engine_lines(build_engine(build_dir, timing_cache, allow_other_gpu, verify=not no_verify))))
 
 
 @main.command(context_settings=_CONTEXT)
