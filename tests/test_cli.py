@@ -108,3 +108,12 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
+
+
+def test_usage_errors_exit_2_as_the_readme_says(tmp_path):
+    """Errors sparsecompile finds exit 1; a malformed command line is click's usage error, status 2."""
+    for args in (("build", "--no-such-flag"), ("inspect",), ("profile", tmp_path, "--runs", "many")):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Usage:" in result.output, result.output
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert "exits with status 2" in readme and "exit with status 1" in readme
