@@ -82,6 +82,8 @@ def parse_preprocess(text: str | None) -> Preprocess:
             numbers = tuple(float(v) for v in value.split(",")) if key in ("resize", "mean", "std", "scale", "channels") else ()
         except ValueError:
             raise SparseCompileError(f"--preprocess {key}={value}: expected comma-separated numbers") from None
+        if not all(np.isfinite(numbers)):
+            raise SparseCompileError(f"--preprocess {key}={value}: expected finite numbers")
         if key == "resize" and len(numbers) in (1, 2) and all(v > 0 for v in numbers):
             result.resize = (int(numbers[0]), int(numbers[-1]))
         elif key in ("mean", "std") and numbers:
@@ -106,13 +108,46 @@ def load_calibration(spec: str | Path, max_samples: int | None = None, preproces
                      progress=None) -> CalibrationData:
     """Load ``--calib``: an array file, an image directory or a ``pkg.module:function`` callable."""
     path = Path(spec)
-    if path.is_dir():
-        return _load_image_dir(path, max_samples, preprocess or Preprocess(), progress)
-    if not path.exists() and ":" in str(spec) and not str(spec).endswith((".npy", ".npz")):
-        return _load_callable(str(spec), max_samples)
-    if not path.exists():
-        raise SparseCompileError(f"calibration file '{path}' does not exist")
-    return _load_array_file(path, max_samples)
+    try:
+        if path.is_dir():
+            data = _load_image_dir(path, max_samples, preprocess or Preprocess(), progress)
+        elif not path.exists() and ":" in str(spec) and not str(spec).endswith((".npy", ".npz")):
+            data = _load_callable(str(spec), max_samples)
+        elif not path.exists():
+            raise SparseCompileError(f"calibration file '{path}' does not exist")
+        else:
+            data = _load_array_file(path, max_samples)
+    except MemoryError:
+        raise SparseCompileError(f"calibration data '{spec}' does not fit in memory; pass --calib-samples "
+                                 "to use fewer samples") from None
+    check_finite(data)
+    return data
+
+
+def check_finite(data: CalibrationData) -> None:
+    """Refuse samples holding NaN or Inf: statistics correction would write NaN into the biases, and
+    comparisons on them say nothing. One line: how many samples, and the first one."""
+    total = data.num_samples
+    counts = sorted({int(t.shape[0]) for t in data.inputs})
+    if len(counts) != 1:
+        raise SparseCompileError(f"--calib '{data.source}': arrays have different sample counts: {counts}")
+    bad_by_input = [
+        ~torch.isfinite(t).reshape(total, -1).all(1) if (t.is_floating_point() or t.is_complex()) and t.numel()
+        else torch.zeros(total, dtype=torch.bool)
+        for t in data.inputs
+    ]
+    bad = torch.stack(bad_by_input).any(0)
+    count = int(bad.sum())
+    if count:
+        first = int(bad.nonzero()[0])
+        where = ""
+        if len(data.inputs) > 1:
+            index = next(i for i, rows in enumerate(bad_by_input) if rows[first])
+            where = f", in array '{data.keys[index] if data.keys and data.keys[index] else index}'"
+        raise SparseCompileError(
+            f"--calib '{data.source}': {count} calibration sample(s) of {total} contain NaN or Inf "
+            f"(first at index {first}{where}); remove or repair them (statistics from them are NaN)"
+        )
 
 
 def _load_image_dir(path: Path, max_samples: int | None, preprocess: Preprocess, progress) -> CalibrationData:
@@ -144,7 +179,8 @@ def _load_image_dir(path: Path, max_samples: int | None, preprocess: Preprocess,
                 f"{images[0].shape[1]}x{images[0].shape[0]}; pass --preprocess resize=H,W"
             )
         images.append(array)
-    batch = np.stack(images) * np.float32(preprocess.scale)  # [N, H, W] or [N, H, W, C]
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to Inf is refused by check_finite
+        batch = np.stack(images) * np.float32(preprocess.scale)  # [N, H, W] or [N, H, W, C]
     if batch.ndim == 3:
         batch = batch[..., None]
     for name in ("mean", "std"):
@@ -210,44 +246,127 @@ def _load_callable(spec: str, max_samples: int | None) -> CalibrationData:
 
 
 def _load_array_file(path: Path, max_samples: int | None) -> CalibrationData:
+    """A .npy or .npz, read without pickle; each array's header is checked against the bytes that hold it
+    before anything is allocated, and only the first ``max_samples`` samples are read."""
     with open(path, "rb") as handle:
         magic = handle.read(6)
-    if magic != b"\x93NUMPY" and not zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if magic != b"\x93NUMPY" and not is_zip:
         raise SparseCompileError(f"cannot read calibration file '{path}': not a .npy or .npz file")
     try:
-        if zipfile.is_zipfile(path):
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = [(key, archive[key]) for key in archive.files]
+        if is_zip:
+            arrays = _read_npz(path, max_samples)
         else:
-            arrays = [("", np.load(path, allow_pickle=False))]
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise SparseCompileError(
-                f"calibration file '{path}' holds Python objects (pickled); save plain numeric arrays with np.save"
-            ) from None
-        raise SparseCompileError(f"cannot read calibration file '{path}': {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            with open(path, "rb") as handle:
+                arrays = [("", _read_npy(handle, path.stat().st_size, max_samples, f"'{path}'", path))]
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
         raise SparseCompileError(f"cannot read calibration file '{path}': {exc}") from None
     if not arrays:
         raise SparseCompileError(f"calibration file '{path}' holds no arrays")
-    tensors = []
-    for key, array in arrays:
-        label = f"'{path}'" + (f" array '{key}'" if key else "")
-        if array.dtype.kind not in "fiub":
-            raise SparseCompileError(f"calibration {label} has dtype {array.dtype}; expected numeric data")
-        if array.ndim == 0:
-            raise SparseCompileError(f"calibration {label} is a scalar; axis 0 must index samples")
-        if array.shape[0] == 0:
-            raise SparseCompileError(f"calibration {label} has no samples")
-        tensors.append((key, torch.from_numpy(np.ascontiguousarray(array))))
+    tensors = [(key, torch.from_numpy(array)) for key, array in arrays]
     counts = {t.shape[0] for _, t in tensors}
     if len(counts) != 1:
         raise SparseCompileError(
             f"calibration arrays in '{path}' have different sample counts: {sorted(counts)}"
         )
-    if max_samples is not None:
-        tensors = [(k, t[:max_samples]) for k, t in tensors]
     return CalibrationData(tuple(t for _, t in tensors), str(path), tuple(k for k, _ in tensors))
+
+
+# Deflate cannot expand data more than ~1032:1; a zip entry declaring more is lying (or a zip bomb).
+_MAX_DEFLATE_RATIO = 1100
+
+
+def _read_npz(path: Path, max_samples: int | None) -> list[tuple[str, np.ndarray]]:
+    arrays = []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            label = f"'{path}' array '{key}'"
+            if not info.filename.endswith(".npy"):
+                raise SparseCompileError(f"calibration {label} is not a .npy member; an .npz holds only arrays")
+            declared = info.file_size
+            if info.compress_type == zipfile.ZIP_STORED and declared != info.compress_size:
+                raise SparseCompileError(f"calibration {label}: its zip entry declares {declared} bytes but stores "
+                                         f"{info.compress_size}; the file is damaged or crafted")
+            if info.compress_type == zipfile.ZIP_DEFLATED and declared > _MAX_DEFLATE_RATIO * info.compress_size + 4096:
+                raise SparseCompileError(f"calibration {label}: its zip entry declares {declared} bytes from "
+                                         f"{info.compress_size} compressed bytes, more than deflate can produce; "
+                                         "the file is damaged or crafted")
+            with archive.open(info) as member:
+                arrays.append((key, _read_npy(member, declared, max_samples, label, path)))
+    return arrays
+
+
+def _read_npy(stream, total_bytes: int, max_samples: int | None, label: str, path: Path) -> np.ndarray:
+    """The first ``max_samples`` samples of the .npy in ``stream`` (``total_bytes`` long), as a new array."""
+    from numpy.lib import format as npy_format
+
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except ValueError as exc:
+        raise SparseCompileError(f"cannot read calibration {label}: bad .npy header "
+                                 f"({(str(exc).splitlines() or [''])[0][:200]})") from None
+    if dtype.hasobject:
+        raise SparseCompileError(
+            f"calibration {label} holds Python objects (pickled); save plain numeric arrays with np.save"
+        )
+    if dtype.kind not in "fiub":
+        raise SparseCompileError(f"calibration {label} has dtype {dtype}; expected numeric data")
+    if len(shape) == 0:
+        raise SparseCompileError(f"calibration {label} is a scalar; axis 0 must index samples")
+    if shape[0] == 0:
+        raise SparseCompileError(f"calibration {label} has no samples")
+    header_bytes = stream.tell()
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=object))
+    data_bytes = row_bytes * shape[0]
+    if data_bytes > total_bytes - header_bytes:
+        raise SparseCompileError(
+            f"calibration {label}: its header declares {shape[0]} samples of shape {_fmt(shape[1:]) or 'scalar'} "
+            f"({dtype}, {data_bytes} bytes) but the file holds only {max(total_bytes - header_bytes, 0)} bytes of "
+            "data; the file is truncated or its header is wrong"
+        )
+    rows = min(shape[0], max_samples) if max_samples else shape[0]
+    needed = data_bytes if fortran_order else rows * row_bytes
+    memory = _physical_memory()
+    if memory and needed > memory // 2:
+        raise SparseCompileError(
+            f"calibration {label} needs {needed / 2**30:.1f} GiB of memory to read "
+            f"({rows} samples), more than this machine can spare; pass --calib-samples to use fewer"
+        )
+    array = np.empty(tuple(reversed(shape)) if fortran_order else (rows, *shape[1:]), dtype)
+    _read_exactly(stream, array, label)
+    if fortran_order:
+        array = array.T[:rows]
+    native = array.dtype.newbyteorder("=")
+    return np.ascontiguousarray(array, dtype=native)  # a copy only where needed: order, byte order
+
+
+def _read_exactly(stream, array: np.ndarray, label: str) -> None:
+    view = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+    filled = 0
+    while filled < len(view):
+        count = stream.readinto(view[filled:])
+        if not count:
+            raise SparseCompileError(f"cannot read calibration {label}: the data ends after {filled} of "
+                                     f"{len(view)} bytes")
+        filled += count
+
+
+def _physical_memory() -> int | None:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def match_to_model(

@@ -47,24 +47,65 @@ def run_batches(module, batches: Iterable[tuple[torch.Tensor, ...]]) -> list[tor
 
 
 def compare_outputs(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> list[dict]:
-    """Per output: max/mean absolute error, relative error, and top-1 agreement for classifier-like outputs."""
+    """Per output: max/mean absolute error, relative error, and top-1 agreement for classifier-like outputs.
+
+    NaN/Inf never pass for agreement: a candidate that is non-finite where the reference is finite has
+    infinite errors, the errors are otherwise measured where both are finite, and a row with any
+    non-finite value (in either model) never counts as agreeing (NaN == NaN rows used to: 100%).
+    """
     if len(reference) != len(candidate):
         raise SparseCompileError(f"models disagree on the number of outputs: {len(reference)} vs {len(candidate)}")
     results = []
     for index, (ref, cand) in enumerate(zip(reference, candidate)):
         ref64, cand64 = ref.double(), cand.double()
-        diff = (ref64 - cand64).abs()
-        entry = {
-            "output": index,
-            "shape": list(ref.shape),
-            "max_abs_error": float(diff.max()) if diff.numel() else 0.0,
-            "mean_abs_error": float(diff.mean()) if diff.numel() else 0.0,
-            "relative_error": float(torch.linalg.vector_norm(ref64 - cand64) / torch.linalg.vector_norm(ref64).clamp_min(1e-30)),
-        }
+        ref_finite, cand_finite = torch.isfinite(ref64), torch.isfinite(cand64)
+        entry = {"output": index, "shape": list(ref.shape)}
+        if bool((ref_finite & ~cand_finite).any()):
+            entry.update(max_abs_error=float("inf"), mean_abs_error=float("inf"), relative_error=float("inf"))
+        else:
+            both = ref_finite & cand_finite
+            ref_kept, cand_kept = ref64[both], cand64[both]
+            diff = (ref_kept - cand_kept).abs()
+            entry.update(
+                max_abs_error=float(diff.max()) if diff.numel() else 0.0,
+                mean_abs_error=float(diff.mean()) if diff.numel() else 0.0,
+                relative_error=float(torch.linalg.vector_norm(ref_kept - cand_kept)
+                                     / torch.linalg.vector_norm(ref_kept).clamp_min(1e-30)),
+            )
+        entry["nonfinite_reference"] = int((~ref_finite).sum())
+        entry["nonfinite_candidate"] = int((~cand_finite).sum())
         if ref.dim() == 2 and ref.shape[1] > 1 and ref.is_floating_point():
-            entry["top1_agreement"] = float((ref.argmax(1) == cand.argmax(1)).double().mean())
+            rows_finite = ref_finite.all(1) & cand_finite.all(1)
+            agree = (ref.argmax(1) == cand.argmax(1)) & rows_finite
+            entry["top1_agreement"] = float(agree.double().mean()) if agree.numel() else 1.0
         results.append(entry)
     return results
+
+
+def nonfinite_samples(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[int, int, int | None]:
+    """(samples where ``candidate`` has NaN/Inf and ``reference`` is finite there, samples, first such index):
+    outputs on axis 0 are per sample; a 0-d output counts as one."""
+    total = max((int(r.shape[0]) if r.dim() else 1 for r in reference), default=0)
+    bad = torch.zeros(total, dtype=torch.bool)
+    for ref, cand in zip(reference, candidate):
+        if not (cand.is_floating_point() or cand.is_complex()):
+            continue
+        new = torch.isfinite(ref) & ~torch.isfinite(cand)
+        rows = new.reshape(new.shape[0], -1).any(1) if new.dim() else new.reshape(1)
+        bad[: rows.shape[0]] |= rows
+    count = int(bad.sum())
+    return count, total, (int(bad.nonzero()[0]) if count else None)
+
+
+def check_outputs_finite(reference: list[torch.Tensor], candidate: list[torch.Tensor], what: str) -> None:
+    """Fail (one line) when ``candidate`` outputs NaN/Inf where ``reference`` does not: such a model is
+    broken, whatever the agreement numbers say."""
+    count, total, first = nonfinite_samples(reference, candidate)
+    if count:
+        raise SparseCompileError(
+            f"{what} outputs NaN or Inf on {count} of {total} calibration sample(s) where the dense model does "
+            f"not (first at index {first}); no build was written"
+        )
 
 
 class _LayerErrorInterpreter(torch.fx.Interpreter):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from sparsecompile.errors import SparseCompileError
 from sparsecompile.graph import CONV_OPS, add_bias, arg, get_tensor, set_tensor
 from sparsecompile.passes.fold_batchnorm import BN_OPS, FoldedBatchNorm
 from sparsecompile.masks.statistics import activation_input
@@ -95,6 +96,19 @@ def _relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
+def _refuse_non_finite(where: str, **values: torch.Tensor) -> None:
+    """Never write a NaN/Inf scale, shift, weight or bias: one line naming the layer and the channels."""
+    for name, value in values.items():
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            channels = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist() if bad.dim() else [0]
+            shown = ", ".join(map(str, channels[:8])) + (" ..." if len(channels) > 8 else "")
+            raise SparseCompileError(
+                f"statistics correction of {where} would write a non-finite {name} (channel(s) {shown}): the "
+                "calibration activations hold NaN/Inf or overflow; check the calibration data, or pass --correct none"
+            )
+
+
 class StatisticsCorrector:
     """The per-layer correction, usable as an ``after`` hook of a LockstepRunner."""
 
@@ -133,6 +147,7 @@ class StatisticsCorrector:
             return
         values = working_env[bn.args[0]]
         mean, var = _channel_moments(values, 1)
+        _refuse_non_finite(f"BatchNorm '{bn.name}'", mean=mean, variance=var)
         targets = (arg(bn, 3, "running_mean").target, arg(bn, 4, "running_var").target)
         old_mean, old_var = (get_tensor(self.gm, t) for t in targets)
         set_tensor(self.gm, targets[0], mean.to(old_mean.dtype))
@@ -178,6 +193,7 @@ class StatisticsCorrector:
             ref_mean, ref_var = _channel_moments(reference, axis)
             scale = channel_scale(var, reference_var=ref_var)
             shift = ref_mean - scale * mean
+        _refuse_non_finite(f"layer '{layer.name}'", scale=scale, shift=shift)
         self._fold_into_layer(node, layer, slot, scale, shift)
         shape = [1] * working[0].dim()
         shape[axis] = -1
@@ -195,10 +211,14 @@ class StatisticsCorrector:
         out_axis = 0 if weight.dim() != 2 or layer.reduction_axis == 1 else 1
         shape = [1] * weight.dim()
         shape[out_axis] = -1
-        set_tensor(self.gm, layer.weight_target, (weight.double() * scale.reshape(shape)).to(weight.dtype))
+        new_weight = (weight.double() * scale.reshape(shape)).to(weight.dtype)
         bias_target = arg(node, *slot).target  # prepare() made sure there is one
         bias = get_tensor(self.gm, bias_target)
-        set_tensor(self.gm, bias_target, (bias.double() * scale + shift).to(bias.dtype))
+        new_bias = (bias.double() * scale + shift).to(bias.dtype)
+        # Also catches overflow of the layer's dtype (a finite float64 scale times a large weight in fp16).
+        _refuse_non_finite(f"layer '{layer.name}'", weight=new_weight, bias=new_bias)
+        set_tensor(self.gm, layer.weight_target, new_weight)
+        set_tensor(self.gm, bias_target, new_bias)
 
 
 class CorrectStatistics:
