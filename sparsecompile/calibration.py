@@ -272,6 +272,24 @@ def _load_array_file(path: Path, max_samples: int | None) -> CalibrationData:
     return CalibrationData(tuple(t for _, t in tensors), str(path), tuple(k for k, _ in tensors))
 
 
+def load_labels(spec: str | Path) -> torch.Tensor:
+    """``--labels``: a .npy of integer class labels (int64), read like calibration arrays (no pickle, header
+    checked against the file size)."""
+    path = Path(spec)
+    label = f"labels '{path}'"
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(6) != b"\x93NUMPY":
+                raise SparseCompileError(f"cannot read {label}: not a .npy file")
+            handle.seek(0)
+            array = _read_npy(handle, path.stat().st_size, None, label, path)
+    except OSError as exc:
+        raise SparseCompileError(f"cannot read {label}: {exc.strerror or exc}") from None
+    if array.dtype.kind not in "iu":
+        raise SparseCompileError(f"{label} have dtype {array.dtype}; expected integer class indices")
+    return torch.from_numpy(array.astype(np.int64, copy=False))
+
+
 # Deflate cannot expand data more than ~1032:1; a zip entry declaring more is lying (or a zip bomb).
 _MAX_DEFLATE_RATIO = 1100
 

@@ -289,3 +289,26 @@ def test_no_np_load_in_the_package_allows_pickle():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "np.load(" in line or "numpy.load(" in line:
                 assert "allow_pickle=False" in line, f"{path}:{number}: {line.strip()}"
+
+
+def test_pickled_labels_are_a_one_line_error(tmp_path, model_files):
+    """--labels went through a bare np.load: a pickled file was 'unexpected ValueError ... bug'."""
+    np.save(tmp_path / "labels.npy", np.array([{"a": 1}] * 48, dtype=object), allow_pickle=True)
+    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
+                  "--method", "gumbel", "--max-steps", 1, "--labels", tmp_path / "labels.npy",
+                  "--learn-option", "init=random", "--max-drop", "none", "--min-weights", 0)
+    _one_line_failure(result, "labels.npy", "pickled")
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_are_checked_like_calibration_arrays(tmp_path):
+    from sparsecompile.calibration import load_labels
+
+    np.save(tmp_path / "ok.npy", np.arange(6, dtype=np.int32))
+    assert load_labels(tmp_path / "ok.npy").dtype == torch.int64
+    np.save(tmp_path / "float.npy", np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(SparseCompileError, match="integer"):
+        load_labels(tmp_path / "float.npy")
+    (tmp_path / "huge.npy").write_bytes(_npy_with_shape((2 ** 40,), dtype="<i8"))
+    with pytest.raises(SparseCompileError, match="header"):
+        load_labels(tmp_path / "huge.npy")
