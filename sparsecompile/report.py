@@ -92,8 +92,8 @@ def permutation_lines(report: dict) -> list[str]:
     lines = [line]
     exhausted = [g for g in groups if g.get("budget_exhausted")]
     if exhausted:
-        lines.append(f"         {len(exhausted)} group(s) hit --permute-budget {permutation['budget_s']:g}s "
-                     "(best order found so far used): " + ", ".join(f"g{g['id']}" for g in exhausted))
+        lines.append(f"         {len(exhausted)} group(s) hit the --permute-budget {permutation['budget_s']:g}s time cap "
+                     "(best order found so far used; not reproducible): " + ", ".join(f"g{g['id']}" for g in exhausted))
     return lines
 
 
@@ -102,7 +102,7 @@ def permutation_table(report: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in report["permutation"]["groups"]:
         kept = f"{_pct(g['kept_plain'])} -> {_pct(g['kept_permuted'])}" if "kept_permuted" in g else "-"
-        status = "permuted" + (" (budget hit)" if g.get("budget_exhausted") else "") if g["status"] == "permuted" \
+        status = "permuted" + (" (time cap hit)" if g.get("budget_exhausted") else "") if g["status"] == "permuted" \
             else f"unpermuted: {g['reason']}"
         cells = [f"g{g['id']}", str(g["channels"] or "-"), ", ".join(g["consumers"]), ", ".join(g["producers"]) or "-",
                  kept, f"{g['efficacy']:.2f}" if "efficacy" in g else "-",

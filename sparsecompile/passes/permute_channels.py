@@ -22,10 +22,17 @@ scored consumers (eligible layers reading the channels directly), each
 consumer's importance normalized to sum 1 so a large layer does not drown a
 small one. Importance is ``|w|`` unless a callable is given. Groups that
 cannot be permuted safely keep their channel order, with the reason recorded.
+
+Each group's search stops on counted work (``max_work``, ``--permute-effort``),
+so the same model and seed give the same channel orders on any machine;
+``budget_s`` (``--permute-budget``) is only a wall-time safety cap. A group
+that hits it is recorded with ``stopped_by: "time cap"`` and counted in the
+report's ``time_cap_hit`` (the build warns: that order depends on machine speed).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -38,7 +45,14 @@ from sparsecompile.layers import GemmLayer
 from sparsecompile.passes.manager import PassContext, PassResult
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.permutation.groups import ChannelGroup, apply_permutation, find_groups
-from sparsecompile.permutation.search import kept_magnitude, search_permutation, unstructured_bound
+from sparsecompile.permutation.search import (
+    DEFAULT_MAX_WORK,
+    DEFAULT_TIME_CAP_S,
+    STOPPED_TIME,
+    kept_magnitude,
+    search_permutation,
+    unstructured_bound,
+)
 
 Importance = Callable[[torch.Tensor, GemmLayer], torch.Tensor]
 
@@ -57,13 +71,15 @@ class PermuteChannels:
     name = "permute_channels"
 
     def __init__(self, layers: list[GemmLayer], eligible: set[str], *, n: int = 2, m: int = 4,
-                 budget_s: float = 3.0, seed: int = 0, importance: Importance | None = None,
+                 budget_s: float = DEFAULT_TIME_CAP_S, max_work: int | None = DEFAULT_MAX_WORK, seed: int = 0,
+                 importance: Importance | None = None,
                  importance_name: str = "magnitude", on_group: Callable[[str], None] | None = None,
                  iterate: Callable | None = None, given: dict[str, list[int]] | None = None):
         self.layers = layers
         self.eligible = eligible  # node names of layers that will be masked
         self.n, self.m = n, m
-        self.budget_s = budget_s
+        self.budget_s = budget_s  # wall-time safety cap per group
+        self.max_work = max_work  # the deterministic work limit per group
         self.seed = seed
         self.importance = importance or magnitude_importance
         self.importance_name = importance_name
@@ -116,10 +132,15 @@ class PermuteChannels:
     def report(self) -> dict:
         permuted = [g for g in self.group_stats if g["status"] == "permuted"]
         return {
-            "enabled": True, "budget_s": self.budget_s, "importance": self.importance_name,
+            "enabled": True, "budget_s": self.budget_s, "max_work": self.max_work, "importance": self.importance_name,
             "groups": self.group_stats, "permuted_groups": len(permuted),
+            "time_cap_hit": sum(1 for g in self.group_stats if g.get("stopped_by") == STOPPED_TIME),
             "search_seconds": round(sum(g.get("search_seconds", 0.0) for g in self.group_stats), 3),
         }
+
+    def time_capped(self) -> list[dict]:
+        """Records of the groups whose search the wall-time cap stopped (their order depends on machine speed)."""
+        return [g for g in self.group_stats if g.get("stopped_by") == STOPPED_TIME]
 
     def _permute_group(self, gm, group: ChannelGroup) -> dict:
         record = {
@@ -142,7 +163,8 @@ class PermuteChannels:
             layer = consumer.layer
             weight = get_tensor(gm, layer.weight_target)
             scores = gemm_view(self.importance(weight.detach(), layer).float(), layer.reduction_axis)
-            total = float(scores.sum())
+            # per-column sums added exactly: a single-output torch sum rounds differently with the thread count
+            total = math.fsum(scores.sum(dim=0, dtype=torch.float64).tolist())
             matrices[layer.name] = (consumer, scores / total if total > 0 else scores)
         if self.given is not None:
             return self._replay_group(gm, group, record, matrices)
@@ -160,14 +182,15 @@ class PermuteChannels:
         for consumer, scores in matrices.values():
             stacked[row:row + scores.shape[0], consumer.offset:consumer.offset + consumer.size] = scores
             row += scores.shape[0]
-        result = search_permutation(stacked, n=self.n, m=self.m, budget_s=self.budget_s,
+        result = search_permutation(stacked, n=self.n, m=self.m, budget_s=self.budget_s, max_work=self.max_work,
                                     seed=self.seed + group.id, segments=segments)
         record.update(
             kept_plain=round(result.kept_plain / len(matrices), 6),
             kept_permuted=round(result.kept_permuted / len(matrices), 6),
             bound=round(result.bound / len(matrices), 6),
             efficacy=round(result.efficacy, 4), search_seconds=round(result.seconds, 3),
-            rounds=result.rounds, budget_exhausted=result.budget_exhausted,
+            rounds=result.rounds, work=result.work, stopped_by=result.stopped_by,
+            budget_exhausted=result.budget_exhausted,
         )
         perm = result.permutation
         if torch.equal(perm, torch.arange(group.size)):
@@ -178,7 +201,8 @@ class PermuteChannels:
         record["status"] = "permuted"
         record["reason"] = None
         if result.budget_exhausted:
-            record["note"] = f"search stopped by --permute-budget {self.budget_s:g}s; best order found so far used"
+            record["note"] = (f"search stopped by the --permute-budget {self.budget_s:g}s time cap before its work "
+                              "limit: best order found so far used, which depends on machine speed (not reproducible)")
         self._record_layers(group, matrices, perm)
         return record
 
@@ -211,7 +235,7 @@ class PermuteChannels:
         record.update(status="permuted", reason=None, note="channel order replayed from the saved masks",
                       kept_plain=round(plain, 6), kept_permuted=round(kept, 6), bound=round(bound, 6),
                       efficacy=round((kept - plain) / (bound - plain), 4) if bound - plain > 1e-12 else 0.0,
-                      search_seconds=0.0, rounds=0, budget_exhausted=False)
+                      search_seconds=0.0, rounds=0, work=0, stopped_by="replayed", budget_exhausted=False)
         return record
 
     def _searchable_segments(self, group: ChannelGroup, scored) -> tuple[list[tuple[int, int]], list]:

@@ -50,15 +50,25 @@ Escapes (iterated local search)
     local search again (only the pairs the changes made stale), keep the result
     if it beats the best local optimum, otherwise put the changed stripes back.
 
-Stopping rules
+Stopping rules (all but the last count work, so they do not depend on the machine)
     Escapes stop after ``patience`` attempts in a row found nothing better, after
     ``max_escapes`` attempts, or once the escapes evaluated ``ESCAPE_WORK``
     (stripe pair x row) scores -- this caps them at about 1-2 s on 2 CPU cores
     for tall matrices, where each one costs a full re-evaluation of two stripes.
-    Everything stops when the time budget ``budget_s`` runs out
-    (``budget_exhausted``; the best permutation found so far is returned). A
-    move must gain more than ``REL_EPS`` (1e-5) of the pair's kept sum (float32
-    sums), an escape must raise the float64 total.
+    The whole search stops before a round once it evaluated ``max_work`` (stripe
+    pair x row) scores in all (``stopped_by="effort"``: large layers, whose
+    first local search alone would take minutes; the best permutation found so
+    far is returned). Work is counted exactly, so where the search stops depends
+    only on the inputs and the seed. Otherwise it ends by itself
+    (``stopped_by="converged"``). A move must gain more than ``REL_EPS`` (1e-5)
+    of the pair's kept sum (float32 sums), an escape must raise the float64
+    total.
+
+    Wall time is only a safety cap: when ``budget_s`` runs out first (a machine
+    far slower or busier than usual), the search stops with
+    ``stopped_by="time cap"`` and ``budget_exhausted=True``; the result then
+    depends on machine speed, and callers must say so (the build warns and
+    reports it).
 
 Result guarantees
     The returned permutation maps every segment onto itself and leaves columns
@@ -66,17 +76,22 @@ Result guarantees
     (checked in float64 at the end: if it were, the identity is returned).
 
 Determinism
-    For a fixed ``seed`` the search is deterministic (random choices come from a
-    ``torch.Generator`` seeded with ``seed``; all stopping rules but the budget
-    count work, not time) *as long as the time budget is not hit*. When the
-    budget stops the search, the result depends on how far the search got, i.e.
-    on machine speed and load. (Float32 row sums may round differently with a
-    different torch build or thread count, which can change near-tied choices.)
+    For fixed inputs and ``seed`` the search is deterministic (random choices
+    come from a ``torch.Generator`` seeded with ``seed``; every stopping rule but
+    the time cap counts work) *as long as the time cap is not hit*. Decisions do
+    not depend on the torch thread count: every reduction that decides something
+    either has many outputs (torch then splits the work between threads by
+    output, so each sum is added up in the same order whatever the thread count)
+    or is a float64 total added up exactly (``math.fsum`` of per-column sums,
+    :func:`_total`) -- a single-output torch sum would be split across threads
+    and round differently. (A different torch build or CPU instruction set may
+    still round float32 sums differently, which can change near-tied choices.)
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -101,6 +116,17 @@ CHUNK_ELEMS = 1 << 20  # elements of one [pairs, 6, 6, rows] temporary
 DEFAULT_PATIENCE = 25  # escapes in a row without a better local optimum
 DEFAULT_MAX_ESCAPES = 50  # escapes in all
 ESCAPE_WORK = 10_000_000  # no new escape once the escapes evaluated this many (stripe pair x row)s
+# No new round once the search evaluated this many (stripe pair x row) scores. Groups up to ~256
+# channels (and 64x128 .. 2304x256 matrices) converge well before it; on the largest ResNet-50 groups
+# (512-2048 channels, 2000-4600 rows) it is about 4 s of one CPU core (10-15 M scores/s) and keeps more
+# than the old 3 s wall-clock budget did even on an idle 2-core machine (benchmarks/README.md).
+DEFAULT_MAX_WORK = 60_000_000
+# Safety cap on wall time per search, reported when hit. 20-40x the default work's time on an idle
+# 2-core machine: an oversubscribed one (two OpenMP threads, load 4) once took 73 s for it, and the cap
+# must not decide the result there, or builds stop being reproducible exactly when machines are busy.
+DEFAULT_TIME_CAP_S = 120.0
+
+STOPPED_CONVERGED, STOPPED_EFFORT, STOPPED_TIME = "converged", "effort", "time cap"
 
 
 def _slot(subset: tuple[int, ...]) -> int:
@@ -149,18 +175,26 @@ def _row_chunks(scores: torch.Tensor):
         yield scores[r0:r0 + step].detach().to(torch.float64)
 
 
+def _total(values: torch.Tensor) -> list[float]:
+    """Per-column float64 sums of a [rows, k] block, as a list for an exact ``math.fsum``.
+
+    A many-output reduction is split between threads by output, so each column sum is added up
+    in the same order whatever the thread count (a single-output ``.sum()`` would not be)."""
+    return values.reshape(values.shape[0], -1).t().sum(dim=1, dtype=torch.float64).tolist() if values.numel() else []
+
+
 def kept_magnitude(scores: torch.Tensor, n: int = 2, m: int = 4) -> float:
     """Sum, over rows and groups of ``m`` consecutive columns, of each group's ``n`` largest entries."""
     _check_nm(scores, n, m)
-    return float(sum(block.reshape(block.shape[0], -1, m).topk(n, dim=-1).values.sum()
-                     for block in _row_chunks(scores)))
+    return math.fsum(v for block in _row_chunks(scores)
+                     for v in _total(block.reshape(block.shape[0], -1, m).topk(n, dim=-1).values))
 
 
 def unstructured_bound(scores: torch.Tensor, n: int = 2, m: int = 4) -> float:
     """Row-wise optimum at density n/m without structure: per row, the sum of its ``C*n/m`` largest entries."""
     _check_nm(scores, n, m)
     keep = scores.shape[1] * n // m
-    return float(sum(block.topk(keep, dim=1).values.sum() for block in _row_chunks(scores)))
+    return math.fsum(v for block in _row_chunks(scores) for v in _total(block.topk(keep, dim=1).values))
 
 
 @dataclass
@@ -171,7 +205,9 @@ class SearchResult:
     bound: float  # unstructured_bound(scores)
     seconds: float
     rounds: int  # batched evaluation rounds (matching and table rounds, escapes included)
-    budget_exhausted: bool  # stopped by the time budget rather than convergence
+    budget_exhausted: bool  # stopped by the wall-time safety cap (budget_s): the result depends on machine speed
+    work: int = 0  # (stripe pair x row) scores evaluated: the deterministic measure of effort
+    stopped_by: str = STOPPED_CONVERGED  # "converged" | "effort" (max_work) | "time cap" (budget_s)
 
     @property
     def efficacy(self) -> float:
@@ -301,14 +337,14 @@ class _Search:
     """State of one search: the permutation, per-stripe statistics and the pair freshness flags."""
 
     def __init__(self, scores: torch.Tensor, n: int, segments: list[tuple[int, int]],
-                 gen: torch.Generator, deadline: float):
+                 gen: torch.Generator, deadline: float, max_work: int | None = None):
         cols = scores.shape[1]
         base = scores.detach().to(torch.float32).t().contiguous()  # [C, rows]
         if n == 3:  # keep the 3 largest of 4 == drop the smallest: maximize the max of the negation
             base, n = -base, 1
         self.base, self.n = base, n
         self.rows = base.shape[1]
-        self.gen, self.deadline = gen, deadline
+        self.gen, self.deadline, self.max_work = gen, deadline, max_work
         self.perm = torch.arange(cols)
         self.perm4 = self.perm.view(-1, _M)  # a view: writes go to self.perm
         self.stats = torch.empty(cols // _M, 15 if n == 1 else 25, self.rows)  # [G, K, rows], current permutation
@@ -325,12 +361,23 @@ class _Search:
         self.schedule: list[tuple[torch.Tensor, int] | None] = [None] * len(self.segments)
         self.rounds = 0
         self.work = 0  # pair x row evaluations so far
+        self.stopped_by = STOPPED_CONVERGED
 
     # ---- state
 
     def objective(self) -> float:
-        """Kept sum of the current permutation (of the negated matrix for n = 3)."""
-        return float(self.stats[self.glob, -1].sum(dtype=torch.float64))
+        """Kept sum of the current permutation (of the negated matrix for n = 3), exact in float64."""
+        return math.fsum(self.stats[self.glob, -1].sum(dim=1, dtype=torch.float64).tolist())
+
+    def out_of_budget(self) -> bool:
+        """Whether the work limit or (a safety cap) the deadline stops the search before another round."""
+        if self.max_work is not None and self.work >= self.max_work:
+            self.stopped_by = STOPPED_EFFORT
+            return True
+        if time.perf_counter() > self.deadline:
+            self.stopped_by = STOPPED_TIME
+            return True
+        return False
 
     def _fill(self, glob: torch.Tensor, cols: torch.Tensor) -> None:
         """Statistics of stripes ``glob`` (global indices) holding columns ``cols [k, 4]``, in chunks."""
@@ -385,13 +432,13 @@ class _Search:
         return gain.where(improving, torch.zeros(())), part
 
     def local_search(self) -> bool:
-        """Improve until no pair of stripes has an improving re-split; False if the budget ran out."""
+        """Improve until no pair of stripes has an improving re-split; False if stopped before (``stopped_by``)."""
         while True:
             stale = torch.triu(self.allowed & ~self.fresh, diagonal=1)
             n_stale = int(stale.sum())
             if n_stale == 0:
                 return True
-            if time.perf_counter() > self.deadline:
+            if self.out_of_budget():
                 return False
             self.rounds += 1
             if n_stale <= TABLE_ROUND_PAIRS * self.num or n_stale * self.rows <= TABLE_ROUND_WORK:
@@ -462,15 +509,19 @@ def _normalize_segments(segments, cols: int, m: int) -> list[tuple[int, int]]:
     return out
 
 
-def search_permutation(scores: torch.Tensor, *, n: int = 2, m: int = 4, budget_s: float = 10.0, seed: int = 0,
-                       segments: list[tuple[int, int]] | None = None,
-                       patience: int = DEFAULT_PATIENCE, max_escapes: int = DEFAULT_MAX_ESCAPES) -> SearchResult:
+def search_permutation(scores: torch.Tensor, *, n: int = 2, m: int = 4, budget_s: float = DEFAULT_TIME_CAP_S,
+                       seed: int = 0, segments: list[tuple[int, int]] | None = None,
+                       patience: int = DEFAULT_PATIENCE, max_escapes: int = DEFAULT_MAX_ESCAPES,
+                       max_work: int | None = DEFAULT_MAX_WORK) -> SearchResult:
     """Search a column permutation of ``scores [R, C]`` that maximizes the kept N:M magnitude.
 
     ``segments``: half-open column ranges [start, end) that the permutation maps onto
     themselves (columns outside all segments stay in place); ``None`` = all columns.
-    ``budget_s``: wall-clock budget; when it runs out the best permutation found so far is
-    returned with ``budget_exhausted=True`` (the result then depends on machine speed).
+    ``max_work``: the work limit, in (stripe pair x row) scores evaluated (``None``: none); no
+    round starts once it is reached (``stopped_by="effort"``). Deterministic.
+    ``budget_s``: wall-clock safety cap; when it runs out first the best permutation found so
+    far is returned with ``budget_exhausted=True``, ``stopped_by="time cap"`` (the result then
+    depends on machine speed).
     ``patience`` / ``max_escapes``: escapes (random re-split + local search) in a row without
     a better local optimum / in total, after the first local optimum.
     See the module docstring for the algorithm.
@@ -489,15 +540,13 @@ def search_permutation(scores: torch.Tensor, *, n: int = 2, m: int = 4, budget_s
     bound = unstructured_bound(scores, n, m)
 
     gen = torch.Generator().manual_seed(seed)
-    search = _Search(scores, n, segs, gen, deadline)
-    finished = True
+    search = _Search(scores, n, segs, gen, deadline, max_work)
     if search.segments and search.rows:
         finished = search.local_search()
         fails = escapes = 0
         work_cap = search.work + ESCAPE_WORK
         while finished and fails < patience and escapes < max_escapes and search.work < work_cap:
-            if time.perf_counter() > deadline:
-                finished = False
+            if search.out_of_budget():
                 break
             escapes += 1
             better, finished = search.escape()
@@ -509,4 +558,5 @@ def search_permutation(scores: torch.Tensor, *, n: int = 2, m: int = 4, budget_s
         perm, kept_permuted = torch.arange(cols), kept_plain
     return SearchResult(permutation=perm, kept_plain=kept_plain, kept_permuted=kept_permuted, bound=bound,
                         seconds=time.perf_counter() - start_time, rounds=search.rounds,
-                        budget_exhausted=not finished)
+                        budget_exhausted=search.stopped_by == STOPPED_TIME, work=search.work,
+                        stopped_by=search.stopped_by)
