@@ -89,6 +89,12 @@ def normalize_onnx(model):
                     rewritten.append(helper.make_node("Flatten", [node.input[0]], list(node.output),
                                                       name=(node.name or node.output[0]) + "_flatten", axis=1))
                     continue
+        if node.op_type == "Reshape" and node.input[1] in inits and 0 not in inits[node.input[1]].tolist():
+            # allowzero only changes what a 0 in the shape means; without zeros it is a no-op, and
+            # onnx2torch refuses allowzero=1 (onnxscript's optimizer sets it on reshapes it rewrites).
+            kept = [a for a in node.attribute if a.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
         rewritten.append(node)
     del graph.node[:]
     graph.node.extend(rewritten)
