@@ -1,43 +1,43 @@
-"""Layer selection under an accuracy budget: ``--max-drop``.
+"""Layer selection under an accuracy budget: the accuracy guard and ``--max-drop`` / ``--max-error``.
 
-The drop is measured on the calibration set against the dense model, in percentage points.
-For a classifier (a 2-D floating-point first output with more than one column) it is
-``100 * (1 - top-1 agreement)``. Otherwise it is ``100 * relative L2 output error``.
+Damage is measured per output against the dense model (:mod:`sparsecompile.damage`): points
+of top-1 agreement for class scores, points of per-position agreement for CTC-like
+sequences, percent relative error for everything else, each against its budget. The
+model is within budget when every output is (its *score*, the largest damage / budget, is
+at most 1). The check runs on the *held-back* calibration samples, which chose no mask.
 
 When the fully masked model exceeds the budget, layers go back to dense greedily:
 
-1. Each masked layer gets a sensitivity. With ``signal="measured"`` it is the drop of the
-   model with only that layer masked, one calibration pass per layer. With ``signal="mp"``
-   it is the spectral prior of :func:`sparsecompile.analysis.spectral.mp_sensitivity`, which
-   costs no passes.
+1. Each masked layer gets a sensitivity. With ``signal="measured"`` it is the score of the
+   dense model with only that layer masked, on the samples the masks were chosen on (one
+   pass per layer). With ``signal="mp"`` it is the spectral prior of
+   :func:`sparsecompile.analysis.spectral.mp_sensitivity`, which costs no passes.
 2. Layers are ranked by sensitivity per unit of benefit. The benefit is the speed model's
-   predicted time saved where the target has one, otherwise the layer's weight count.
+   predicted time saved where the target has one, otherwise the layer's MACs (weights if
+   MACs are unknown).
 3. Layers are restored in that order (weight *and* bias, which statistics correction may have
-   changed), one at a time, re-measuring after each, until the budget holds or nothing is left.
+   changed), one at a time, re-measuring on the held-back samples after each, until the
+   budget holds or nothing is left. Restoring every layer gives the dense model back, so
+   the budget can always be met; a build that needed that says so with a warning.
 
-Every decision is measured on the final model, so the budget holds on the calibration set
-(not necessarily on other data). Sequential correction of later layers was fitted with the
-reverted layers sparse. Restoring a layer leaves those fits slightly off, and the
-re-measurement includes that.
+Restoring a layer need not lower the damage: later layers' statistics correction was fitted
+with it sparse, so restoring it alone can leave their fits off. A restoration that does not
+lower the score is undone (the layer stays sparse, listed in ``kept_sparse_after_trial``) and
+the next layer is tried, so the score falls at every recorded step. If no single restoration
+helps any more, the remaining layers go back together (the dense model is within budget).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from sparsecompile.damage import Damage
 from sparsecompile.graph import get_tensor, set_tensor
-from sparsecompile.verify import compare_outputs, run_batches
-
-
-def drop_points(dense_outputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> tuple[float, str]:
-    """``(drop, metric)``: points of top-1 agreement lost, or the relative output error in percent."""
-    first = compare_outputs(dense_outputs[:1], outputs[:1])[0]
-    if "top1_agreement" in first:
-        return 100.0 * (1.0 - first["top1_agreement"]), "top-1 agreement"
-    return 100.0 * first["relative_error"], "relative output error"
+from sparsecompile.verify import run_batches
 
 
 def layer_params(gm, layer) -> list[str]:
@@ -58,33 +58,47 @@ def layer_params(gm, layer) -> list[str]:
 @dataclass
 class BudgetResult:
     max_drop: float
-    metric: str
-    initial_drop: float
-    final_drop: float
-    sensitivity: dict[str, float] = field(default_factory=dict)  # layer -> drop with only it masked (or prior)
-    reverted: list[dict] = field(default_factory=list)  # in order: layer, sensitivity, drop after reverting
-    met: bool = True
+    max_error: float
+    initial: Damage
+    final: Damage
+    sensitivity: dict[str, float] = field(default_factory=dict)  # layer -> score with only it masked (or prior)
+    reverted: list[dict] = field(default_factory=list)  # in order: layer, sensitivity, score after reverting
+    skipped: list[dict] = field(default_factory=list)  # tried, but restoring them alone did not lower the damage
+    signal: str = "measured"
+
+    @property
+    def met(self) -> bool:
+        return self.final.within
 
     def to_json(self) -> dict:
-        return {"max_drop": self.max_drop, "metric": self.metric, "initial_drop": round(self.initial_drop, 4),
-                "final_drop": round(self.final_drop, 4), "met": self.met, "reverted": self.reverted,
-                "sensitivity": {k: round(v, 4) for k, v in self.sensitivity.items()}}
+        return {"max_drop": self.max_drop, "max_error": self.max_error, "met": self.met,
+                "measured_on": f"{self.final.samples} held-back calibration samples",
+                "initial": self.initial.to_json(), "final": self.final.to_json(),
+                "reverted": self.reverted, "kept_sparse_after_trial": self.skipped, "signal": self.signal,
+                "sensitivity": {k: (round(v, 4) if math.isfinite(v) else None) for k, v in self.sensitivity.items()}}
 
 
-def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Tensor], batches: Callable[[], list],
-                   dense_outputs: list[torch.Tensor], max_drop: float, signal: str = "measured",
+def _score(damage: Damage) -> float:
+    return damage.score
+
+
+def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Tensor], *,
+                   assess: Callable[[list[torch.Tensor], list[torch.Tensor]], Damage],
+                   check_batches: Callable[[], list], check_dense: list[torch.Tensor],
+                   fit_batches: Callable[[], list], fit_dense: list[torch.Tensor],
+                   max_drop: float, max_error: float, signal: str = "measured",
                    priors: dict[str, float] | None = None, benefit: dict[str, float] | None = None,
-                   progress=None) -> BudgetResult:
-    """Restore masked layers of ``sparse_gm`` to their ``dense_gm`` values until the drop is within ``max_drop``.
+                   reason: str = "the accuracy guard", progress=None) -> BudgetResult:
+    """Restore masked layers of ``sparse_gm`` to their ``dense_gm`` values until ``assess`` is within budget.
 
-    ``masks`` loses the restored layers' entries. ``priors`` holds the sensitivities for
-    ``signal="mp"``. ``benefit`` is each layer's gain from being sparse, higher meaning better.
+    ``assess(dense_outputs, outputs)`` gives the per-output damage; ``check_*`` are the held-back
+    samples (and the dense outputs on them) the budget is judged on, ``fit_*`` the samples the
+    sensitivities are measured on. ``masks`` loses the restored layers' entries.
     """
     masked_layers = [layer for layer in layers if layer.weight_target in masks]
-    drop, metric = drop_points(dense_outputs, run_batches(sparse_gm, batches()))
-    result = BudgetResult(max_drop, metric, drop, drop)
-    if drop <= max_drop or not masked_layers:
-        result.met = drop <= max_drop
+    damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
+    result = BudgetResult(max_drop, max_error, damage, damage, signal=signal)
+    if damage.within or not masked_layers:
         return result
 
     if signal == "mp":
@@ -98,30 +112,61 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
             dense_values = {p: get_tensor(dense_gm, p).clone() for p in sparse_values[layer.name]}
             for p, value in sparse_values[layer.name].items():
                 set_tensor(dense_gm, p, value)
-            alone, _ = drop_points(dense_outputs, run_batches(dense_gm, batches()))
+            alone = assess(fit_dense, run_batches(dense_gm, fit_batches())).score
             for p, value in dense_values.items():
                 set_tensor(dense_gm, p, value)
             result.sensitivity[layer.name] = alone
 
-    def priority(layer) -> float:
-        gain = (benefit or {}).get(layer.name) or float(layer.numel)
-        return result.sensitivity[layer.name] / max(gain, 1e-12)
+    def priority(layer) -> tuple[float, str]:
+        gain = (benefit or {}).get(layer.name) or float(layer.extra.get("macs") or layer.numel)
+        sensitivity = result.sensitivity[layer.name]
+        return (math.inf if not math.isfinite(sensitivity) else sensitivity / max(gain, 1e-12), layer.name)
 
-    for rank, layer in enumerate(sorted(masked_layers, key=priority, reverse=True), start=1):
-        for p in layer_params(sparse_gm, layer):
+    previous = damage.score
+    order = sorted(masked_layers, key=priority, reverse=True)
+    kept_sparse = []
+    for rank, layer in enumerate(order, start=1):
+        names = layer_params(sparse_gm, layer)
+        sparse_values = {p: get_tensor(sparse_gm, p).clone() for p in names}
+        for p in names:
             set_tensor(sparse_gm, p, get_tensor(dense_gm, p).clone())
+        trial = assess(check_dense, run_batches(sparse_gm, check_batches()))
+        entry = {"layer": layer.name, "rank": rank,
+                 "sensitivity": round(result.sensitivity[layer.name], 4)
+                 if math.isfinite(result.sensitivity[layer.name]) else None,
+                 "score_after": round(trial.score, 4) if math.isfinite(trial.score) else None}
+        if trial.score >= previous and not trial.within:
+            # Restoring it did not lower the damage (later layers' corrections were fitted with it sparse):
+            # it stays sparse, so the score never rises along the search.
+            for p, value in sparse_values.items():
+                set_tensor(sparse_gm, p, value)
+            kept_sparse.append(layer)
+            result.skipped.append(entry)
+            continue
+        damage, previous = trial, trial.score
         del masks[layer.weight_target]
-        drop, _ = drop_points(dense_outputs, run_batches(sparse_gm, batches()))
-        result.reverted.append({"layer": layer.name, "rank": rank,
-                                "sensitivity": round(result.sensitivity[layer.name], 4),
-                                "drop_after": round(drop, 4)})
-        layer.reason = (f"kept dense by --max-drop {max_drop:g}: {signal} sensitivity "
-                        f"{result.sensitivity[layer.name]:.3g}{' pt' if signal == 'measured' else ''} "
-                        f"(rank {rank}); the model's drop is {drop:.3g} pt with it dense")
+        entry["worst_after"] = damage.worst.describe() if damage.worst is not None else ""
+        result.reverted.append(entry)
+        layer.reason = (f"kept dense by {reason}: {signal} sensitivity "
+                        f"{result.sensitivity[layer.name]:.3g} (rank {rank}); "
+                        f"with it dense, {entry['worst_after'] or 'no output'}")
         if progress is not None:
-            progress.detail(f"--max-drop: {layer.name} back to dense, drop now {drop:.3f}")
-        if drop <= max_drop:
+            progress.detail(f"{reason}: {layer.name} back to dense, score now {damage.score:.3f}")
+        if damage.within:
             break
-    result.final_drop = drop
-    result.met = drop <= max_drop
+    if not damage.within and kept_sparse:
+        # No single further reversion helped: restore the rest together (the dense model is within budget).
+        for layer in kept_sparse:
+            for p in layer_params(sparse_gm, layer):
+                set_tensor(sparse_gm, p, get_tensor(dense_gm, p).clone())
+            del masks[layer.weight_target]
+            layer.reason = (f"kept dense by {reason}: restoring it alone did not lower the damage, "
+                            "so it went back with the rest")
+        damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
+        for entry in result.skipped:
+            result.reverted.append({**entry, "together": True,
+                                    "score_after": round(damage.score, 4) if math.isfinite(damage.score) else None,
+                                    "worst_after": damage.worst.describe() if damage.worst is not None else ""})
+        result.skipped = []
+    result.final = damage
     return result

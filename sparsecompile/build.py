@@ -24,13 +24,15 @@ import torch
 from sparsecompile import __version__
 from sparsecompile.backends.onnx_export import export_onnx
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
-from sparsecompile.budget import enforce_budget
+from sparsecompile.budget import BudgetResult, enforce_budget
+from sparsecompile.damage import (DEFAULT_MAX_DROP, DEFAULT_MAX_ERROR, holdout_split, measure_damage, output_kinds,
+                                  parse_output_kinds)
 from sparsecompile.certificates import certificate_summary, write_certificate
 from sparsecompile.masks.saved import SavedMaskMethod, check_against, load_masks, save_masks, update_norms
 from sparsecompile.builddir import (BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir,
                                    remove_stale_staging)
 from sparsecompile.calibration import (
-    CalibrationData, load_calibration, match_to_model, parse_preprocess, random_calibration,
+    CalibrationData, check_informative, load_calibration, match_to_model, parse_preprocess, random_calibration,
 )
 from sparsecompile.compress import compress, save_weights, size_summary
 from sparsecompile.engine.recipe import (
@@ -51,13 +53,18 @@ from sparsecompile.progress import Progress
 from sparsecompile.report import write_reports
 from sparsecompile.sparsify import sparsify
 from sparsecompile.targets import get_target
-from sparsecompile.verify import compare_outputs, count_nm_violations, layer_output_errors, run_batches
+from sparsecompile.verify import (
+    check_outputs_finite, compare_outputs, count_nm_violations, layer_output_errors, run_batches,
+)
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Tolerance for "the normalized graph computes the same function" (relative L2 error).
 NORMALIZATION_TOLERANCE = 1e-4
 # What --correct auto means when calibration data is given (see benchmarks/results/accuracy.md).
 DEFAULT_CORRECTION = "bias"
+# --method auto's candidates, cheapest first (masks x statistics correction, see _choose_method).
+AUTO_METHODS = ("magnitude", "activation", "hessian")
+ON_DAMAGE = ("restore", "fail", "warn")
 # ONNX Runtime vs torch on the same sparse weights (different kernels, fp32).
 ORT_TOLERANCE = 1e-3
 
@@ -74,20 +81,27 @@ class BuildOptions:
     calib_samples: int | None = None
     preprocess: str | None = None  # for a --calib image directory, see calibration.parse_preprocess
     input_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    method: str = "magnitude"
+    method: str = "auto"  # "auto": the least damaging heuristic on held-back samples (magnitude without --calib)
     pattern: tuple[int, int] = (2, 4)
     exclude: list[str] = field(default_factory=list)
     min_weights: int = 4096
     lower_conv: str = "none"  # "none" | "im2col"
     permute: bool | None = None  # channel permutation; None: on when masks go to sparse tensor cores
-    permute_budget: float = 3.0  # seconds of search per channel group
+    permute_budget: float = 120.0  # wall-time safety cap per channel group, seconds (reported when it binds)
+    permute_effort: float = 60.0  # search work per channel group, millions of (stripe pair x row) scores
     sparsify: bool | None = None  # None: the target decides
     weights_dtype: str = "auto"  # "auto" = target precision, or fp32/fp16/bf16
     batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max) for a dynamic batch
     sparse_only_if_faster: bool = False  # leave layers the speed model does not predict faster dense
     precision: str = "auto"  # TensorRT engine precision: auto (= weights dtype), fp16, bf16, fp32, int8, fp8
     engine: bool = True  # build the TensorRT engine now when this machine has the target GPU and TensorRT
-    max_drop: float | None = None  # accuracy budget in points (see budget.py); None = every eligible layer sparse
+    # The accuracy guard (budget.py, damage.py): "auto" = on with --calib at DEFAULT_MAX_DROP, off without it;
+    # None = every eligible layer sparse (damage still measured and reported).
+    max_drop: float | str | None = "auto"  # points of top-1 / per-position agreement
+    max_error: float = DEFAULT_MAX_ERROR  # percent relative error, for outputs that are not class scores
+    on_damage: str = "restore"  # over budget: "restore" layers to dense, "fail" the build, or "warn"
+    output_kind: str | None = None  # "0=classes,1=values": how each output's damage is measured
+    auto_time_cap: float = 1800.0  # seconds for --method auto's candidates (a safety cap, reported when it binds)
     masks: str | None = None  # apply masks saved by --save-masks (same architecture) instead of choosing
     save_masks: str | None = None  # write the chosen masks (and the weights they were chosen on) here
     certify: bool = False  # margin certificates on the calibration set (analysis/certify.py)
@@ -129,15 +143,112 @@ def _lowering_passes(options: BuildOptions, alignment: int) -> list:
     return []
 
 
+def _check_option_values(options: BuildOptions) -> None:
+    """Every number in range and finite, regexes valid, option pairs complete: one line each, before any work.
+
+    (NaN passes click's FloatRange, and ``--max-drop nan`` used to send every layer dense.) The accuracy
+    guard's budgets are checked in ``_guard_settings``, ``--permute-*`` in ``build``.
+    """
+    import math
+    import numbers
+    import re
+
+    def whole(value, name: str, low: int, high: int | None = None) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or (
+                high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise SparseCompileError(f"{name} must be an integer {bound}, got {value!r}")
+
+    if options.calib_samples is not None:
+        whole(options.calib_samples, "--calib-samples", 1)
+    whole(options.min_weights, "--min-weights", 0)
+    whole(options.max_steps, "--max-steps", 0)
+    whole(options.certify_samples, "certify_samples", 1)
+    whole(options.error_samples, "error_samples", 1)
+    whole(options.seed, "--seed", 0, 2 ** 63 - 1)
+    if options.time_budget is not None and not (isinstance(options.time_budget, numbers.Real)
+                                                and 0 < options.time_budget < math.inf):
+        raise SparseCompileError(f"--time-budget must be a finite number of seconds > 0, got {options.time_budget!r}")
+    n_m = tuple(options.pattern)
+    if len(n_m) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in n_m) \
+            or not 0 < n_m[0] < n_m[1]:
+        raise SparseCompileError(f"--pattern must be N:M with integers 0 < N < M (e.g. 2:4), got {options.pattern!r}")
+    for shape in options.input_shapes:
+        if not shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise SparseCompileError(f"--input-shape {shape!r}: need positive integers (e.g. 1,3,224,224)")
+    if options.batch is not None and (
+            len(options.batch) != 3 or not all(isinstance(b, numbers.Integral) for b in options.batch)
+            or not 1 <= options.batch[0] <= options.batch[1] <= options.batch[2]):
+        raise SparseCompileError(f"--batch {options.batch!r}: need integers 1 <= MIN <= OPT <= MAX (e.g. 1,8,32)")
+    for key, value in options.learn_options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SparseCompileError(f"--learn-option {key}={value}: expected a finite number")
+    for pattern in options.exclude:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SparseCompileError(f"--exclude '{pattern}' is not a valid regular expression ({exc})") from None
+    if options.resume and not options.checkpoint:
+        raise SparseCompileError("--resume needs --checkpoint FILE (the checkpoint to continue from)")
+    if options.resume and not Path(options.checkpoint).is_file():
+        raise SparseCompileError(f"--resume: checkpoint '{options.checkpoint}' does not exist")
+
+
+def _ignored_options(options: BuildOptions, target, sparsify_layers: bool, learned: bool, method_name: str) -> list[str]:
+    """Options the user set that this build would silently not use: one message per reason (warned and
+    kept in the report's notes). Options left at their defaults are not named."""
+    defaults = BuildOptions()
+    learning = [flag for flag, used in (
+        (f"--max-steps {options.max_steps}", options.max_steps != defaults.max_steps),
+        (f"--time-budget {options.time_budget:g}" if options.time_budget else "", options.time_budget is not None),
+        (f"--objective {options.objective}", options.objective != defaults.objective),
+        ("--labels", options.labels is not None), ("--checkpoint", options.checkpoint is not None),
+        ("--resume", options.resume), ("--learn-option", bool(options.learn_options)),
+    ) if used]
+    messages = []
+    if not sparsify_layers:
+        masking = [flag for flag, used in (
+            (f"--method {options.method}", options.method != defaults.method and options.masks is None),
+            ("--update-weights", options.update_weights),
+            (f"--correct {options.correct}", options.correct != defaults.correct),
+            ("--one-shot", not options.sequential),
+            (f"--max-drop {options.max_drop}", options.max_drop not in (defaults.max_drop, None, "none")),
+            (f"--on-damage {options.on_damage}", options.on_damage != defaults.on_damage),
+            ("--masks", options.masks is not None),
+            ("--sparse-only-if-faster", options.sparse_only_if_faster),
+        ) if used] + learning
+        if masking:
+            why = (f"target '{target.name}' has no sparse tensor cores, so no masks are chosen"
+                   if options.sparsify is None else "--no-sparsify: no masks are chosen")
+            hint = " (pass --sparsify to mask anyway)" if options.sparsify is None else ""
+            messages.append(f"{why}: {', '.join(masking)} {'has' if len(masking) == 1 else 'have'} no effect{hint}")
+    elif learning and not learned:
+        messages.append(f"{', '.join(learning)} only steer learned methods (gumbel, proxsparse): "
+                        f"{'it has' if len(learning) == 1 else 'they have'} no effect with --method {method_name}")
+    if options.batch is not None and target.kind != "gpu":
+        messages.append(f"--batch sets the TensorRT profile of GPU targets: no effect on target '{target.name}'")
+    return messages
+
+
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     progress = progress or Progress(quiet=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     notes: list[str] = []
+    _check_option_values(options)
 
     target = get_target(options.target)
     n, m = options.pattern
-    method = get_method(options.method, n=n, m=m)
+    # --method auto picks among AUTO_METHODS after the graph is ready; magnitude stands in until then
+    # (it also gives the channel permutation its |w| importance, as every calibrated method does).
+    auto_method = options.method == "auto" and options.masks is None
+    method = get_method("magnitude" if options.method == "auto" else options.method, n=n, m=m)
+    if auto_method and not options.calib:
+        auto_method = False
+        notes.append("no --calib given: magnitude masks (--method auto needs calibration data to compare methods)")
+    if auto_method and options.update_weights:
+        raise SparseCompileError("--update-weights goes with --method hessian (auto compares methods with weights unchanged)")
+    guard = _guard_settings(options)
     saved = None
     if options.masks is not None:
         saved = load_masks(options.masks)
@@ -167,12 +278,14 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         raise SparseCompileError("--preprocess applies to a --calib directory of images")
     if options.correct not in ("auto", "none", *CORRECTION_MODES):
         raise SparseCompileError(f"unknown --correct '{options.correct}'; valid: auto, none, {', '.join(CORRECTION_MODES)}")
-    if options.update_weights and not method.can_update_weights:
+    if options.update_weights and not method.can_update_weights and not auto_method:
         raise SparseCompileError(f"--update-weights needs a method that can update weights (hessian), not '{method.name}'")
     if options.lower_conv not in ("none", "im2col"):
         raise SparseCompileError(f"unknown --lower-conv '{options.lower_conv}'; valid: none, im2col")
-    if options.permute_budget <= 0:
+    if not options.permute_budget > 0:  # also refuses NaN
         raise SparseCompileError("--permute-budget must be positive (seconds per channel group)")
+    if not 0 < options.permute_effort < float("inf"):
+        raise SparseCompileError("--permute-effort must be a positive number (millions of scores per channel group)")
     sparsify_layers = target.sparse_tensor_cores if options.sparsify is None else options.sparsify
     permute = (sparsify_layers and target.sparse_tensor_cores) if options.permute is None else options.permute
     if permute and not sparsify_layers:
@@ -197,10 +310,15 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     if target.kind == "gpu" or options.precision != "auto":
         check_precision(target, engine_precision)
 
+    for message in _ignored_options(options, target, sparsify_layers, bool(getattr(method, "learned", False)),
+                                    options.method if saved is None else "(saved masks)"):
+        progress.warn(message)
+        notes.append(message)
+
     # Stages that always run (load, normalize, masks, verify, ONNX, ONNX Runtime, compress, report), plus the
     # optional ones asked for; one that turns out to have nothing to do takes itself off the total below.
     learned = bool(getattr(method, "learned", False))
-    progress.total = 8 + sum([bool(permute), learned, options.max_drop is not None, bool(options.certify)])
+    progress.total = 8 + sum([bool(permute), learned, guard["on"], bool(options.certify)])
 
     # 1. load
     with progress.stage("loading model"), _timed(timings, "load"):
@@ -214,6 +332,9 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         notes.extend(loaded.notes)
         if calib is not None:
             calib = match_to_model(calib, loaded.example_inputs, loaded.input_names)
+            for warning in check_informative(calib):  # refuses constant data: it cannot tell masks apart
+                progress.warn(warning)
+                notes.append(warning)
         else:
             calib = random_calibration(loaded.example_inputs, seed=options.seed)
             notes.append("no --calib given: verification used 32 random inputs, so agreement numbers "
@@ -229,6 +350,23 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                                      f"of {batch_size}; export it with a dynamic batch to build a batch range")
         progress.detail(f"{loaded.source_kind} model, inputs {loaded.input_names}, "
                         f"{'dynamic' if loaded.dynamic_batch else 'static'} batch, {calib.num_samples} calibration samples")
+        # Masks, corrections and sensitivities are fitted on `fit_calib`; the guard, --method auto and the
+        # reported damage are measured on `check_calib`, samples that chose nothing.
+        fit_calib = check_calib = calib
+        fit_index = None
+        if options.calib:
+            split = holdout_split(calib.num_samples, seed=options.seed,
+                                  multiple=1 if loaded.dynamic_batch else batch_size)
+            if split is None:
+                message = (f"only {calib.num_samples} calibration samples: none could be held back, so the accuracy "
+                           "check measures on the samples the masks were chosen on (optimistic); pass a few hundred")
+                progress.warn(message)
+                notes.append(message)
+            else:
+                fit_index, check_index = split
+                fit_calib, check_calib = calib.select(fit_index), calib.select(check_index)
+                progress.detail(f"{fit_calib.num_samples} samples fit the masks, "
+                                f"{check_calib.num_samples} held back to check them")
 
     def batches(data: CalibrationData):
         return data.batches(batch_size, static=not loaded.dynamic_batch)
@@ -251,7 +389,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             unpermuted = copy.deepcopy(gm)
             permute_pass = PermuteChannels(
                 candidates, {layer.node_name for layer in candidates if layer.reason is None}, n=n, m=m,
-                budget_s=options.permute_budget, seed=options.seed,
+                budget_s=options.permute_budget, max_work=round(options.permute_effort * 1e6), seed=options.seed,
                 importance=method.permutation_importance, importance_name=method.permutation_importance_name,
                 on_group=progress.detail,
                 iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
@@ -260,6 +398,14 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             permute_manager = PassManager([permute_pass], on_pass=on_pass)
             gm = permute_manager.run(gm, context)
             manager.records.extend(permute_manager.records)
+        capped = permute_pass.time_capped()
+        if capped:  # the one nondeterministic way out of the search: say so loudly
+            message = (f"{len(capped)} channel group(s) hit the --permute-budget {options.permute_budget:g}s time cap "
+                       f"before the --permute-effort {options.permute_effort:g} work limit "
+                       f"({', '.join('g' + str(g['id']) for g in capped)}): their channel order depends on machine speed, "
+                       "so this build is not reproducible; raise --permute-budget (or lower --permute-effort)")
+            progress.warn(message)
+            notes.append(message)
 
     lowering = _lowering_passes(options, target.reduction_alignment)
     if lowering:
@@ -294,7 +440,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 fold_pass.folded_params[weight_target] = fold_pass.folded_params[weight_target].reindexed(index)
 
     # 3. layers and masks
-    with progress.stage(f"selecting {n}:{m} masks ({method.name})"), _timed(timings, "masks"):
+    with progress.stage(f"selecting {n}:{m} masks ({'auto' if auto_method else method.name})"), _timed(timings, "masks"):
         layers = find_layers(gm, n=n, m=m, alignment=target.reduction_alignment,
                              min_weights=options.min_weights, exclude=options.exclude)
         for pattern in unmatched_patterns(layers, options.exclude):
@@ -332,8 +478,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             correct = DEFAULT_CORRECTION if options.calib else "none"
         learning = None
         if learned and eligible:
-            learning = _learn_masks(method, gm, layers, calib, options, loaded, progress, lambda: list(batches(calib)),
-                                    correct, fold_pass.folded_params)
+            learning = _learn_masks(method, gm, layers, fit_calib, options, loaded, progress,
+                                    lambda: list(batches(fit_calib)), correct, fold_pass.folded_params, fit_index)
         elif learned:
             _learning_config(method, options, loaded)  # still refuse bad --learn-option values
             progress.total -= 1  # nothing to learn
@@ -343,11 +489,21 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         if uses_calibration and calib.source == "random":
             progress.warn(f"--method {method.name} / --correct {options.correct} without --calib: statistics come "
                           "from random inputs and will not help accuracy")
-        outcome = sparsify(
-            gm, eligible, layers, method, list(batches(calib)) if uses_calibration else [],
-            sequential=options.sequential, correct=correct, update_weights=options.update_weights,
-            folded_batchnorm=fold_pass.folded_params, progress=progress,
-        )
+        kinds = output_kinds(dense_outputs, guard["kinds"])
+        assess = lambda dense, sparse: measure_damage(dense, sparse, kinds, guard["max_drop"],  # noqa: E731
+                                                      guard["max_error"])
+        check_dense = run_batches(dense_gm, batches(check_calib)) if check_calib is not calib else dense_outputs
+        method_choice = None
+        if auto_method and eligible:
+            gm, method, correct, outcome, method_choice = _choose_method(
+                gm, eligible, layers, lambda: list(batches(fit_calib)), lambda: list(batches(check_calib)),
+                check_dense, assess, options, fold_pass.folded_params, n, m, progress)
+        else:
+            outcome = sparsify(
+                gm, eligible, layers, method, list(batches(fit_calib)) if uses_calibration else [],
+                sequential=options.sequential, correct=correct, update_weights=options.update_weights,
+                folded_batchnorm=fold_pass.folded_params, progress=progress,
+            )
         masks = outcome.masks
         sparse_gm = gm
         for name, why in outcome.fallbacks.items():
@@ -355,24 +511,28 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
             notes.append(f"{name}: {why}")
 
     budget = None
-    if options.max_drop is not None and not masks:
+    if guard["on"] and not masks:
         progress.total -= 1
-    if options.max_drop is not None and masks:
-        with progress.stage(f"meeting --max-drop {options.max_drop:g} on the calibration set"), \
+    if guard["on"] and masks:
+        with progress.stage(f"checking accuracy on {check_calib.num_samples} held-back samples"), \
                 _timed(timings, "budget"):
-            budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, lambda: list(batches(calib)),
-                                     dense_outputs, options, progress)
+            budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess,
+                                     lambda: list(batches(check_calib)), check_dense,
+                                     lambda: list(batches(fit_calib)), options, guard, progress)
             for entry in budget.reverted:
                 outcome.corrections.pop(entry["layer"], None)
-            summary = (f"--max-drop {options.max_drop:g}: {budget.metric} drop {budget.initial_drop:.3g} pt with "
-                       f"every eligible layer sparse, {budget.final_drop:.3g} pt after keeping "
-                       f"{len(budget.reverted)} layer(s) dense")
-            notes.append(summary if budget.reverted else
-                         f"--max-drop {options.max_drop:g}: met with every eligible layer sparse "
-                         f"({budget.metric} drop {budget.initial_drop:.3g} pt)")
-            if not budget.met:
-                progress.warn(f"--max-drop {options.max_drop:g} not met even with every layer dense "
-                              f"({budget.final_drop:.3g} pt): statistics correction of other layers may be the cause")
+            worst = budget.initial.worst
+            if budget.reverted:
+                notes.append(f"accuracy guard: with every eligible layer sparse, {worst.describe()}; "
+                             f"{len(budget.reverted)} layer(s) went back to dense to stay within budget"
+                             + (f"; {len(budget.skipped)} more stayed sparse (restoring them did not lower it)"
+                                if budget.skipped else ""))
+            if not masks:
+                message = ("every eligible layer went back to dense to meet the accuracy budget: this build is "
+                           f"the dense model; try {'a learned method (--method gumbel)' if method.name == 'hessian' else '--method hessian or auto'}"
+                           ", more calibration data, or a looser --max-drop / --max-error")
+                progress.warn(message)
+                notes.append(message)
 
     # 4. verify
     with progress.stage("verifying"), _timed(timings, "verify"):
@@ -383,6 +543,18 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     record["permutation"] = permute_pass.layer_stats[record["name"]]
         sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
         agreement = compare_outputs(dense_outputs, sparse_outputs)
+        # A model that outputs NaN/Inf is broken whatever the agreement says: fail before anything is written.
+        check_outputs_finite(dense_outputs, sparse_outputs, "the sparse model")
+        if budget is not None and budget.signal != "none" and budget.final is not None:
+            final_damage = budget.final
+        else:
+            final_damage = assess(check_dense, run_batches(sparse_gm, batches(check_calib)) if masks else check_dense)
+        if not final_damage.within:
+            message = (f"WARNING: the sparse model is over the accuracy budget on {final_damage.samples} "
+                       f"{'held-back ' if check_calib is not calib else ''}samples: {final_damage.worst.describe()}"
+                       + ("" if options.calib else " (random inputs: this says little about real data)"))
+            progress.warn(message)
+            notes.append(message)
         if masks:
             subset = calib.subset(_sample_count(options.error_samples, calib.num_samples, loaded, batch_size))
             errors = layer_output_errors(dense_gm, layers, masks, batches(subset))
@@ -459,6 +631,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "source": {"path": loaded.source, "kind": loaded.source_kind, "sha256": loaded.source_sha256},
                 "target": target.to_json(),
                 "method": method.name if saved is None else f"saved masks ({saved.method})",
+                "method_choice": method_choice,
                 "masks_file": ({"path": saved.path, "method": saved.method, "options": saved.options,
                                 "chosen_on_sha256": saved.source_sha256} if saved is not None else None),
                 "pattern": f"{n}:{m}",
@@ -469,8 +642,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     "exclude": options.exclude, "min_weights": options.min_weights,
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
+                    "permute_effort": options.permute_effort,
                     "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
-                    "max_drop": options.max_drop, "budget_signal": options.budget_signal,
+                    "max_drop": guard["max_drop"] if guard["on"] else None, "max_error": guard["max_error"],
+                    "on_damage": guard["on_damage"], "budget_signal": options.budget_signal,
                     "max_steps": options.max_steps if learned else None,
                     "precision": options.precision,
                 },
@@ -489,10 +664,13 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                 "layers": layer_records,
                 "batchnorm_reestimated": outcome.batchnorm_reestimated,
                 "verification": {
-                    "calibration": {"source": calib.source, "samples": calib.num_samples},
+                    "calibration": {"source": calib.source, "samples": calib.num_samples,
+                                    "fit_samples": fit_calib.num_samples,
+                                    "held_back_samples": check_calib.num_samples if check_calib is not calib else 0},
                     "nm_check": "passed" if masks else "no sparse layers",
                     "normalization_vs_original": normalization,
                     "sparse_vs_dense": agreement,
+                    "damage": final_damage.to_json(),
                     "onnxruntime_vs_torch": ort_check,
                 },
                 "compression": compression,
@@ -558,7 +736,48 @@ def _engine_now(out: Path, target, progress: Progress) -> None:
         progress.info(line)
 
 
-def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs, options, progress):
+def _guard_settings(options: BuildOptions) -> dict:
+    """The accuracy guard's budgets from the options, checked before any work."""
+    max_drop = options.max_drop
+    if isinstance(max_drop, str):
+        if max_drop.strip().lower() == "auto":
+            max_drop = DEFAULT_MAX_DROP if options.calib else None
+        elif max_drop.strip().lower() == "none":
+            max_drop = None
+        else:
+            try:
+                max_drop = float(max_drop)
+            except ValueError:
+                raise SparseCompileError(f"--max-drop '{options.max_drop}' is not a number of points, "
+                                         "'auto' or 'none'") from None
+    if max_drop is not None and not 0 <= max_drop < float("inf"):
+        raise SparseCompileError(f"--max-drop must be a finite number of points >= 0, got {max_drop}")
+    if not 0 < options.max_error < float("inf"):
+        raise SparseCompileError(f"--max-error must be a finite percentage > 0, got {options.max_error}")
+    if options.on_damage not in ON_DAMAGE:
+        raise SparseCompileError(f"unknown --on-damage '{options.on_damage}'; valid: {', '.join(ON_DAMAGE)}")
+    if not 0 < options.auto_time_cap < float("inf"):
+        raise SparseCompileError(f"--auto-time-cap must be a positive number of seconds, got {options.auto_time_cap}")
+    return {"on": max_drop is not None, "max_drop": DEFAULT_MAX_DROP if max_drop is None else max_drop,
+            "max_error": options.max_error, "on_damage": options.on_damage,
+            "kinds": parse_output_kinds(options.output_kind)}
+
+
+def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches, check_dense, fit_batches,
+                    options, guard, progress):
+    """The accuracy guard: restore layers to dense (``--on-damage restore``), or measure and fail/warn."""
+    if guard["on_damage"] != "restore":
+        damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
+        result = BudgetResult(guard["max_drop"], guard["max_error"], damage, damage, signal="none")
+        if not damage.within and guard["on_damage"] == "fail":
+            errors = layer_output_errors(dense_gm, eligible, masks, fit_batches()[:2])
+            worst_layers = sorted(errors, key=errors.get, reverse=True)[:3]
+            raise SparseCompileError(
+                f"the sparse model is over the accuracy budget on {damage.samples} held-back samples: "
+                f"{damage.worst.describe()}; layers with the largest output error: {', '.join(worst_layers)}. "
+                "Use --on-damage restore to keep the most sensitive layers dense, --method hessian or auto, "
+                "or --max-drop none to build it anyway")
+        return result
     priors = benefit = None
     if options.budget_signal == "mp":
         from sparsecompile.analysis.spectral import layer_spectrum, mp_sensitivity
@@ -569,8 +788,60 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs
     speeds = {layer.name: layer.extra.get("speed") for layer in eligible if layer.weight_target in masks}
     if speeds and all(speeds.values()):  # the target's speed model: time saved per layer
         benefit = {name: s["dense_us"] - s["sparse_us"] for name, s in speeds.items()}
-    return enforce_budget(sparse_gm, dense_gm, eligible, masks, batches, dense_outputs, options.max_drop,
-                          signal=options.budget_signal, priors=priors, benefit=benefit, progress=progress)
+    fit_dense = run_batches(dense_gm, fit_batches()) if options.budget_signal == "measured" else []
+    reason = ("the accuracy guard" if options.max_drop == "auto" else f"--max-drop {guard['max_drop']:g}")
+    return enforce_budget(sparse_gm, dense_gm, eligible, masks, assess=assess, check_batches=check_batches,
+                          check_dense=check_dense, fit_batches=fit_batches, fit_dense=fit_dense,
+                          max_drop=guard["max_drop"], max_error=guard["max_error"], signal=options.budget_signal,
+                          priors=priors, benefit=benefit, reason=reason, progress=progress)
+
+
+def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense, assess, options, folded_batchnorm,
+                   n, m, progress):
+    """``--method auto``: build every candidate's masks and keep the least damaging on held-back samples.
+
+    Candidates are AUTO_METHODS x {statistics correction, none} (only the asked correction when
+    ``--correct`` is given), tried cheapest first on copies of the graph. The score is the accuracy
+    guard's (largest damage / budget over the outputs); ties go to the earlier, cheaper candidate.
+    ``--auto-time-cap`` stops trying further candidates, and the report says which were skipped.
+    Returns (graph, method, correction, sparsify outcome, report record).
+    """
+    corrections = ([DEFAULT_CORRECTION, "none"] if options.correct == "auto" else [options.correct])
+    candidates = [(name, correct) for name in AUTO_METHODS for correct in corrections]
+    fit = fit_batches()
+    started = time.perf_counter()
+    tried, best = [], None
+    for name, correct in candidates:
+        elapsed = time.perf_counter() - started
+        if elapsed > options.auto_time_cap:
+            tried.append({"method": name, "correct": correct, "skipped": f"--auto-time-cap {options.auto_time_cap:g}s "
+                                                                          f"reached after {elapsed:.0f}s"})
+            continue
+        candidate_method = get_method(name, n=n, m=m)
+        work = copy.deepcopy(gm)
+        began = time.perf_counter()
+        progress.detail(f"--method auto: trying {name} with --correct {correct}")
+        outcome = sparsify(work, eligible, layers, candidate_method, fit if (candidate_method.needs or correct != "none")
+                           else [], sequential=options.sequential, correct=correct, folded_batchnorm=folded_batchnorm)
+        damage = assess(check_dense, run_batches(work, check_batches()))
+        record = {"method": name, "correct": correct, "score": round(damage.score, 4) if damage.score < float("inf")
+                  else None, "worst": damage.worst.describe() if damage.worst else "",
+                  "seconds": round(time.perf_counter() - began, 2)}
+        tried.append(record)
+        progress.info(f"      auto: {name:<10} --correct {correct:<4}  {record['worst'] or 'no outputs'}")
+        if best is None or damage.score < best[0]:
+            best = (damage.score, work, candidate_method, correct, outcome, record)
+    skipped = [t for t in tried if "skipped" in t]
+    if skipped:
+        progress.warn(f"--method auto: {len(skipped)} candidate(s) not tried: --auto-time-cap "
+                      f"{options.auto_time_cap:g}s reached (the choice may differ on a faster machine)")
+    _, work, chosen, correct, outcome, record = best
+    runner_up = min((t["score"] for t in tried if t is not record and t.get("score") is not None), default=None)
+    choice = {"chosen": {"method": chosen.name, "correct": correct}, "tried": tried,
+              "measured_on": "held-back calibration samples", "seconds": round(time.perf_counter() - started, 2),
+              "margin_to_next": None if runner_up is None or record["score"] is None
+              else round(runner_up - record["score"], 4), "skipped": len(skipped)}
+    return work, chosen, correct, outcome, choice
 
 
 class SecondaryRank(Exception):
@@ -621,7 +892,7 @@ LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", 
 
 
 def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, correct: str,
-                 folded_batchnorm: dict) -> dict:
+                 folded_batchnorm: dict, fit_index: list[int] | None = None) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record.
 
     ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic. The masks
@@ -638,10 +909,16 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, c
         raise SparseCompileError("--resume needs --checkpoint FILE (the checkpoint to continue from)")
     labels = None
     if options.labels is not None:
-        labels = torch.from_numpy(np.load(options.labels, allow_pickle=False)).long()
-        if labels.ndim != 1 or len(labels) != calib.num_samples:
-            raise SparseCompileError(f"--labels must hold one integer label per calibration sample "
-                                     f"({calib.num_samples}), got shape {tuple(labels.shape)}")
+        from sparsecompile.calibration import load_labels
+
+        labels = load_labels(options.labels)  # no pickle, header checked, integers only
+        total = calib.num_samples if fit_index is None else None
+        if labels.ndim != 1 or (total is not None and len(labels) != total) or \
+                (fit_index is not None and len(labels) <= max(fit_index)):
+            raise SparseCompileError(f"--labels must hold one integer label per calibration sample, "
+                                     f"got shape {tuple(labels.shape)}")
+        if fit_index is not None:  # the held-back samples check the masks; they do not train them
+            labels = labels[torch.as_tensor(fit_index, dtype=torch.long)]
     config, method_options = _learning_config(method, options, loaded)
     config.correct = correct
     every = max(1, options.max_steps // 10)

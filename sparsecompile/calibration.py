@@ -51,6 +51,11 @@ class CalibrationData:
     def subset(self, count: int) -> "CalibrationData":
         return CalibrationData(tuple(t[:count] for t in self.inputs), self.source, self.keys)
 
+    def select(self, indices: list[int]) -> "CalibrationData":
+        """The samples at ``indices`` (in that order)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return CalibrationData(tuple(t[index] for t in self.inputs), self.source, self.keys)
+
 
 def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape)
@@ -122,6 +127,29 @@ def load_calibration(spec: str | Path, max_samples: int | None = None, preproces
                                  "to use fewer samples") from None
     check_finite(data)
     return data
+
+
+def check_informative(data: CalibrationData) -> list[str]:
+    """Refuse calibration data that cannot tell masks apart; returns warnings for weaker problems.
+
+    Every sample identical (for example all zeros) is an error: statistics, corrections and the
+    accuracy guard would all see one point. Some all-zero or duplicate samples are only worth a warning.
+    """
+    total = data.num_samples
+    if total == 0:
+        raise SparseCompileError(f"--calib '{data.source}' holds no samples")
+    flat = [t.reshape(total, -1).double() for t in data.inputs if t.numel()]
+    if flat and total > 1 and all(bool((f == f[:1]).all()) for f in flat):
+        value = "zero" if all(not bool(f.any()) for f in flat) else "the same"
+        raise SparseCompileError(
+            f"--calib '{data.source}': all {total} calibration samples are {value}; they cannot show which weights "
+            "matter or check accuracy: pass real inputs")
+    warnings = []
+    zero = torch.stack([~f.any(1) for f in flat]).all(0) if flat else torch.zeros(total, dtype=torch.bool)
+    if int(zero.sum()):
+        warnings.append(f"{int(zero.sum())} of {total} calibration samples are all zeros "
+                        f"(first at index {int(zero.nonzero()[0])})")
+    return warnings
 
 
 def check_finite(data: CalibrationData) -> None:

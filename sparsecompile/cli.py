@@ -117,8 +117,10 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--weights", type=click.Path(dir_okay=False), help="State dict for --model-factory (.pt or .safetensors).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading pickled modules. Unpickling runs arbitrary code: only for files you trust.")
-@click.option("--method", default="magnitude", show_default=True, metavar="NAME",
-              help=f"Mask method: {', '.join(sorted(MASK_METHODS))}.")
+@click.option("--method", default="auto", show_default=True, metavar="NAME",
+              help=f"Mask method: auto, {', '.join(sorted(MASK_METHODS))}. auto (with --calib): builds the masks of "
+                   "magnitude, activation and hessian, each with and without statistics correction, and keeps the "
+                   "least damaging on held-back samples; without --calib: magnitude.")
 @click.option("--correct", type=click.Choice(["auto", "none", "bn", "bias"]), default="auto", show_default=True,
               help="Statistics correction after masking: match the dense layer's per-channel mean/variance "
                    "(bias) or re-estimate folded BatchNorm (bn); rescales surviving weights per output row. "
@@ -158,9 +160,22 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--certify", "certify_", is_flag=True,
               help="Also compute prediction-stability certificates on the calibration set (see sparsecompile certify).")
 @click.option("--spectra", is_flag=True, help="Record Marchenko-Pastur spectral diagnostics per layer (inspect --spectra).")
-@click.option("--max-drop", type=click.FloatRange(min=0), metavar="POINTS",
-              help="Accuracy budget on the calibration set: points of top-1 agreement with the dense model (or "
-                   "relative output error in %% for non-classifiers); the most sensitive layers stay dense until it holds.")
+@click.option("--max-drop", default="auto", show_default=True, metavar="POINTS|auto|none",
+              help="Accuracy guard: the most agreement with the dense model a class-score or sequence output may lose "
+                   "on held-back calibration samples, in points (top-1, or per position for [N, T, C] sequences). "
+                   "auto: 1 with --calib, off without. none: every eligible layer sparse (damage still reported).")
+@click.option("--max-error", default=10.0, show_default=True, type=float, metavar="PERCENT",
+              help="Accuracy guard for outputs that are not class scores (regressions, boxes, feature maps): the "
+                   "largest relative L2 error against the dense model, in percent.")
+@click.option("--on-damage", type=click.Choice(["restore", "fail", "warn"]), default="restore", show_default=True,
+              help="Over the budget: restore the most sensitive layers to dense until it holds, fail the build "
+                   "(exit 1, naming the worst layers), or build it with a WARNING.")
+@click.option("--output-kind", metavar="I=KIND,...",
+              help="How output I's damage is measured: classes, sequence or values (default: from its shape and "
+                   "values; a detector's boxes and scores count as values).")
+@click.option("--auto-time-cap", default=1800.0, show_default=True, type=float, metavar="SECONDS",
+              help="Safety cap on the time --method auto spends trying candidates; candidates past it are skipped "
+                   "and the build says so.")
 @click.option("--budget-signal", type=click.Choice(["measured", "mp"]), default="measured", show_default=True,
               help="Layer sensitivity for --max-drop: measured (one calibration pass per layer) or the "
                    "Marchenko-Pastur spectral prior (no passes).")
@@ -171,8 +186,17 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--permute/--no-permute", default=None,
               help="Reorder channels so the masks keep more weight (function unchanged, no runtime cost). "
                    "Default: on when masks are applied for a target with sparse tensor cores.")
-@click.option("--permute-budget", default=3.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
-              metavar="SECONDS", help="Time limit of the permutation search per channel group.")
+@click.option("--permute-effort", default=60.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              metavar="MILLIONS",
+              help="Work limit of the permutation search per channel group, in millions of scored channel "
+                   "re-splits x rows. Deterministic: the same model, options and --seed give the same channel "
+                   "order on any machine. Most groups converge before it; larger = better orders for large "
+                   "layers, slower.")
+@click.option("--permute-budget", default=120.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              metavar="SECONDS",
+              help="Safety cap on the wall time of the permutation search per channel group. Normally "
+                   "--permute-effort stops the search first; if this cap binds, the build warns and reports it "
+                   "(that channel order then depends on machine speed: the build is not reproducible).")
 @click.option("--sparsify/--no-sparsify", default=None,
               help="Force masks on or off. Default: on for targets with sparse tensor cores.")
 @click.option("--batch", "batch", metavar="MIN,OPT,MAX",
@@ -193,8 +217,8 @@ def _pattern(text: str) -> tuple[int, int]:
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
           method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, max_steps, time_budget,
           objective, labels, checkpoint, resume, learn_options, certify_, spectra, max_drop,
-          budget_signal,
-          min_weights, lower_conv, permute,
+          max_error, on_damage, output_kind, auto_time_cap, budget_signal,
+          min_weights, lower_conv, permute, permute_effort,
           permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
@@ -215,9 +239,10 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, correct=correct,
         sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
-        permute_budget=permute_budget, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
+        permute_budget=permute_budget, permute_effort=permute_effort, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
-        precision=precision, engine=engine, max_drop=max_drop, budget_signal=budget_signal,
+        precision=precision, engine=engine, max_drop=max_drop, max_error=max_error, on_damage=on_damage,
+        output_kind=output_kind, auto_time_cap=auto_time_cap, budget_signal=budget_signal,
         save_masks=save_masks, masks=masks_file, certify=certify_, spectra=spectra,
         max_steps=max_steps, time_budget=time_budget, objective=objective, labels=labels, checkpoint=checkpoint,
         resume=resume, learn_options=_key_values(learn_options, "--learn-option"),

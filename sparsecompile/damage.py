@@ -107,7 +107,10 @@ class OutputDamage:
         what = {"classes": "top-1 agreement lost", "sequence": "per-position agreement lost",
                 "values": "relative error"}[self.kind]
         value = "non-finite outputs" if math.isinf(self.damage) else f"{self.damage:.3g}{self.unit}"
-        return f"output {self.output} ({self.kind}): {what} {value} (budget {self.budget:g}{self.unit})"
+        budget = f"budget {self.budget:.3g}{self.unit}"
+        if "budget_asked" in self.detail:
+            budget += f": one changed prediction, {self.detail['budget_asked']:g}{self.unit} asked"
+        return f"output {self.output} ({self.kind}): {what} {value} ({budget})"
 
     def to_json(self) -> dict:
         damage = self.damage if math.isfinite(self.damage) else None
@@ -134,11 +137,13 @@ def output_damage(index: int, ref: torch.Tensor, cand: torch.Tensor, kind: str, 
         # Axis 1 holds the classes: [N, C] scores, or [N, C, H, W] per-pixel scores (with --output-kind).
         agree = float((ref.argmax(1) == cand.argmax(1)).double().mean()) if ref.numel() else 1.0
         detail["top1_agreement"] = agree
+        compared = ref.numel() // ref.shape[1] if ref.dim() > 1 and ref.shape[1] else 0
         damage = 100.0 * (1.0 - agree)
     elif kind == "sequence":
         ref_ids, cand_ids = ref.argmax(-1), cand.argmax(-1)
         agree = float((ref_ids == cand_ids).double().mean()) if ref.numel() else 1.0
         detail["position_agreement"] = agree
+        compared = ref_ids.numel()
         decoded = [a == b for a, b in zip(ctc_greedy(ref_ids.reshape(-1, ref_ids.shape[-1])),
                                           ctc_greedy(cand_ids.reshape(-1, cand_ids.shape[-1])))]
         detail["sequence_agreement"] = sum(decoded) / max(len(decoded), 1)
@@ -149,6 +154,14 @@ def output_damage(index: int, ref: torch.Tensor, cand: torch.Tensor, kind: str, 
         denominator = float(torch.linalg.vector_norm(flat_ref) * torch.linalg.vector_norm(flat_cand))
         detail["cosine"] = float(flat_ref @ flat_cand) / denominator if denominator > 0 else 1.0
         damage = 100.0 * relative
+    if kind != "values" and compared:
+        # One changed prediction is the finest step the samples can show: a budget below it would call a
+        # single flip "over budget" however good the masks are, so the budget is at least that step.
+        resolution = 100.0 / compared
+        detail["resolution"] = resolution
+        if resolution > budget:
+            detail["budget_asked"] = budget
+            budget = resolution
     return OutputDamage(index, kind, damage, budget, detail)
 
 

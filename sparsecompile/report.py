@@ -111,17 +111,48 @@ def permutation_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _unit(out: dict) -> str:
+    return "%" if out["unit"] == "%" else " pt"
+
+
+def _choice_text(choice: dict | None) -> str:
+    if not choice:
+        return ""
+    chosen = choice["chosen"]
+    tried = [t for t in choice["tried"] if "skipped" not in t]
+    text = (f" (chosen by --method auto with --correct {chosen['correct']}: least damage of {len(tried)} candidates "
+            f"on held-back samples, {choice['seconds']:.1f}s")
+    if choice.get("skipped"):
+        text += f"; {choice['skipped']} skipped at --auto-time-cap"
+    return text + ")"
+
+
 def summary_lines(report: dict) -> list[str]:
     s = report["summary"]
     target = report["target"]
     lines = [
         f"source:  {report['source']['path']} ({report['source']['kind']})",
         f"target:  {target['name']} - {target['description']}",
-        f"method:  {report['method']} {report['pattern']}",
+        f"method:  {report['method']} {report['pattern']}" + _choice_text(report.get("method_choice")),
         f"layers:  {s['sparse_layers']} sparse / {s['layers']} GEMM-like "
-        f"({s['sparse_layer_weights']} of {s['gemm_weights']} weights in sparse layers)",
+        f"({s['sparse_layer_weights']} of {s['gemm_weights']} weights in sparse layers"
+        + (f"; {100 * s['sparse_layer_macs'] / s['gemm_macs']:.1f}% of GEMM MACs sparse" if s.get("gemm_macs") else "")
+        + ")",
     ]
     verification = report["verification"]
+    damage = verification.get("damage")
+    if damage:
+        held = verification["calibration"].get("held_back_samples")
+        where = f"{held} held-back samples" if held else f"{damage['samples']} samples (none held back)"
+        for out in damage["outputs"]:
+            value = "non-finite outputs" if out["damage"] is None else f"{out['damage']:.3g}{_unit(out)}"
+            what = {"classes": "top-1 agreement lost", "sequence": "per-position agreement lost",
+                    "values": "relative error"}[out["kind"]]
+            budget = f"{out['budget']:.3g}{_unit(out)}"
+            if "budget_asked" in out:
+                budget += f" (one changed prediction; {out['budget_asked']:g}{_unit(out)} asked)"
+            lines.append(f"damage:  output {out['output']} ({out['kind']}): {what} {value}, budget "
+                         f"{budget} on {where}: " + ("within" if out["within"] else "OVER BUDGET"))
     for out in verification["sparse_vs_dense"]:
         agreement = out.get("top1_agreement")
         lines.append(

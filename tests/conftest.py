@@ -106,3 +106,28 @@ def sample_build(tmp_path_factory, model_files):
     result = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(out),
                                 calib=str(model_files / "calib.npy"), min_weights=0))
     return result
+
+
+@pytest.fixture(scope="session")
+def scaled_mlp(tmp_path_factory):
+    """An MLP that one-shot magnitude 2:4 breaks and activation-aware masks keep intact.
+
+    Every other input feature is 1000x larger and its weights 2x smaller, so the small weights carry
+    almost all of the output: magnitude masks drop exactly those (about 45 points of top-1 agreement
+    lost), while masks that weigh |w| by the input's scale keep them (no agreement lost). Only the first
+    Linear (64x64) is eligible with ``min_weights=1000``. Returns (model path, calibration path).
+    """
+    root = tmp_path_factory.mktemp("scaled_mlp")
+    generator = torch.Generator().manual_seed(0)
+    even = torch.arange(64) % 2 == 0
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.5, 1.0))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.randn(10, 64, generator=generator) / 8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(model, (torch.randn(4, 64),), dynamic_shapes=({0: batch},)),
+                      root / "mlp.pt2")
+    calib = torch.randn(256, 64, generator=generator) * torch.where(even, 1000.0, 1.0)
+    np.save(root / "calib.npy", calib.numpy())
+    return root / "mlp.pt2", root / "calib.npy"

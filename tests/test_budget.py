@@ -8,45 +8,51 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from sparsecompile.budget import drop_points, layer_params
+from sparsecompile.budget import layer_params
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.cli import main
 
 
 def _options(model_files, tmp_path, name, **kwargs):
+    kwargs.setdefault("calib", str(model_files / "calib.npy"))
     return BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / name), min_weights=0,
-                        calib=str(model_files / "calib.npy"), permute=False, **kwargs)
-
-
-def test_drop_points():
-    dense = [torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])]
-    same = [dense[0] * 1.1]
-    flipped = [torch.tensor([[1.0, 2.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])]
-    assert drop_points(dense, same) == (0.0, "top-1 agreement")
-    assert drop_points(dense, flipped) == (25.0, "top-1 agreement")
-    value, metric = drop_points([torch.ones(4, 1)], [torch.full((4, 1), 1.02)])
-    assert metric == "relative output error" and value == pytest.approx(2.0)
+                        permute=False, **kwargs)
 
 
 def test_budget_keeps_the_most_sensitive_layers_dense(tmp_path, model_files):
-    free = build(_options(model_files, tmp_path, "free"))
-    free_drop = 100 * (1 - free.report["verification"]["sparse_vs_dense"][0]["top1_agreement"])
-    assert free_drop > 0  # SmallNet with random weights loses agreement when masked: the budget has work to do
-    result = build(_options(model_files, tmp_path, "tight", max_drop=0.0))
+    # Judged as values (relative error %), SmallNet's damage is never zero, so a budget of half of it has work.
+    common = {"method": "magnitude", "output_kind": "0=values"}
+    free = build(_options(model_files, tmp_path, "free", max_drop=None, **common))
+    free_damage = free.report["verification"]["damage"]["outputs"][0]
+    assert free_damage["kind"] == "values" and free_damage["damage"] > 0
+    assert free.report["budget"] is None and free.report["options"]["max_drop"] is None
+    half = free_damage["damage"] * 0.65
+    result = build(_options(model_files, tmp_path, "tight", max_drop=0.0, max_error=half, **common))
     budget = result.report["budget"]
-    assert budget["initial_drop"] == pytest.approx(free_drop, abs=1e-4)
-    assert budget["met"] and budget["final_drop"] == 0.0 and budget["reverted"]
-    agreement = result.report["verification"]["sparse_vs_dense"][0]["top1_agreement"]
-    assert agreement == 1.0  # what the report verifies is the model the budget measured
+    assert budget["initial"]["outputs"][0]["damage"] == pytest.approx(free_damage["damage"], abs=1e-4)
+    assert budget["met"] and budget["final"]["outputs"][0]["damage"] <= half and budget["reverted"]
+    assert 0 < result.report["summary"]["sparse_layers"] < free.report["summary"]["sparse_layers"]
+    # What the report verifies is the model the budget measured, on the same samples.
+    assert result.report["verification"]["damage"] == budget["final"]
     reverted = {entry["layer"] for entry in budget["reverted"]}
+    ranks = [entry["sensitivity"] for entry in budget["reverted"]]
     for record in result.report["layers"]:
         if record["name"] in reverted:
             assert record["status"] == "dense" and "kept dense by --max-drop 0" in record["reason"]
             assert "correction" not in record
-    assert set(budget["sensitivity"]) >= reverted
-    loose = build(_options(model_files, tmp_path, "loose", max_drop=100.0))
+    assert set(budget["sensitivity"]) >= reverted and ranks
+    scores = [budget["initial"]["score"]] + [entry["score_after"] for entry in budget["reverted"]]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)  # every step lowered it
+    loose = build(_options(model_files, tmp_path, "loose", max_drop=100.0, max_error=1e6, **common))
     assert loose.report["budget"]["reverted"] == [] and loose.report["summary"]["sparse_layers"] == \
         free.report["summary"]["sparse_layers"]
+
+
+def test_without_calibration_the_guard_is_off_and_says_so(tmp_path, model_files):
+    result = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "nocalib"),
+                                min_weights=0, permute=False))
+    assert result.report["budget"] is None and result.report["method"] == "magnitude"
+    assert any("no --calib" in note for note in result.report["notes"])
 
 
 def test_layer_params_include_the_bias(small_net):

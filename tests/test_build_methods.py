@@ -17,6 +17,8 @@ def builds(model_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
 
     def make(name, **options):
+        options.setdefault("method", "magnitude")
+        options.setdefault("max_drop", None)  # these test the methods' mechanics; the guard has tests/test_guard.py
         return build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(root / name),
                                   calib=str(model_files / "calib.npy"), min_weights=0, **options))
 

@@ -124,4 +124,6 @@ def test_bn_correction_follows_the_permutation(tmp_path):
     assert any(g["status"] == "permuted" and "conv1" in g["producers"] for g in report["permutation"]["groups"])
     correction = layers["conv1"]["correction"]
     assert correction["error_before"] < 1e-6
-    assert correction["error_after"] < 0.01, correction
+    # The correction is fitted on the 48 samples not held back for the accuracy check, whose statistics
+    # differ slightly from the 64 the BNs were set from (~0.01); a misordered BN gives errors of order 1.
+    assert correction["error_after"] < 0.05, correction

@@ -77,7 +77,7 @@ def test_spectra_in_the_build_and_for_a_model_file(certified, sample_build, mode
 def test_budget_with_the_spectral_signal(tmp_path, model_files):
     result = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "mp"), min_weights=0,
                                 calib=str(model_files / "calib.npy"), permute=False, max_drop=0.0,
-                                budget_signal="mp"))
+                                method="magnitude", output_kind="0=values", max_error=0.5, budget_signal="mp"))
     budget = result.report["budget"]
     assert budget["met"] and budget["reverted"]
     assert all(0 <= v <= 1 for v in budget["sensitivity"].values())

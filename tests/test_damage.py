@@ -25,14 +25,27 @@ def test_kinds_are_inferred_from_shape_and_values():
 
 
 def test_classes_damage_is_points_of_top1_agreement():
-    dense = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    dense = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]]).repeat(5, 1)  # 20 samples
     flipped = dense.clone()
-    flipped[0] = torch.tensor([1.0, 2.0])
-    damage = measure_damage([dense], [flipped], ["classes"], max_drop=20.0)
+    flipped[[0, 2]] = torch.tensor([1.0, 2.0])  # both had argmax 0
+    damage = measure_damage([dense], [flipped], ["classes"], max_drop=8.0)
     out = damage.outputs[0]
-    assert out.damage == pytest.approx(25.0) and out.detail["top1_agreement"] == 0.75
-    assert damage.score == pytest.approx(25.0 / 20.0) and not damage.within
+    assert out.damage == pytest.approx(10.0) and out.detail["top1_agreement"] == 0.9
+    assert damage.score == pytest.approx(10.0 / 8.0) and not damage.within
     assert measure_damage([dense], [dense * 1.5], ["classes"]).within
+
+
+def test_a_budget_finer_than_one_prediction_is_raised_to_it():
+    """With 20 samples one flip is 5 points: a 1-point budget would fail any change, however small."""
+    dense = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    one = dense.clone()
+    one[0] = -one[0]
+    out = measure_damage([dense], [one], ["classes"], max_drop=1.0).outputs[0]
+    assert out.damage == pytest.approx(5.0) and out.budget == pytest.approx(5.0) and out.ratio == pytest.approx(1.0)
+    assert out.detail["budget_asked"] == 1.0 and "one changed prediction, 1 pt asked" in out.describe()
+    two = one.clone()
+    two[1] = -two[1]
+    assert measure_damage([dense], [two], ["classes"], max_drop=1.0).outputs[0].ratio == pytest.approx(2.0)
 
 
 def test_sequence_damage_counts_positions_and_reports_decoded_sequences():

@@ -1,0 +1,104 @@
+"""The accuracy guard and --method auto: a default build with --calib never ships a model it measured as broken."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sparsecompile.build import BuildOptions, build
+from sparsecompile.cli import main
+from sparsecompile.errors import SparseCompileError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _options(scaled_mlp, tmp_path, name, **kwargs):
+    model, calib = scaled_mlp
+    kwargs.setdefault("calib", str(calib))
+    return BuildOptions(model=str(model), output=str(tmp_path / name), min_weights=1000, permute=False, **kwargs)
+
+
+def _damage(report):
+    return report["verification"]["damage"]["outputs"][0]["damage"]
+
+
+def test_default_build_chooses_a_method_that_keeps_accuracy(scaled_mlp, tmp_path):
+    result = build(_options(scaled_mlp, tmp_path, "auto"))
+    report = result.report
+    choice = report["method_choice"]
+    scores = {(t["method"], t["correct"]): t["score"] for t in choice["tried"]}
+    assert len(scores) == 6 and scores[("magnitude", "bias")] > 10  # magnitude loses > 10 points
+    assert report["method"] == "activation" and choice["chosen"] == {"method": "activation", "correct": "bias"}
+    assert report["summary"]["sparse_layers"] == 1 and _damage(report) == 0.0
+    assert report["budget"]["reverted"] == []  # a model that is fine does not trigger the guard
+    assert report["verification"]["calibration"] == {"source": str(scaled_mlp[1]), "samples": 256,
+                                                     "fit_samples": 192, "held_back_samples": 64}
+
+
+def test_magnitude_breaks_the_model_and_the_guard_restores_it(scaled_mlp, tmp_path):
+    result = build(_options(scaled_mlp, tmp_path, "restore", method="magnitude"))
+    budget = result.report["budget"]
+    assert budget["initial"]["outputs"][0]["damage"] > 10 and not budget["initial"]["within_budget"]
+    assert [entry["layer"] for entry in budget["reverted"]] == ["0"] and budget["met"]
+    assert result.report["summary"]["sparse_layers"] == 0 and _damage(result.report) == 0.0
+    assert any("went back to dense" in note for note in result.report["notes"])
+    layer = next(r for r in result.report["layers"] if r["name"] == "0")
+    assert layer["status"] == "dense" and "kept dense by the accuracy guard" in layer["reason"]
+
+
+def test_on_damage_fail_refuses_with_the_worst_layer_named(scaled_mlp, tmp_path):
+    with pytest.raises(SparseCompileError, match=r"over the accuracy budget .*largest output error: 0\b"):
+        build(_options(scaled_mlp, tmp_path, "fail", method="magnitude", on_damage="fail"))
+    assert not (tmp_path / "fail").exists()
+    model, calib = scaled_mlp
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "-o", str(tmp_path / "f"),
+                                       "--min-weights", "1000", "--method", "magnitude", "--on-damage", "fail"])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("error: the sparse model")
+
+
+def test_a_broken_build_is_never_reported_as_fine(scaled_mlp, tmp_path):
+    """--max-drop none ships every layer sparse, but the damage is measured and a WARNING says so."""
+    model, calib = scaled_mlp
+    out = tmp_path / "none"
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "-o", str(out), "--min-weights",
+                                       "1000", "--method", "magnitude", "--max-drop", "none", "--no-permute"])
+    assert result.exit_code == 0, result.output
+    assert "OVER BUDGET" in result.output and "WARNING: the sparse model is over the accuracy budget" in result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["budget"] is None and report["summary"]["sparse_layers"] == 1
+    assert not report["verification"]["damage"]["within_budget"]
+
+
+def test_guard_budgets_and_output_kinds_are_checked_before_work(scaled_mlp, tmp_path):
+    for kwargs, message in (({"max_drop": "lots"}, "--max-drop 'lots'"), ({"max_drop": float("nan")}, "--max-drop"),
+                            ({"max_error": float("inf")}, "--max-error"), ({"on_damage": "panic"}, "--on-damage"),
+                            ({"output_kind": "0=boxes"}, "INDEX=KIND")):
+        with pytest.raises(SparseCompileError, match=message):
+            build(_options(scaled_mlp, tmp_path, "bad", **kwargs))
+    with pytest.raises(SparseCompileError, match="has 1 output"):
+        build(_options(scaled_mlp, tmp_path, "bad", output_kind="3=values"))
+
+
+def test_values_outputs_use_the_relative_error_budget(scaled_mlp, tmp_path):
+    result = build(_options(scaled_mlp, tmp_path, "values", method="magnitude", output_kind="0=values",
+                            max_error=1000.0))
+    out = result.report["verification"]["damage"]["outputs"][0]
+    assert out["kind"] == "values" and out["unit"] == "%" and out["within"]
+    assert result.report["summary"]["sparse_layers"] == 1  # within the loose relative-error budget: stays sparse
+
+
+def test_constant_calibration_data_is_refused(scaled_mlp, tmp_path):
+    import numpy as np
+
+    for name, data in (("zeros", np.zeros((64, 64), np.float32)), ("same", np.ones((64, 64), np.float32))):
+        path = tmp_path / f"{name}.npy"
+        np.save(path, data)
+        with pytest.raises(SparseCompileError, match="cannot show which weights matter"):
+            build(BuildOptions(model=str(scaled_mlp[0]), output=str(tmp_path / name), calib=str(path)))
+    some = np.load(scaled_mlp[1])
+    some[3] = 0
+    np.save(tmp_path / "some.npy", some)
+    result = build(_options(scaled_mlp, tmp_path, "some", calib=str(tmp_path / "some.npy")))
+    assert any("1 of 256 calibration samples are all zeros (first at index 3)" in n for n in result.report["notes"])
