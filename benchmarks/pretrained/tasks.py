@@ -226,7 +226,7 @@ def detection_page(rng: np.random.Generator, faces: list[Path], size: int) -> tu
             f = font(faces[rng.integers(len(faces))], int(rng.integers(14, 45)))
             text = random_text(rng, (1, 4))
             l, t, r, b = f.getbbox(text)
-            if r - l > size - 10:
+            if r - l >= size - 20:
                 continue
             x = int(rng.integers(5, size - (r - l) - 5))
             y = int(rng.integers(5, size - (b - t) - 5))
