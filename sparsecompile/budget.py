@@ -78,10 +78,6 @@ class BudgetResult:
                 "sensitivity": {k: (round(v, 4) if math.isfinite(v) else None) for k, v in self.sensitivity.items()}}
 
 
-def _score(damage: Damage) -> float:
-    return damage.score
-
-
 def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Tensor], *,
                    assess: Callable[[list[torch.Tensor], list[torch.Tensor]], Damage],
                    check_batches: Callable[[], list], check_dense: list[torch.Tensor],

@@ -479,7 +479,8 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         learning = None
         if learned and eligible:
             learning = _learn_masks(method, gm, layers, fit_calib, options, loaded, progress,
-                                    lambda: list(batches(fit_calib)), correct, fold_pass.folded_params, fit_index)
+                                    lambda: list(batches(fit_calib)), correct, fold_pass.folded_params, fit_index,
+                                    calib.num_samples)
         elif learned:
             _learning_config(method, options, loaded)  # still refuse bad --learn-option values
             progress.total -= 1  # nothing to learn
@@ -545,7 +546,7 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
         agreement = compare_outputs(dense_outputs, sparse_outputs)
         # A model that outputs NaN/Inf is broken whatever the agreement says: fail before anything is written.
         check_outputs_finite(dense_outputs, sparse_outputs, "the sparse model")
-        if budget is not None and budget.signal != "none" and budget.final is not None:
+        if budget is not None:  # the guard measured this very model on the held-back samples
             final_damage = budget.final
         else:
             final_damage = assess(check_dense, run_batches(sparse_gm, batches(check_calib)) if masks else check_dense)
@@ -892,7 +893,8 @@ LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", 
 
 
 def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, correct: str,
-                 folded_batchnorm: dict, fit_index: list[int] | None = None) -> dict:
+                 folded_batchnorm: dict, fit_index: list[int] | None = None,
+                 total_samples: int | None = None) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record.
 
     ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic. The masks
@@ -912,11 +914,10 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, c
         from sparsecompile.calibration import load_labels
 
         labels = load_labels(options.labels)  # no pickle, header checked, integers only
-        total = calib.num_samples if fit_index is None else None
-        if labels.ndim != 1 or (total is not None and len(labels) != total) or \
-                (fit_index is not None and len(labels) <= max(fit_index)):
-            raise SparseCompileError(f"--labels must hold one integer label per calibration sample, "
-                                     f"got shape {tuple(labels.shape)}")
+        total = total_samples or calib.num_samples  # the whole calibration set, held-back samples included
+        if labels.ndim != 1 or len(labels) != total:
+            raise SparseCompileError(f"--labels must hold one integer label per calibration sample "
+                                     f"({total}), got shape {tuple(labels.shape)}")
         if fit_index is not None:  # the held-back samples check the masks; they do not train them
             labels = labels[torch.as_tensor(fit_index, dtype=torch.long)]
     config, method_options = _learning_config(method, options, loaded)

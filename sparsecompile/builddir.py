@@ -202,21 +202,16 @@ def _safe_member(root: Path, name: str) -> Path:
 
 
 def verify_build_files(path: Path, manifest: dict) -> None:
-    """Check every file the manifest lists against its SHA-256 (sizes first: a cheap early reject)."""
+    """Check every file the manifest lists against its SHA-256."""
     from sparsecompile.frontend import file_sha256
 
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise SparseCompileError(f"build '{path}': its manifest has no file list to verify; rebuild it")
-    sizes = manifest.get("sizes") if isinstance(manifest.get("sizes"), dict) else {}
     for name, digest in files.items():
         member = _safe_member(path, name)
         if not member.is_file():
             raise SparseCompileError(f"build '{path}' is missing '{name}'")
-        if name in sizes and member.stat().st_size != sizes[name]:
-            raise SparseCompileError(
-                f"build '{path}': '{name}' is {member.stat().st_size} bytes, its manifest says {sizes[name]} "
-                "(changed since the build); rebuild it, or pass --no-verify to use it as it is")
         if file_sha256(member) != digest:
             raise SparseCompileError(
                 f"build '{path}': '{name}' changed since the build (SHA-256 differs from its manifest); "

@@ -95,3 +95,22 @@ def randomize_batchnorm(bn: torch.nn.modules.batchnorm._BatchNorm, generator: to
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def cli(*args):
+    """Run the ``sparsecompile`` command line in-process (arguments stringified)."""
+    from click.testing import CliRunner
+
+    from sparsecompile.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_failure(result, *needles):
+    """A user error: exit 1, the last line ``error: ...`` holding every needle, no traceback, no 'bug'."""
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), result.output
+    assert "Traceback" not in result.output and "bug" not in lines[-1], result.output
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]

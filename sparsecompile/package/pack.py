@@ -34,7 +34,6 @@ from sparsecompile import __version__
 from sparsecompile.builddir import open_build
 from sparsecompile.compress import load_weights, size_summary
 from sparsecompile.errors import SparseCompileError
-from sparsecompile.frontend import file_sha256
 from sparsecompile.package.archive import (
     MANIFEST, PACKAGE_FORMAT, PACKAGE_VERSION, SIGNATURE, is_package_file, sha256_bytes, write_archive,
 )
@@ -70,12 +69,6 @@ def _library_versions() -> dict:
     return {"sparsecompile": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "safetensors": safetensors.__version__, "numpy": np.__version__}
-
-
-def _verify_build_files(path: Path, manifest: dict) -> None:
-    for name, digest in manifest.get("files", {}).items():
-        if file_sha256(path / name) != digest:
-            raise SparseCompileError(f"build '{path}': '{name}' changed since the build (SHA-256 mismatch); rebuild it")
 
 
 def _engine_members(edge: EdgeTarget, precision: str, build_manifest: dict, build_path: Path) -> dict[str, bytes]:
@@ -138,7 +131,6 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         from sparsecompile.package.signing import load_private_key
 
         private_key = load_private_key(sign_key)
-    _verify_build_files(path, build_manifest)
     try:
         report = json.loads((path / "report.json").read_text())
     except (OSError, ValueError) as exc:

@@ -10,27 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.builddir import open_build, remove_stale_staging
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 
+from helpers import cli, one_line_failure
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_failure(result, *needles):
-    assert result.exit_code == 1, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.output and "bug" not in last, result.output
-    for needle in needles:
-        assert needle in last, last
 
 
 @pytest.fixture()
@@ -56,15 +44,15 @@ def test_tampered_weight_is_refused_by_run_inspect_profile(fresh_build, tmp_path
     np.save(tmp_path / "x.npy", np.load(model_files / "calib.npy")[:2])
     for args in (("run", fresh_build, "-i", tmp_path / "x.npy"), ("inspect", fresh_build),
                  ("profile", fresh_build, "--runs", "1", "--warmup", "0", "--top", "0", "--batch", "1")):
-        _one_line_failure(_cli(*args), "weights.safetensors", "--no-verify")
+        one_line_failure(cli(*args), "weights.safetensors", "--no-verify")
     # The escape hatch: the user takes responsibility.
-    assert _cli("inspect", fresh_build, "--no-verify").exit_code == 0
-    assert _cli("run", fresh_build, "-i", tmp_path / "x.npy", "--no-verify").exit_code == 0
+    assert cli("inspect", fresh_build, "--no-verify").exit_code == 0
+    assert cli("run", fresh_build, "-i", tmp_path / "x.npy", "--no-verify").exit_code == 0
 
 
 def test_swapped_model_pt2_is_refused(fresh_build, model_files):
     shutil.copy(model_files / "static.pt2", fresh_build / "model.pt2")
-    _one_line_failure(_cli("inspect", fresh_build), "model.pt2")
+    one_line_failure(cli("inspect", fresh_build), "model.pt2")
 
 
 def test_manifest_file_names_cannot_leave_the_build(fresh_build):
@@ -83,11 +71,11 @@ def test_rebuild_refuses_to_delete_user_files(fresh_build, model_files):
     (fresh_build / "NOTES.txt").write_text("mine")
     (fresh_build / "mydata").mkdir()
     (fresh_build / "mydata" / "a.npy").write_bytes(b"x")
-    result = _cli("build", model_files / "dynamic.pt2", "-o", fresh_build, "--input-shape", "2,4,8,8")
-    _one_line_failure(result, "NOTES.txt", "mydata/", "--force")
+    result = cli("build", model_files / "dynamic.pt2", "-o", fresh_build, "--input-shape", "2,4,8,8")
+    one_line_failure(result, "NOTES.txt", "mydata/", "--force")
     assert (fresh_build / "NOTES.txt").read_text() == "mine" and (fresh_build / "mydata" / "a.npy").exists()
     # A plain previous build is still replaced without --force; with --force the user's files go.
-    result = _cli("build", model_files / "dynamic.pt2", "-o", fresh_build, "--input-shape", "2,4,8,8", "--force")
+    result = cli("build", model_files / "dynamic.pt2", "-o", fresh_build, "--input-shape", "2,4,8,8", "--force")
     assert result.exit_code == 0, result.output
     assert not (fresh_build / "NOTES.txt").exists()
 
@@ -98,12 +86,12 @@ def test_output_holding_cwd_or_inputs_is_refused(model_files, tmp_path, monkeypa
     shutil.copy(model_files / "dynamic.pt2", work / "model.pt2")
     monkeypatch.chdir(work)
     for out in (".", str(tmp_path)):
-        result = _cli("build", "model.pt2", "-o", out, "--force", "--input-shape", "2,4,8,8")
-        _one_line_failure(result, "current directory")
+        result = cli("build", "model.pt2", "-o", out, "--force", "--input-shape", "2,4,8,8")
+        one_line_failure(result, "current directory")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    result = _cli("build", work / "model.pt2", "-o", work, "--force", "--input-shape", "2,4,8,8")
-    _one_line_failure(result, "holds the build's input")
+    result = cli("build", work / "model.pt2", "-o", work, "--force", "--input-shape", "2,4,8,8")
+    one_line_failure(result, "holds the build's input")
     assert (work / "model.pt2").exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
@@ -116,8 +104,8 @@ def test_unwritable_parent_fails_before_any_work(model_files, tmp_path):
         parent = tmp_path / "ro"
         parent.mkdir()
         parent.chmod(0o500)
-    result = _cli("build", model_files / "dynamic.pt2", "-o", parent / "out", "--input-shape", "2,4,8,8")
-    _one_line_failure(result, "not a writable directory")
+    result = cli("build", model_files / "dynamic.pt2", "-o", parent / "out", "--input-shape", "2,4,8,8")
+    one_line_failure(result, "not a writable directory")
     assert "loading model" not in result.output
 
 

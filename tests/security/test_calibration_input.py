@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import struct
-import sys
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -17,27 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.calibration import load_calibration, parse_preprocess
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.verify import compare_outputs
 
+from helpers import cli, one_line_failure
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_failure(result, *needles):
-    assert result.exit_code == 1, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.output and "bug" not in last, result.output
-    for needle in needles:
-        assert needle in last, last
 
 
 def _calib(n=48, seed=2):
@@ -79,8 +66,8 @@ def test_nan_calibration_build_fails_on_the_cli_and_writes_nothing(tmp_path, mod
     np.save(tmp_path / "allnan.npy", np.full_like(data, np.nan))
     for name in ("nan.npy", "allnan.npy"):
         out = tmp_path / f"out-{name}"
-        result = _cli("build", model_files / "dynamic.pt2", "--calib", tmp_path / name, "-o", out, "--min-weights", 0)
-        _one_line_failure(result, "NaN or Inf", "first at index")
+        result = cli("build", model_files / "dynamic.pt2", "--calib", tmp_path / name, "-o", out, "--min-weights", 0)
+        one_line_failure(result, "NaN or Inf", "first at index")
         assert not out.exists()
         assert not list(tmp_path.glob(".*partial*"))
 
@@ -205,8 +192,8 @@ def test_npy_header_claiming_2_to_the_40_samples_is_refused(tmp_path):
 def test_npy_header_lie_on_the_cli_is_a_one_line_error(tmp_path, model_files):
     path = tmp_path / "huge.npy"
     path.write_bytes(_npy_with_shape((2 ** 40, 4, 8, 8)))
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", path, "-o", tmp_path / "out")
-    _one_line_failure(result, "huge.npy", "header")
+    result = cli("build", model_files / "dynamic.pt2", "--calib", path, "-o", tmp_path / "out")
+    one_line_failure(result, "huge.npy", "header")
 
 
 def test_calib_samples_is_applied_before_reading_the_whole_file(tmp_path):
@@ -294,10 +281,10 @@ def test_no_np_load_in_the_package_allows_pickle():
 def test_pickled_labels_are_a_one_line_error(tmp_path, model_files):
     """--labels went through a bare np.load: a pickled file was 'unexpected ValueError ... bug'."""
     np.save(tmp_path / "labels.npy", np.array([{"a": 1}] * 48, dtype=object), allow_pickle=True)
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
+    result = cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
                   "--method", "gumbel", "--max-steps", 1, "--labels", tmp_path / "labels.npy",
                   "--learn-option", "init=random", "--max-drop", "none", "--min-weights", 0)
-    _one_line_failure(result, "labels.npy", "pickled")
+    one_line_failure(result, "labels.npy", "pickled")
     assert not (tmp_path / "out").exists()
 
 

@@ -12,27 +12,18 @@ import json
 import math
 
 import pytest
-from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
+
+from helpers import cli, one_line_failure
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def _refused_before_work(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    last = lines[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.output and "bug" not in last, result.output
+    one_line_failure(result, *needles)
     assert "loading model" not in result.output, result.output  # no stage started
-    for needle in needles:
-        assert needle in last, last
 
 
 @pytest.mark.parametrize("option, value", [
@@ -42,7 +33,7 @@ def _refused_before_work(result, *needles):
     ("--time-budget", "nan"), ("--time-budget", "inf"),
 ])
 def test_non_finite_numbers_are_refused_before_any_work(tmp_path, model_files, option, value):
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
+    result = cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
                   "--method", "gumbel", option, value)
     _refused_before_work(result, option)
     assert not (tmp_path / "out").exists()
@@ -50,21 +41,21 @@ def test_non_finite_numbers_are_refused_before_any_work(tmp_path, model_files, o
 
 @pytest.mark.parametrize("item", ["lr=nan", "tau_end=inf", "lr=-inf"])
 def test_non_finite_learn_options_are_refused_before_any_work(tmp_path, model_files, item):
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
+    result = cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
                   "--method", "gumbel", "--learn-option", item)
     _refused_before_work(result, "--learn-option", item.split("=")[0])
 
 
 def test_invalid_exclude_regex_is_refused_before_any_work(tmp_path, model_files):
-    result = _cli("build", model_files / "dynamic.pt2", "-o", tmp_path / "out", "--exclude", "conv(")
+    result = cli("build", model_files / "dynamic.pt2", "-o", tmp_path / "out", "--exclude", "conv(")
     _refused_before_work(result, "--exclude", "conv(")
 
 
 def test_resume_without_checkpoint_is_refused_before_any_work(tmp_path, model_files):
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
+    result = cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
                   "--method", "gumbel", "--resume")
     _refused_before_work(result, "--resume", "--checkpoint")
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
+    result = cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", tmp_path / "out",
                   "--method", "gumbel", "--resume", "--checkpoint", tmp_path / "missing.ckpt")
     _refused_before_work(result, "--resume", "missing.ckpt")
 
@@ -100,7 +91,7 @@ def test_library_build_checks_every_number_first(tmp_path, changes, needle):
 def test_options_a_cpu_build_would_ignore_are_named(tmp_path, model_files):
     """--target cpu chooses no masks: --method/--update-weights/--one-shot did nothing, silently."""
     out = tmp_path / "out"
-    result = _cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", out,
+    result = cli("build", model_files / "dynamic.pt2", "--calib", model_files / "calib.npy", "-o", out,
                   "--target", "cpu", "--method", "hessian", "--update-weights", "--one-shot", "--min-weights", 0)
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
@@ -114,7 +105,7 @@ def test_options_a_cpu_build_would_ignore_are_named(tmp_path, model_files):
 
 def test_learning_options_with_a_heuristic_method_are_named(tmp_path, model_files):
     out = tmp_path / "out"
-    result = _cli("build", model_files / "dynamic.pt2", "-o", out, "--method", "magnitude", "--max-steps", 10,
+    result = cli("build", model_files / "dynamic.pt2", "-o", out, "--method", "magnitude", "--max-steps", 10,
                   "--objective", "kl", "--learn-option", "lr=0.1", "--min-weights", 0, "--no-permute")
     assert result.exit_code == 0, result.output
     ignored = [line for line in result.output.splitlines() if line.startswith("warning:") and "no effect" in line]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.frontend import code_members_of_pt2, load_model, load_pt2
+
+from helpers import cli, one_line_failure
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -58,19 +58,6 @@ def _opaque_constant_pt2(src: Path, dst: Path, marker: Path) -> None:
     _rewrite(src, dst, edit)
 
 
-def _cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_failure(result, *needles):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.output
-    assert "Traceback" not in result.output and "bug" not in lines[-1], result.output
-    for needle in needles:
-        assert needle in lines[-1], lines[-1]
-
-
 @pytest.fixture()
 def evil_pt2(model_files, tmp_path):
     marker = tmp_path / "PWNED"
@@ -81,16 +68,16 @@ def evil_pt2(model_files, tmp_path):
 
 def test_pickled_opaque_constant_is_refused_by_build(evil_pt2, tmp_path, model_files):
     path, marker = evil_pt2
-    result = _cli("build", path, "-o", tmp_path / "out", "--calib", model_files / "calib.npy")
-    _one_line_failure(result, "opaque_obj_0", "--trust-pickle")
+    result = cli("build", path, "-o", tmp_path / "out", "--calib", model_files / "calib.npy")
+    one_line_failure(result, "opaque_obj_0", "--trust-pickle")
     assert not marker.exists(), "the .pt2's pickled constant ran"
     assert not (tmp_path / "out").exists()
 
 
 def test_pickled_opaque_constant_is_refused_by_profile_and_spectra(evil_pt2, tmp_path):
     path, marker = evil_pt2
-    _one_line_failure(_cli("profile", path, "--runs", "1", "--warmup", "0", "--top", "0"), "opaque_obj_0")
-    _one_line_failure(_cli("inspect", path, "--spectra"), "opaque_obj_0")
+    one_line_failure(cli("profile", path, "--runs", "1", "--warmup", "0", "--top", "0"), "opaque_obj_0")
+    one_line_failure(cli("inspect", path, "--spectra"), "opaque_obj_0")
     assert not marker.exists()
 
 
@@ -144,7 +131,7 @@ def test_pt2_with_bad_crc_is_refused(model_files, tmp_path):
     member = _flip_byte_in_member(model_files / "dynamic.pt2", path, "weight_0")
     with pytest.raises(SparseCompileError, match=f"'{member}' fails its CRC"):
         load_model(path)
-    _one_line_failure(_cli("build", path, "-o", tmp_path / "out"), "CRC")
+    one_line_failure(cli("build", path, "-o", tmp_path / "out"), "CRC")
 
 
 def test_torchscript_with_bad_crc_is_refused(model_files, tmp_path):
@@ -162,7 +149,7 @@ def test_pickled_module_never_unpickled_without_trust(tmp_path):
     marker = tmp_path / "PWNED"
     path = tmp_path / "module.pt"
     torch.save(_Payload(marker), path)
-    _one_line_failure(_cli("build", path, "-o", tmp_path / "out", "--input-shape", "1,4,8,8"), "--trust-pickle")
+    one_line_failure(cli("build", path, "-o", tmp_path / "out", "--input-shape", "1,4,8,8"), "--trust-pickle")
     assert not marker.exists()
 
 
@@ -170,7 +157,7 @@ def test_weights_file_is_loaded_weights_only(tmp_path):
     marker = tmp_path / "PWNED"
     path = tmp_path / "weights.pt"
     torch.save({"0.weight": _Payload(marker)}, path)
-    result = _cli("build", "--model-factory", "conftest:build_factory", "--weights", path,
+    result = cli("build", "--model-factory", "conftest:build_factory", "--weights", path,
                   "-o", tmp_path / "out", "--input-shape", "1,4,8,8")
     assert result.exit_code == 1, result.output
     assert not marker.exists()
