@@ -20,11 +20,22 @@ When the fully masked model exceeds the budget, layers go back to dense greedily
    budget holds or nothing is left. Restoring every layer gives the dense model back, so
    the budget can always be met; a build that needed that says so with a warning.
 
-Restoring a layer need not lower the damage: later layers' statistics correction was fitted
-with it sparse, so restoring it alone can leave their fits off. A restoration that does not
-lower the score is undone (the layer stays sparse, listed in ``kept_sparse_after_trial``) and
-the next layer is tried, so the score falls at every recorded step. If no single restoration
-helps any more, the remaining layers go back together (the dense model is within budget).
+Without statistics correction (``refit`` not given), restoring a layer changes nothing else, and
+step 3 is a greedy walk: a restoration that does not lower the score is undone (the layer
+stays sparse, listed in ``kept_sparse_after_trial``) and the next layer is tried, so the
+score falls at every recorded step. If no single restoration helps any more, the remaining
+layers go back in growing prefixes of the ranking (bisection) until the budget holds.
+
+With statistics correction, restoring one layer alone is misleading: every later layer's
+correction was fitted with it sparse, so restoring it leaves their fits off (measured on an
+OCR recognizer: after three restorations no single one lowered the damage, and the old walk
+ended with every layer dense). There ``refit(dense_names)`` rebuilds the model from the
+dense one with the same masks on the remaining layers and the correction fitted again, and
+the search bisects on *how many* of the ranked layers go back: the smallest prefix of the
+ranking whose refitted model is within budget. Each trial costs one correction pass on the
+fitting samples plus one pass on the held-back ones, about ``log2(layers)`` trials in all.
+The score need not fall monotonically along the ranking; every trial is recorded
+(``trials``), so a non-monotone step is visible, and the result is always a measured model.
 """
 
 from __future__ import annotations
@@ -65,6 +76,10 @@ class BudgetResult:
     reverted: list[dict] = field(default_factory=list)  # in order: layer, sensitivity, score after reverting
     skipped: list[dict] = field(default_factory=list)  # tried, but restoring them alone did not lower the damage
     signal: str = "measured"
+    search: str = "greedy"  # "greedy" (one layer at a time) or "bisection" (prefixes of the ranking, refitted)
+    trials: list[dict] = field(default_factory=list)  # bisection: {"dense_layers", "score", "within"} per trial
+    graph: object = None  # bisection: the refitted model that replaces the sparse one (None: changed in place)
+    refit_outcome: object = None  # bisection: the refit's sparsify result (its corrections replace the old ones)
 
     @property
     def met(self) -> bool:
@@ -75,6 +90,7 @@ class BudgetResult:
                 "measured_on": f"{self.final.samples} held-back calibration samples",
                 "initial": self.initial.to_json(), "final": self.final.to_json(),
                 "reverted": self.reverted, "kept_sparse_after_trial": self.skipped, "signal": self.signal,
+                "search": self.search, "trials": self.trials,
                 "sensitivity": {k: (round(v, 4) if math.isfinite(v) else None) for k, v in self.sensitivity.items()}}
 
 
@@ -84,12 +100,15 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
                    fit_batches: Callable[[], list], fit_dense: list[torch.Tensor],
                    max_drop: float, max_error: float, signal: str = "measured",
                    priors: dict[str, float] | None = None, benefit: dict[str, float] | None = None,
-                   reason: str = "the accuracy guard", progress=None) -> BudgetResult:
+                   reason: str = "the accuracy guard", progress=None,
+                   refit: Callable[[set[str]], tuple] | None = None) -> BudgetResult:
     """Restore masked layers of ``sparse_gm`` to their ``dense_gm`` values until ``assess`` is within budget.
 
     ``assess(dense_outputs, outputs)`` gives the per-output damage; ``check_*`` are the held-back
     samples (and the dense outputs on them) the budget is judged on, ``fit_*`` the samples the
-    sensitivities are measured on. ``masks`` loses the restored layers' entries.
+    sensitivities are measured on. ``masks`` loses the restored layers' entries. ``refit(names)``
+    (given when statistics correction is on) returns ``(graph, outcome)``: the dense model with the
+    other masked layers masked and corrected again; the search then bisects on the ranking.
     """
     masked_layers = [layer for layer in layers if layer.weight_target in masks]
     damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
@@ -118,8 +137,11 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         sensitivity = result.sensitivity[layer.name]
         return (math.inf if not math.isfinite(sensitivity) else sensitivity / max(gain, 1e-12), layer.name)
 
-    previous = damage.score
     order = sorted(masked_layers, key=priority, reverse=True)
+    if refit is not None:
+        return _bisect_refit(result, order, masks, refit, assess, check_batches, check_dense, sparse_gm, dense_gm,
+                             reason, progress)
+    previous = damage.score
     kept_sparse = []
     for rank, layer in enumerate(order, start=1):
         names = layer_params(sparse_gm, layer)
@@ -151,18 +173,82 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         if damage.within:
             break
     if not damage.within and kept_sparse:
-        # No single further reversion helped: restore the rest together (the dense model is within budget).
-        for layer in kept_sparse:
-            for p in layer_params(sparse_gm, layer):
-                set_tensor(sparse_gm, p, get_tensor(dense_gm, p).clone())
+        # No single further reversion helped: the smallest prefix of the rest (in rank order) that restored
+        # together is within budget, by bisection (all of them restored is the dense model: within).
+        def restore(count: int) -> Damage:
+            for index, layer in enumerate(kept_sparse):
+                source = dense_gm if index < count else None
+                for p, value in trial_values[layer.name].items():
+                    set_tensor(sparse_gm, p, get_tensor(source, p).clone() if source is not None else value)
+            return assess(check_dense, run_batches(sparse_gm, check_batches()))
+
+        trial_values = {layer.name: {p: get_tensor(sparse_gm, p).clone() for p in layer_params(sparse_gm, layer)}
+                        for layer in kept_sparse}
+        low, high, found = 0, len(kept_sparse), None
+        while high - low > 1:
+            middle = (low + high) // 2
+            trial = restore(middle)
+            result.trials.append(_trial_record(middle, trial))
+            if trial.within:
+                high, found = middle, trial
+            else:
+                low = middle
+        damage = found if found is not None and high < len(kept_sparse) else restore(len(kept_sparse))
+        if found is not None and high < len(kept_sparse):
+            restore(high)  # the last trial may have been a smaller, failing prefix
+        skipped_by_name = {entry["layer"]: entry for entry in result.skipped}
+        for layer in kept_sparse[:high]:
             del masks[layer.weight_target]
-            layer.reason = (f"kept dense by {reason}: restoring it alone did not lower the damage, "
-                            "so it went back with the rest")
-        damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
-        for entry in result.skipped:
-            result.reverted.append({**entry, "together": True,
+            layer.reason = (f"kept dense by {reason}: restoring it alone did not lower the damage; it went back "
+                            f"with the {high} most sensitive of the rest")
+            result.reverted.append({**skipped_by_name[layer.name], "together": True,
                                     "score_after": round(damage.score, 4) if math.isfinite(damage.score) else None,
                                     "worst_after": damage.worst.describe() if damage.worst is not None else ""})
-        result.skipped = []
+        result.skipped = [skipped_by_name[layer.name] for layer in kept_sparse[high:]]
+    result.final = damage
+    return result
+
+
+def _trial_record(count: int, damage: Damage) -> dict:
+    return {"dense_layers": count, "score": round(damage.score, 4) if math.isfinite(damage.score) else None,
+            "within": damage.within}
+
+
+def _bisect_refit(result: BudgetResult, order: list, masks: dict, refit, assess, check_batches, check_dense,
+                  sparse_gm, dense_gm, reason: str, progress) -> BudgetResult:
+    """The smallest prefix of ``order`` that, restored to dense with the correction refitted, is within budget."""
+    result.search = "bisection"
+    low, high, found = 0, len(order), None
+    while high - low > 1:
+        middle = (low + high) // 2
+        graph, outcome = refit({layer.name for layer in order[:middle]})
+        trial = assess(check_dense, run_batches(graph, check_batches()))
+        result.trials.append(_trial_record(middle, trial))
+        if progress is not None:
+            progress.detail(f"{reason}: {middle} of {len(order)} layers dense (correction refitted), "
+                            f"score {trial.score:.3f}")
+        if trial.within:
+            high, found = middle, (graph, outcome, trial)
+        else:
+            low = middle
+    if found is None:  # only the dense model is within budget
+        for layer in order:
+            for p in layer_params(sparse_gm, layer):
+                set_tensor(sparse_gm, p, get_tensor(dense_gm, p).clone())
+        damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
+        high = len(order)
+    else:
+        result.graph, result.refit_outcome, damage = found
+    for rank, layer in enumerate(order[:high], start=1):
+        del masks[layer.weight_target]
+        sensitivity = result.sensitivity[layer.name]
+        entry = {"layer": layer.name, "rank": rank,
+                 "sensitivity": round(sensitivity, 4) if math.isfinite(sensitivity) else None,
+                 "score_after": round(damage.score, 4) if math.isfinite(damage.score) else None,
+                 "worst_after": damage.worst.describe() if damage.worst is not None else "", "together": True}
+        result.reverted.append(entry)
+        layer.reason = (f"kept dense by {reason}: {result.signal} sensitivity {sensitivity:.3g} (rank {rank}); "
+                        f"the {high} highest-ranked layers went back to dense (correction refitted): "
+                        f"{entry['worst_after'] or 'no output'}")
     result.final = damage
     return result

@@ -28,7 +28,7 @@ from sparsecompile.budget import BudgetResult, enforce_budget
 from sparsecompile.damage import (DEFAULT_MAX_DROP, DEFAULT_MAX_ERROR, holdout_split, measure_damage, output_kinds,
                                   parse_output_kinds)
 from sparsecompile.certificates import certificate_summary, write_certificate
-from sparsecompile.masks.saved import SavedMaskMethod, check_against, load_masks, save_masks, update_norms
+from sparsecompile.masks.saved import FixedMasks, SavedMaskMethod, check_against, load_masks, save_masks, update_norms
 from sparsecompile.builddir import (BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir,
                                    remove_stale_staging)
 from sparsecompile.calibration import (
@@ -517,9 +517,23 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
     if guard["on"] and masks:
         with progress.stage(f"checking accuracy on {check_calib.num_samples} held-back samples"), \
                 _timed(timings, "budget"):
+            refit = None
+            if correct != "none" and not outcome.updated_weights:
+                def refit(dense_names: set[str]):
+                    """The dense model with the other masked layers masked again and the correction refitted."""
+                    work = copy.deepcopy(dense_gm)
+                    keep = [layer for layer in eligible
+                            if layer.weight_target in masks and layer.name not in dense_names]
+                    return work, sparsify(work, keep, layers, FixedMasks(masks, n, m), list(batches(fit_calib)),
+                                          sequential=options.sequential, correct=correct,
+                                          folded_batchnorm=fold_pass.folded_params)
             budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess,
                                      lambda: list(batches(check_calib)), check_dense,
-                                     lambda: list(batches(fit_calib)), options, guard, progress)
+                                     lambda: list(batches(fit_calib)), options, guard, progress, refit)
+            if budget.graph is not None:  # the refitted model replaces the sparse one, with its corrections
+                sparse_gm = budget.graph
+                outcome.corrections = budget.refit_outcome.corrections
+                outcome.batchnorm_reestimated = budget.refit_outcome.batchnorm_reestimated
             for entry in budget.reverted:
                 outcome.corrections.pop(entry["layer"], None)
             worst = budget.initial.worst
@@ -765,7 +779,7 @@ def _guard_settings(options: BuildOptions) -> dict:
 
 
 def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches, check_dense, fit_batches,
-                    options, guard, progress):
+                    options, guard, progress, refit=None):
     """The accuracy guard: restore layers to dense (``--on-damage restore``), or measure and fail/warn."""
     if guard["on_damage"] != "restore":
         damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
@@ -794,7 +808,7 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches,
     return enforce_budget(sparse_gm, dense_gm, eligible, masks, assess=assess, check_batches=check_batches,
                           check_dense=check_dense, fit_batches=fit_batches, fit_dense=fit_dense,
                           max_drop=guard["max_drop"], max_error=guard["max_error"], signal=options.budget_signal,
-                          priors=priors, benefit=benefit, reason=reason, progress=progress)
+                          priors=priors, benefit=benefit, reason=reason, progress=progress, refit=refit)
 
 
 def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense, assess, options, folded_batchnorm,

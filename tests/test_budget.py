@@ -19,9 +19,10 @@ def _options(model_files, tmp_path, name, **kwargs):
                         permute=False, **kwargs)
 
 
-def test_budget_keeps_the_most_sensitive_layers_dense(tmp_path, model_files):
+@pytest.mark.parametrize("correct", ["none", "bias"])
+def test_budget_keeps_the_most_sensitive_layers_dense(tmp_path, model_files, correct):
     # Judged as values (relative error %), SmallNet's damage is never zero, so a budget of half of it has work.
-    common = {"method": "magnitude", "output_kind": "0=values"}
+    common = {"method": "magnitude", "output_kind": "0=values", "correct": correct}
     free = build(_options(model_files, tmp_path, "free", max_drop=None, **common))
     free_damage = free.report["verification"]["damage"]["outputs"][0]
     assert free_damage["kind"] == "values" and free_damage["damage"] > 0
@@ -42,7 +43,18 @@ def test_budget_keeps_the_most_sensitive_layers_dense(tmp_path, model_files):
             assert "correction" not in record
     assert set(budget["sensitivity"]) >= reverted and ranks
     scores = [budget["initial"]["score"]] + [entry["score_after"] for entry in budget["reverted"]]
-    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)  # every step lowered it
+    if correct == "none":  # greedy: every recorded step lowered the score
+        assert budget["search"] == "greedy"
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    else:  # bisection on the ranking, correction refitted per trial: the smallest within-budget prefix
+        assert budget["search"] == "bisection" and budget["trials"]
+        count = len(budget["reverted"])
+        assert {entry["score_after"] for entry in budget["reverted"]} == {budget["final"]["score"]}
+        assert [entry["rank"] for entry in budget["reverted"]] == list(range(1, count + 1))
+        assert any(t["dense_layers"] == count and t["within"] for t in budget["trials"])
+        assert count == 1 or any(t["dense_layers"] == count - 1 and not t["within"] for t in budget["trials"])
+        # The refitted corrections are the ones reported for the layers that stayed sparse.
+        assert any("correction" in record for record in result.report["layers"] if record["status"] == "sparse")
     loose = build(_options(model_files, tmp_path, "loose", max_drop=100.0, max_error=1e6, **common))
     assert loose.report["budget"]["reverted"] == [] and loose.report["summary"]["sparse_layers"] == \
         free.report["summary"]["sparse_layers"]

@@ -169,3 +169,17 @@ class SavedMaskMethod(MaskMethod):
     def permutation_importance(self, weight: torch.Tensor, layer) -> torch.Tensor:
         # Only for the report's kept-|w| figures: saved channel orders are replayed, never searched.
         return weight.detach().abs()
+
+
+class FixedMasks(MaskMethod):
+    """Returns given masks unchanged: re-fitting statistics correction around masks already chosen."""
+
+    name = "fixed"
+    description = "masks chosen earlier in the same build"
+
+    def __init__(self, masks: dict[str, torch.Tensor], n: int = 2, m: int = 4):
+        super().__init__(n, m)
+        self.masks = masks
+
+    def scores(self, weight: torch.Tensor, layer, context: MaskContext) -> torch.Tensor:
+        return self.masks[layer.weight_target].to(torch.float32)
