@@ -171,8 +171,8 @@ def _pattern(text: str) -> tuple[int, int]:
               help="Over the budget: restore the most sensitive layers to dense until it holds, fail the build "
                    "(exit 1, naming the worst layers), or build it with a WARNING.")
 @click.option("--output-kind", metavar="I=KIND,...",
-              help="How output I's damage is measured: classes, sequence or values (default: from its shape and "
-                   "values; a detector's boxes and scores count as values).")
+              help="How output I's damage is measured: classes, sequence, scores (scores@0.3: another threshold) "
+                   "or values (default: from its shape and values; a detector's box regressions count as values).")
 @click.option("--auto-time-cap", default=1800.0, show_default=True, type=float, metavar="SECONDS",
               help="Safety cap on the time --method auto spends trying candidates; candidates past it are skipped "
                    "and the build says so.")

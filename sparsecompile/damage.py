@@ -11,13 +11,23 @@ Every output gets a *kind* from its shape and values (``--output-kind`` override
     recognizers emit. Damage is the per-position argmax agreement lost, in points. The
     report adds the share of samples whose greedy CTC decoding (repeats merged, blank 0
     dropped) is unchanged.
+``scores``
+    Independent per-entry scores in ``[0, 1]`` that a threshold turns into decisions: a
+    detector's per-anchor class scores ``[N, A, C]`` after a sigmoid, a text detector's
+    probability map. Inferred for ``[N, A, C]`` outputs whose values all lie in ``[0, 1]``
+    without being a distribution per row; ``--output-kind I=scores`` (or
+    ``I=scores@0.3`` for another threshold) names any other. Damage is the agreement lost on
+    *which entries pass the threshold* (0.5 unless given), in points:
+    ``100 * (1 - F1)`` between the dense and the sparse above-threshold sets. It follows what
+    a detector's post-processing keeps, where a relative error over every anchor (mostly
+    background) does not.
 ``values``
-    Anything else: regressions, boxes, feature maps, embeddings. Damage is the relative
+    Anything else: regressions, box offsets, feature maps, embeddings. Damage is the relative
     L2 error ``100 * ||dense - sparse|| / ||dense||`` in percent; the cosine similarity is
-    reported beside it. Boxes and scores of a detector are ``values`` unless you say
-    otherwise: the build cannot tell anchors from classes by shape.
+    reported beside it. A detector's box regressions are ``values``: the build cannot tell
+    which anchors matter by shape.
 
-Budgets: ``classes`` and ``sequence`` outputs are held to ``max_drop`` points,
+Budgets: ``classes``, ``sequence`` and ``scores`` outputs are held to ``max_drop`` points,
 ``values`` outputs to ``max_error`` percent. An output whose sparse values are NaN or
 infinite where the dense ones are finite has infinite damage. The model's *score* is the
 largest ``damage / budget`` over its outputs: at most 1 is within budget.
@@ -32,9 +42,13 @@ import torch
 
 from sparsecompile.errors import SparseCompileError
 
-OUTPUT_KINDS = ("classes", "sequence", "values")
-DEFAULT_MAX_DROP = 1.0  # points of top-1 / per-position agreement
+OUTPUT_KINDS = ("classes", "sequence", "scores", "values")
+DEFAULT_MAX_DROP = 1.0  # points of top-1 / per-position / above-threshold agreement
 DEFAULT_MAX_ERROR = 10.0  # percent relative L2 error, for outputs that are not class scores
+DEFAULT_SCORE_THRESHOLD = 0.5  # what a "scores" output's entries must reach to count as a decision
+# How each kind's damage reads in the build's lines (report.py uses the same words).
+DAMAGE_WHAT = {"classes": "top-1 agreement lost", "sequence": "per-position agreement lost",
+               "scores": "above-threshold agreement lost", "values": "relative error"}
 
 
 def _is_distribution(ref: torch.Tensor) -> bool:
@@ -52,9 +66,22 @@ def infer_kind(ref: torch.Tensor) -> str:
         return "values"
     if ref.dim() == 2 and ref.shape[1] > 1:
         return "classes"
-    if ref.dim() == 3 and ref.shape[2] > 1 and ref.numel() and _is_distribution(ref):
-        return "sequence"
+    if ref.dim() == 3 and ref.shape[2] > 1 and ref.numel():
+        if _is_distribution(ref):
+            return "sequence"
+        if _is_unit_interval(ref) and float(ref.max()) > float(ref.min()):  # a constant says nothing
+            return "scores"
     return "values"
+
+
+def _is_unit_interval(ref: torch.Tensor) -> bool:
+    return bool(torch.isfinite(ref).all()) and float(ref.min()) >= 0.0 and float(ref.max()) <= 1.0
+
+
+def split_kind(kind: str) -> tuple[str, float | None]:
+    """``"scores@0.3"`` -> ``("scores", 0.3)``; other kinds carry no threshold."""
+    base, _, threshold = kind.partition("@")
+    return base, (float(threshold) if threshold else (DEFAULT_SCORE_THRESHOLD if base == "scores" else None))
 
 
 def parse_output_kinds(text: str | None) -> dict[int, str]:
@@ -64,10 +91,19 @@ def parse_output_kinds(text: str | None) -> dict[int, str]:
         if not item:
             continue
         index, sep, kind = item.partition("=")
-        if not sep or not index.isdigit() or kind not in OUTPUT_KINDS:
+        base, _, threshold = kind.partition("@")
+        if not sep or not index.isdigit() or base not in OUTPUT_KINDS:
             raise SparseCompileError(
                 f"--output-kind '{item}' must look like INDEX=KIND with KIND one of {', '.join(OUTPUT_KINDS)} "
-                "(e.g. --output-kind 0=classes,1=values)")
+                "(e.g. --output-kind 0=classes,1=values or 1=scores@0.3)")
+        if threshold or "@" in kind:
+            try:
+                value = float(threshold)
+            except ValueError:
+                value = math.nan
+            if base != "scores" or not 0.0 < value < 1.0:
+                raise SparseCompileError(f"--output-kind '{item}': only scores take a threshold, a number "
+                                         "strictly between 0 and 1 (e.g. 1=scores@0.3)")
         kinds[int(index)] = kind
     return kinds
 
@@ -104,8 +140,7 @@ class OutputDamage:
         return self.damage / self.budget if self.budget > 0 else (math.inf if self.damage > 0 else 0.0)
 
     def describe(self) -> str:
-        what = {"classes": "top-1 agreement lost", "sequence": "per-position agreement lost",
-                "values": "relative error"}[self.kind]
+        what = DAMAGE_WHAT[self.kind]
         value = "non-finite outputs" if math.isinf(self.damage) else f"{self.damage:.3g}{self.unit}"
         budget = f"budget {self.budget:.3g}{self.unit}"
         if "budget_asked" in self.detail:
@@ -121,6 +156,7 @@ class OutputDamage:
 
 def output_damage(index: int, ref: torch.Tensor, cand: torch.Tensor, kind: str, max_drop: float,
                   max_error: float) -> OutputDamage:
+    kind, threshold = split_kind(kind)
     budget = max_error if kind == "values" else max_drop
     ref_finite = torch.isfinite(ref) if ref.is_floating_point() else torch.ones_like(ref, dtype=torch.bool)
     cand_finite = torch.isfinite(cand) if cand.is_floating_point() else torch.ones_like(cand, dtype=torch.bool)
@@ -148,6 +184,15 @@ def output_damage(index: int, ref: torch.Tensor, cand: torch.Tensor, kind: str, 
                                           ctc_greedy(cand_ids.reshape(-1, cand_ids.shape[-1])))]
         detail["sequence_agreement"] = sum(decoded) / max(len(decoded), 1)
         damage = 100.0 * (1.0 - agree)
+    elif kind == "scores":
+        ref_on, cand_on = ref >= threshold, cand >= threshold
+        both_on, ref_count, cand_count = int((ref_on & cand_on).sum()), int(ref_on.sum()), int(cand_on.sum())
+        f1 = 2.0 * both_on / (ref_count + cand_count) if ref_count + cand_count else 1.0
+        detail.update({"threshold": threshold, "above_threshold_f1": f1, "dense_above": ref_count,
+                       "sparse_above": cand_count})
+        # One entry more or less above the threshold is the finest step (none above: nothing to resolve).
+        compared = max(ref_count, 1)
+        damage = 100.0 * (1.0 - f1)
     else:
         flat_ref = torch.where(both, ref64, torch.zeros((), dtype=torch.float64)).reshape(-1)
         flat_cand = torch.where(both, cand64, torch.zeros((), dtype=torch.float64)).reshape(-1)
@@ -211,6 +256,9 @@ def output_kinds(dense: list[torch.Tensor], overrides: dict[int, str] | None = N
         if kind == "classes" and ref.dim() < 2:
             raise SparseCompileError(f"--output-kind {index}=classes: output {index} has shape "
                                      f"{list(ref.shape)}, not [N, C]")
+        if kind.startswith("scores") and ref.numel() and not _is_unit_interval(ref):
+            raise SparseCompileError(f"--output-kind {index}=scores: output {index} has values outside [0, 1] "
+                                     "(logits?); scores must be probabilities that a threshold turns into decisions")
         if kind == "sequence" and ref.dim() < 3:
             raise SparseCompileError(f"--output-kind {index}=sequence: output {index} has shape "
                                      f"{list(ref.shape)}, not [N, T, C]")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sparsecompile.damage import DAMAGE_WHAT
+
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
@@ -146,8 +148,7 @@ def summary_lines(report: dict) -> list[str]:
         where = f"{held} held-back samples" if held else f"{damage['samples']} samples (none held back)"
         for out in damage["outputs"]:
             value = "non-finite outputs" if out["damage"] is None else f"{out['damage']:.3g}{_unit(out)}"
-            what = {"classes": "top-1 agreement lost", "sequence": "per-position agreement lost",
-                    "values": "relative error"}[out["kind"]]
+            what = DAMAGE_WHAT[out["kind"]]
             budget = f"{out['budget']:.3g}{_unit(out)}"
             if "budget_asked" in out:
                 budget += f" (one changed prediction; {out['budget_asked']:g}{_unit(out)} asked)"

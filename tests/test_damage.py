@@ -22,6 +22,8 @@ def test_kinds_are_inferred_from_shape_and_values():
     assert infer_kind(torch.randn(8, 84, 300)) == "values"
     assert infer_kind(torch.randn(8, 3, 16, 16)) == "values"
     assert infer_kind(torch.arange(8).reshape(8, 1)) == "values"
+    # Sigmoid class scores per anchor [N, A, C]: in [0, 1], rows not summing to 1.
+    assert infer_kind(torch.randn(8, 300, 10).sigmoid()) == "scores"
 
 
 def test_classes_damage_is_points_of_top1_agreement():
@@ -99,6 +101,34 @@ def test_output_kind_overrides_are_checked():
         output_kinds([torch.randn(4, 3)], {1: "values"})
     with pytest.raises(SparseCompileError, match="not \\[N, T, C\\]"):
         output_kinds([torch.randn(4, 3)], {0: "sequence"})
+
+
+def test_scores_damage_is_agreement_on_what_passes_the_threshold():
+    dense = torch.full((4, 100, 10), 0.01)
+    dense[:, :5, 0] = 0.9  # 20 detections: 5 anchors per sample above 0.5
+    # Background noise moves a lot (a large relative error) but nothing crosses the threshold: no damage.
+    noisy = dense.clone()
+    noisy[:, 5:, :] = 0.3
+    [out] = measure_damage([dense], [noisy], ["scores"]).outputs
+    assert out.kind == "scores" and out.damage == 0.0 and out.detail["above_threshold_f1"] == 1.0
+    assert measure_damage([dense], [noisy], ["values"]).outputs[0].damage > 100  # relative error calls it broken
+    # Two detections lost and two spurious ones: F1 = 2 * 18 / (20 + 20) = 0.9 -> 10 points.
+    changed = dense.clone()
+    changed[0, :2, 0] = 0.4
+    changed[1, 50:52, 3] = 0.7
+    [out] = measure_damage([dense], [changed], ["scores"], max_drop=1.0).outputs
+    assert out.damage == pytest.approx(10.0) and not out.detail["dense_above"] != 20
+    assert out.detail["sparse_above"] == 20 and out.ratio > 1
+    assert "above-threshold agreement lost 10 pt" in out.describe()
+    # A lower threshold turns the 0.4 scores back into detections.
+    [low] = measure_damage([dense], [changed], ["scores@0.3"]).outputs
+    assert low.detail["threshold"] == 0.3 and low.damage == pytest.approx(100 * (1 - 2 * 20 / 42))
+    assert parse_output_kinds("1=scores@0.3") == {1: "scores@0.3"}
+    for bad in ("1=scores@1.5", "1=scores@x", "1=values@0.3"):
+        with pytest.raises(SparseCompileError, match="only scores take a threshold"):
+            parse_output_kinds(bad)
+    with pytest.raises(SparseCompileError, match="outside \\[0, 1\\]"):
+        output_kinds([torch.randn(4, 10, 3)], {0: "scores"})
 
 
 def test_holdout_split_is_seeded_disjoint_and_covers_sorted_data():

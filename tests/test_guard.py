@@ -102,3 +102,42 @@ def test_constant_calibration_data_is_refused(scaled_mlp, tmp_path):
     np.save(tmp_path / "some.npy", some)
     result = build(_options(scaled_mlp, tmp_path, "some", calib=str(tmp_path / "some.npy")))
     assert any("1 of 256 calibration samples are all zeros (first at index 3)" in n for n in result.report["notes"])
+
+
+def test_sigmoid_scores_per_anchor_are_judged_on_what_passes_the_threshold(tmp_path):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    # A detector-like head: [N, 8 anchors, 4 classes] of sigmoid scores, with the scaled inputs that make
+    # magnitude masks drop the weights that matter (as in the scaled_mlp fixture).
+    generator = torch.Generator().manual_seed(1)
+    even = torch.arange(64) % 2 == 0
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.Unflatten(1, (8, 4)), nn.Sigmoid())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.5, 1.0))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.randn(32, 64, generator=generator) / 8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(model.eval(), (torch.randn(4, 64),), dynamic_shapes=({0: batch},)),
+                      tmp_path / "head.pt2")
+    np.save(tmp_path / "calib.npy", (torch.randn(256, 64, generator=generator)
+                                     * torch.where(even, 1000.0, 1.0)).numpy())
+    options = {"model": str(tmp_path / "head.pt2"), "calib": str(tmp_path / "calib.npy"), "min_weights": 1000,
+               "permute": False, "method": "magnitude", "correct": "none"}
+    broken = build(BuildOptions(output=str(tmp_path / "free"), max_drop=None, **options)).report
+    out = broken["verification"]["damage"]["outputs"][0]
+    assert out["kind"] == "scores" and out["threshold"] == 0.5 and out["unit"] == "pt"
+    assert out["damage"] > 5 and not out["within"] and 0 < out["above_threshold_f1"] < 0.95
+    guarded = build(BuildOptions(output=str(tmp_path / "guarded"), **options)).report
+    assert guarded["budget"]["initial"]["outputs"][0]["kind"] == "scores" and guarded["budget"]["met"]
+    assert guarded["verification"]["damage"]["outputs"][0]["damage"] <= 1.0
+    # Logits are no scores: the override is refused.
+    logits = nn.Sequential(nn.Linear(16, 8)).eval()
+    torch.export.save(torch.export.export(logits, (torch.randn(4, 16),), dynamic_shapes=({0: batch},)),
+                      tmp_path / "logits.pt2")
+    np.save(tmp_path / "logits.npy", torch.randn(64, 16, generator=generator).numpy())
+    with pytest.raises(SparseCompileError, match="outside \\[0, 1\\]"):
+        build(BuildOptions(model=str(tmp_path / "logits.pt2"), calib=str(tmp_path / "logits.npy"),
+                           output=str(tmp_path / "logits"), output_kind="0=scores", min_weights=0, permute=False,
+                           method="magnitude"))
