@@ -818,7 +818,8 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     Candidates are AUTO_METHODS x {statistics correction, none} (only the asked correction when
     ``--correct`` is given), tried cheapest first on copies of the graph. The score is the accuracy
     guard's (largest damage / budget over the outputs); ties go to the earlier, cheaper candidate.
-    ``--auto-time-cap`` stops trying further candidates, and the report says which were skipped.
+    ``--auto-time-cap`` stops trying further candidates, and the report says which were skipped; so does
+    a candidate with no measured damage (nothing later can beat it).
     Returns (graph, method, correction, sparsify outcome, report record).
     """
     corrections = ([DEFAULT_CORRECTION, "none"] if options.correct == "auto" else [options.correct])
@@ -828,6 +829,11 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     tried, best = [], None
     for name, correct in candidates:
         elapsed = time.perf_counter() - started
+        if best is not None and best[0] == 0.0:
+            # Nothing can beat no measured damage (ties go to the cheaper, earlier candidate anyway).
+            tried.append({"method": name, "correct": correct,
+                          "skipped": f"{best[5]['method']} --correct {best[5]['correct']} showed no damage"})
+            continue
         if elapsed > options.auto_time_cap:
             tried.append({"method": name, "correct": correct, "skipped": f"--auto-time-cap {options.auto_time_cap:g}s "
                                                                           f"reached after {elapsed:.0f}s"})
@@ -847,7 +853,7 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
         if best is None or damage.score < best[0]:
             best = (damage.score, work, candidate_method, correct, outcome, record)
     skipped = [t for t in tried if "skipped" in t]
-    if skipped:
+    if any("--auto-time-cap" in t["skipped"] for t in skipped):
         progress.warn(f"--method auto: {len(skipped)} candidate(s) not tried: --auto-time-cap "
                       f"{options.auto_time_cap:g}s reached (the choice may differ on a faster machine)")
     _, work, chosen, correct, outcome, record = best

@@ -124,8 +124,12 @@ def _choice_text(choice: dict | None) -> str:
     tried = [t for t in choice["tried"] if "skipped" not in t]
     text = (f" (chosen by --method auto with --correct {chosen['correct']}: least damage of {len(tried)} candidates "
             f"on held-back samples, {choice['seconds']:.1f}s")
-    if choice.get("skipped"):
-        text += f"; {choice['skipped']} skipped at --auto-time-cap"
+    capped = sum("--auto-time-cap" in t["skipped"] for t in choice["tried"] if "skipped" in t)
+    undamaged = len(choice["tried"]) - len(tried) - capped
+    if undamaged:
+        text += f"; {undamaged} not tried: a cheaper one showed no damage"
+    if capped:
+        text += f"; {capped} skipped at --auto-time-cap"
     return text + ")"
 
 
