@@ -10,7 +10,7 @@ When the fully masked model exceeds the budget, layers go back to dense greedily
 
 1. Each masked layer gets a sensitivity. With ``signal="measured"`` it is the score of the
    dense model with only that layer masked, on the samples the masks were chosen on (one
-   pass per layer). With ``signal="mp"`` it is the spectral prior of
+   pass per layer); ties (agreement scores are coarse) go by the outputs' relative error. With ``signal="mp"`` it is the spectral prior of
    :func:`sparsecompile.analysis.spectral.mp_sensitivity`, which costs no passes.
 2. Layers are ranked by sensitivity per unit of benefit. The benefit is the speed model's
    predicted time saved where the target has one, otherwise the layer's MACs (weights if
@@ -116,6 +116,7 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
     if damage.within or not masked_layers:
         return result
 
+    tiebreak: dict[str, float] = {}
     if signal == "mp":
         result.sensitivity = {layer.name: float((priors or {}).get(layer.name, 0.0)) for layer in masked_layers}
     else:
@@ -127,15 +128,19 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
             dense_values = {p: get_tensor(dense_gm, p).clone() for p in sparse_values[layer.name]}
             for p, value in sparse_values[layer.name].items():
                 set_tensor(dense_gm, p, value)
-            alone = assess(fit_dense, run_batches(dense_gm, fit_batches())).score
+            alone = assess(fit_dense, run_batches(dense_gm, fit_batches()))
             for p, value in dense_values.items():
                 set_tensor(dense_gm, p, value)
-            result.sensitivity[layer.name] = alone
+            result.sensitivity[layer.name] = alone.score
+            # Agreement scores are coarse (many layers alone change no prediction): the outputs' relative
+            # error breaks their ties, so the ranking still follows how far each layer moves the outputs.
+            tiebreak[layer.name] = sum(o.detail.get("relative_error", 0.0) for o in alone.outputs)
 
-    def priority(layer) -> tuple[float, str]:
+    def priority(layer) -> tuple[float, float, str]:
         gain = (benefit or {}).get(layer.name) or float(layer.extra.get("macs") or layer.numel)
         sensitivity = result.sensitivity[layer.name]
-        return (math.inf if not math.isfinite(sensitivity) else sensitivity / max(gain, 1e-12), layer.name)
+        return (math.inf if not math.isfinite(sensitivity) else sensitivity / max(gain, 1e-12),
+                tiebreak.get(layer.name, 0.0) / max(gain, 1e-12), layer.name)
 
     order = sorted(masked_layers, key=priority, reverse=True)
     if refit is not None:
