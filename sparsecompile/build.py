@@ -14,6 +14,7 @@ import copy
 import datetime as _dt
 import json
 import platform
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -698,6 +699,10 @@ def build(options: BuildOptions, progress: Progress | None = None) -> BuildResul
                     for r in manager.records
                 ],
                 "timings": timings,
+                # What the build cost until its report: wall time, peak resident memory of this process, threads.
+                "resources": {"seconds": round(time.perf_counter() - started, 3),
+                              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                              "torch_threads": torch.get_num_threads()},
                 "environment": {
                     "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(),

@@ -254,7 +254,8 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
     except SecondaryRank:
         return  # torchrun: another rank learned the same masks; rank 0 writes and reports
     click.echo("\n".join(summary_lines(result.report)))
-    click.echo(f"wrote {result.output}/ in {result.report['timings']['total']:.1f}s "
+    click.echo(f"wrote {result.output}/ in {result.report['timings']['total']:.1f}s, peak memory "
+               f"{result.report['resources']['peak_rss_mib']:.0f} MiB "
                f"(sparsecompile inspect {result.output} for the per-layer table)")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +57,9 @@ def test_build_inspect_run(tmp_path, model_files):
     assert result.exit_code == 0, result.output
     assert "warning: --exclude 'zz_nothing' matches no layer" in result.output
     assert "top-1 agreement" in result.output
+    assert re.search(r"wrote .* in [0-9.]+s, peak memory [0-9]+ MiB", result.output)
+    resources = json.loads((out / "report.json").read_text())["resources"]
+    assert resources["peak_rss_mib"] > 50 and resources["seconds"] > 0 and resources["torch_threads"] >= 1
 
     shown = invoke("inspect", out)
     assert shown.exit_code == 0
