@@ -123,6 +123,7 @@ class BuildOptions:
     update_weights: bool = False  # let the method compensate surviving weights (hessian)
     error_samples: int = 64  # calibration samples used for per-layer errors
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads for the whole build; None: torch's default
 
 
 @dataclass
@@ -232,6 +233,16 @@ def _ignored_options(options: BuildOptions, target, sparsify_layers: bool, learn
 
 
 def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    """Build ``options.model`` into ``options.output`` (see the README's build section)."""
+    if options.threads is None:
+        return _build(options, progress)
+    if not isinstance(options.threads, int) or options.threads < 1:
+        raise SparseCompileError(f"--threads must be a whole number >= 1, got {options.threads!r}")
+    with torch_threads(options.threads):  # set once, for every stage (learning included), and restored after
+        return _build(options, progress)
+
+
+def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
     progress = progress or Progress(quiet=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -948,11 +959,24 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, c
     config, method_options = _learning_config(method, options, loaded)
     config.correct = correct
     every = max(1, options.max_steps // 10)
+    clock = {"start": None, "last": 0.0}
 
     def report_progress(step, loss, agreement, held_out, info):
-        if step % every == 0 or step == options.max_steps:
+        now = time.perf_counter()
+        if clock["start"] is None:  # timed from the first step, so resumed runs estimate from this run's pace
+            clock["start"], clock["first"] = now, step
+        elapsed = now - clock["start"]
+        # Every tenth of the run, and at least every 30 s, so a slow run shows its pace early.
+        if step % every == 0 or step == options.max_steps or elapsed - clock["last"] >= 30.0:
+            clock["last"] = elapsed
+            done = step - clock["first"]
+            eta = elapsed / done * (options.max_steps - step) if done > 0 else None
+            if eta is not None and options.time_budget:
+                eta = min(eta, max(0.0, options.time_budget - elapsed))
+            pace = f", {elapsed:.0f}s elapsed" + (f", ETA {eta:.0f}s" if eta is not None and step < options.max_steps
+                                                   else "")
             agree = "" if agreement is None else f", held-out agreement with dense {100 * agreement:.1f}%"
-            progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}{_mask_state(info)}")
+            progress.info(f"      step {step}/{options.max_steps}: loss {loss:.4g}{agree}{_mask_state(info)}{pace}")
 
     world, rank, created = _init_distributed()
     if rank != 0:

@@ -213,13 +213,16 @@ def _pattern(text: str) -> tuple[int, int]:
               show_default=True, help="Dtype of the compressed weight file (auto: the target's precision).")
 @click.option("--force", is_flag=True, help="Replace --output even if it is not a previous build.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for anything random.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="torch intra-op threads for the whole build (default: torch's own, one per core). On a shared "
+                   "machine fewer threads than cores is often much faster; the report records the count.")
 @click.pass_context
 def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
           method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, max_steps, time_budget,
           objective, labels, checkpoint, resume, learn_options, certify_, spectra, max_drop,
           max_error, on_damage, output_kind, auto_time_cap, budget_signal,
           min_weights, lower_conv, permute, permute_effort,
-          permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed):
+          permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed, threads):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
@@ -239,7 +242,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, correct=correct,
         sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
-        permute_budget=permute_budget, permute_effort=permute_effort, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed,
+        permute_budget=permute_budget, permute_effort=permute_effort, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed, threads=threads,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
         precision=precision, engine=engine, max_drop=max_drop, max_error=max_error, on_damage=on_damage,
         output_kind=output_kind, auto_time_cap=auto_time_cap, budget_signal=budget_signal,

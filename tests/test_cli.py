@@ -122,3 +122,27 @@ def test_usage_errors_exit_2_as_the_readme_says(tmp_path):
         assert result.exit_code == 2 and "Usage:" in result.output, result.output
     readme = open(os.path.join(REPO, "README.md")).read()
     assert "exits with status 2" in readme and "exit with status 1" in readme
+
+
+def test_threads_are_set_for_the_build_recorded_and_restored(tmp_path, model_files, monkeypatch):
+    import torch
+
+    from sparsecompile import build as build_module
+
+    seen = []
+    original = build_module._build
+
+    def spy(options, progress=None):
+        seen.append(torch.get_num_threads())
+        return original(options, progress)
+
+    monkeypatch.setattr(build_module, "_build", spy)
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    out = tmp_path / "t"
+    result = invoke("build", model_files / "dynamic.pt2", "-o", out, "--min-weights", "0", "--threads", str(wanted))
+    assert result.exit_code == 0, result.output
+    assert seen == [wanted] and torch.get_num_threads() == before
+    assert json.loads((out / "report.json").read_text())["resources"]["torch_threads"] == wanted
+    refused = invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "u", "--threads", "0")
+    assert refused.exit_code == 2 and "--threads" in refused.output
