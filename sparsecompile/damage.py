@@ -14,8 +14,8 @@ Every output gets a *kind* from its shape and values (``--output-kind`` override
 ``scores``
     Independent per-entry scores in ``[0, 1]`` that a threshold turns into decisions: a
     detector's per-anchor class scores ``[N, A, C]`` after a sigmoid, a text detector's
-    probability map. Inferred for ``[N, A, C]`` outputs whose values all lie in ``[0, 1]``
-    without being a distribution per row; ``--output-kind I=scores`` (or
+    probability map ``[N, 1, H, W]``. Inferred for those two shapes when every value lies in
+    ``[0, 1]`` (and ``[N, A, C]`` rows are not distributions); ``--output-kind I=scores`` (or
     ``I=scores@0.3`` for another threshold) names any other. Damage is the agreement lost on
     *which entries pass the threshold* (0.5 unless given), in points:
     ``100 * (1 - F1)`` between the dense and the sparse above-threshold sets. It follows what
@@ -71,6 +71,9 @@ def infer_kind(ref: torch.Tensor) -> str:
             return "sequence"
         if _is_unit_interval(ref) and float(ref.max()) > float(ref.min()):  # a constant says nothing
             return "scores"
+    if ref.dim() == 4 and ref.shape[1] == 1 and ref.numel() and _is_unit_interval(ref) \
+            and float(ref.max()) > float(ref.min()):
+        return "scores"  # a one-channel probability map (text detection, binary segmentation)
     return "values"
 
 

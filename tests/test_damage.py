@@ -24,6 +24,8 @@ def test_kinds_are_inferred_from_shape_and_values():
     assert infer_kind(torch.arange(8).reshape(8, 1)) == "values"
     # Sigmoid class scores per anchor [N, A, C]: in [0, 1], rows not summing to 1.
     assert infer_kind(torch.randn(8, 300, 10).sigmoid()) == "scores"
+    assert infer_kind(torch.randn(2, 1, 32, 32).sigmoid()) == "scores"  # a text detector's probability map
+    assert infer_kind(torch.randn(2, 3, 32, 32).sigmoid()) == "values"  # an RGB image in [0, 1] is not
 
 
 def test_classes_damage_is_points_of_top1_agreement():
