@@ -9,8 +9,9 @@ at most 1). The check runs on the *held-back* calibration samples, which chose n
 When the fully masked model exceeds the budget, layers go back to dense greedily:
 
 1. Each masked layer gets a sensitivity. With ``signal="measured"`` it is the score of the
-   dense model with only that layer masked, on the samples the masks were chosen on (one
-   pass per layer); ties (agreement scores are coarse) go by the outputs' relative error. With ``signal="mp"`` it is the spectral prior of
+   dense model with only that layer masked, on (at most 64 of) the samples the masks were
+   chosen on, one pass per layer; ties (agreement scores are coarse) go by the outputs'
+   relative error. With ``signal="mp"`` it is the spectral prior of
    :func:`sparsecompile.analysis.spectral.mp_sensitivity`, which costs no passes.
 2. Layers are ranked by sensitivity per unit of benefit. The benefit is the speed model's
    predicted time saved where the target has one, otherwise the layer's MACs (weights if
@@ -49,6 +50,8 @@ import torch
 from sparsecompile.damage import Damage
 from sparsecompile.graph import get_tensor, set_tensor
 from sparsecompile.verify import run_batches
+
+SENSITIVITY_SAMPLES = 64  # fitting samples each layer's sensitivity is measured on (one pass per layer)
 
 
 def layer_params(gm, layer) -> list[str]:
@@ -97,7 +100,7 @@ class BudgetResult:
 def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Tensor], *,
                    assess: Callable[[list[torch.Tensor], list[torch.Tensor]], Damage],
                    check_batches: Callable[[], list], check_dense: list[torch.Tensor],
-                   fit_batches: Callable[[], list], fit_dense: list[torch.Tensor],
+                   fit_batches: Callable[[], list],
                    max_drop: float, max_error: float, signal: str = "measured",
                    priors: dict[str, float] | None = None, benefit: dict[str, float] | None = None,
                    reason: str = "the accuracy guard", progress=None,
@@ -105,8 +108,9 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
     """Restore masked layers of ``sparse_gm`` to their ``dense_gm`` values until ``assess`` is within budget.
 
     ``assess(dense_outputs, outputs)`` gives the per-output damage; ``check_*`` are the held-back
-    samples (and the dense outputs on them) the budget is judged on, ``fit_*`` the samples the
-    sensitivities are measured on. ``masks`` loses the restored layers' entries. ``refit(names)``
+    samples (and the dense outputs on them) the budget is judged on, ``fit_batches`` the samples the
+    sensitivities are measured on (the first SENSITIVITY_SAMPLES of them). ``masks`` loses the restored
+    layers' entries. ``refit(names)``
     (given when statistics correction is on) returns ``(graph, outcome)``: the dense model with the
     other masked layers masked and corrected again; the search then bisects on the ranking.
     """
@@ -123,12 +127,20 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         # Sensitivity of each layer alone: the dense model with just this layer's sparse tensors.
         sparse_values = {layer.name: {p: get_tensor(sparse_gm, p).clone() for p in layer_params(sparse_gm, layer)}
                          for layer in masked_layers}
+        # The ranking needs far fewer samples than the budget: the first SENSITIVITY_SAMPLES fitting samples.
+        fit, count = [], 0
+        for batch in fit_batches():
+            if count >= SENSITIVITY_SAMPLES:
+                break
+            fit.append(batch)
+            count += int(batch[0].shape[0])
+        fit_reference = run_batches(dense_gm, fit)
         items = progress.bar(masked_layers, "layer sensitivity") if progress is not None else masked_layers
         for layer in items:
             dense_values = {p: get_tensor(dense_gm, p).clone() for p in sparse_values[layer.name]}
             for p, value in sparse_values[layer.name].items():
                 set_tensor(dense_gm, p, value)
-            alone = assess(fit_dense, run_batches(dense_gm, fit_batches()))
+            alone = assess(fit_reference, run_batches(dense_gm, fit))
             for p, value in dense_values.items():
                 set_tensor(dense_gm, p, value)
             result.sensitivity[layer.name] = alone.score

@@ -819,10 +819,9 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches,
     speeds = {layer.name: layer.extra.get("speed") for layer in eligible if layer.weight_target in masks}
     if speeds and all(speeds.values()):  # the target's speed model: time saved per layer
         benefit = {name: s["dense_us"] - s["sparse_us"] for name, s in speeds.items()}
-    fit_dense = run_batches(dense_gm, fit_batches()) if options.budget_signal == "measured" else []
     reason = ("the accuracy guard" if options.max_drop == "auto" else f"--max-drop {guard['max_drop']:g}")
     return enforce_budget(sparse_gm, dense_gm, eligible, masks, assess=assess, check_batches=check_batches,
-                          check_dense=check_dense, fit_batches=fit_batches, fit_dense=fit_dense,
+                          check_dense=check_dense, fit_batches=fit_batches,
                           max_drop=guard["max_drop"], max_error=guard["max_error"], signal=options.budget_signal,
                           priors=priors, benefit=benefit, reason=reason, progress=progress, refit=refit)
 

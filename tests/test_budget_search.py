@@ -60,7 +60,7 @@ def test_greedy_walk_falls_back_to_the_smallest_helping_prefix_when_single_resto
     untouched = torch.fx.symbolic_trace(Chain(count))
     untouched.load_state_dict(dense.state_dict())
     ranking = {0: 9.0, 1: 8.0, 2: 7.0, 3: 6.0, 4: 1.0, 5: 0.8}  # planted sensitivities: l0 ranks first
-    fit_marker, check_marker = [torch.zeros(1)], [torch.zeros(1)]
+    check_marker = [torch.zeros(1)]
 
     def score_of(sparse_layers: frozenset[int]) -> float:
         # l0 and l1 interact: restoring either alone changes nothing, both together remove 2 points.
@@ -69,13 +69,13 @@ def test_greedy_walk_falls_back_to_the_smallest_helping_prefix_when_single_resto
         return points + (2.0 if {0, 1} & sparse_layers else 0.0)
 
     def assess(dense_out, out):
-        if dense_out is fit_marker:  # the sensitivity pass: the dense model with one layer sparse
+        if dense_out is not check_marker:  # the sensitivity pass: the dense model with one layer sparse
             alone = _sparse_set(dense, untouched, count)
             return _damage(ranking[next(iter(alone))] if alone else 0.0)
         return _damage(score_of(_sparse_set(sparse, dense, count)))
 
     result = enforce_budget(sparse, dense, layers, masks, assess=assess, check_batches=_batches,
-                            check_dense=check_marker, fit_batches=_batches, fit_dense=fit_marker,
+                            check_dense=check_marker, fit_batches=_batches,
                             max_drop=1.0, max_error=10.0)
     assert result.search == "greedy" and result.met and result.final.score == 1.0
     # l0, l1 and l3 did not help alone; l2, l4, l5 did. The fallback bisects over [l0, l1, l3]: l0 alone
@@ -103,11 +103,11 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
         return graph, "outcome"
 
     ranking = [f"l{i}" for i in range(count)]  # l0 most sensitive
-    check_marker, fit_marker = [torch.zeros(1)], [torch.zeros(1)]
+    check_marker = [torch.zeros(1)]
     state = {"graph": None}
 
     def assess(dense_out, out):
-        if dense_out is fit_marker:  # sensitivity: dense model with one layer sparse
+        if dense_out is not check_marker:  # sensitivity: dense model with one layer sparse
             sparse_now = _sparse_set(dense, dense_reference, count)
             return _damage(10.0 - ranking.index(f"l{next(iter(sparse_now))}") if sparse_now else 0.0)
         graph = state["graph"]
@@ -127,7 +127,7 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
 
     state["graph"] = sparse
     result = enforce_budget(sparse, dense, layers, masks, assess=assess, check_batches=_batches,
-                            check_dense=check_marker, fit_batches=_batches, fit_dense=fit_marker,
+                            check_dense=check_marker, fit_batches=_batches,
                             max_drop=1.0, max_error=10.0, refit=run_and_track(refit))
     assert result.search == "bisection" and result.met
     assert [entry["layer"] for entry in result.reverted] == ["l0", "l1", "l2"]
