@@ -10,7 +10,10 @@ Every output gets a *kind* from its shape and values (``--output-kind`` override
     ``[0, 1]`` summing to 1; or log-softmax: every row's logsumexp is 0), as CTC-style
     recognizers emit. Damage is the per-position argmax agreement lost, in points. The
     report adds the share of samples whose greedy CTC decoding (repeats merged, blank 0
-    dropped) is unchanged.
+    dropped) is unchanged, and the decoded error: edits per character of the dense
+    transcription (a character error rate against dense). Per-position agreement is the
+    stricter of the two (a moved blank costs a position but no character) and also fits
+    per-frame taggers, so it is what the budget holds.
 ``scores``
     Independent per-entry scores in ``[0, 1]`` that a threshold turns into decisions: a
     detector's per-anchor class scores ``[N, A, C]`` after a sigmoid, a text detector's
@@ -124,6 +127,17 @@ def ctc_greedy(ids: torch.Tensor, blank: int = 0) -> list[tuple[int, ...]]:
     return decoded
 
 
+def edit_distance(a: tuple, b: tuple) -> int:
+    """Levenshtein distance between two token sequences."""
+    previous = list(range(len(b) + 1))
+    for i, token in enumerate(a, start=1):
+        current = [i]
+        for j, other in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (token != other)))
+        previous = current
+    return previous[-1]
+
+
 @dataclass
 class OutputDamage:
     output: int
@@ -148,7 +162,9 @@ class OutputDamage:
         budget = f"budget {self.budget:.3g}{self.unit}"
         if "budget_asked" in self.detail:
             budget += f": one changed prediction, {self.detail['budget_asked']:g}{self.unit} asked"
-        return f"output {self.output} ({self.kind}): {what} {value} ({budget})"
+        decoded = (f"; decoded, {100 * self.detail['decoded_error']:.3g}% of characters differ from dense"
+                   if "decoded_error" in self.detail else "")
+        return f"output {self.output} ({self.kind}): {what} {value} ({budget}{decoded})"
 
     def to_json(self) -> dict:
         damage = self.damage if math.isfinite(self.damage) else None
@@ -183,9 +199,12 @@ def output_damage(index: int, ref: torch.Tensor, cand: torch.Tensor, kind: str, 
         agree = float((ref_ids == cand_ids).double().mean()) if ref.numel() else 1.0
         detail["position_agreement"] = agree
         compared = ref_ids.numel()
-        decoded = [a == b for a, b in zip(ctc_greedy(ref_ids.reshape(-1, ref_ids.shape[-1])),
-                                          ctc_greedy(cand_ids.reshape(-1, cand_ids.shape[-1])))]
-        detail["sequence_agreement"] = sum(decoded) / max(len(decoded), 1)
+        pairs = list(zip(ctc_greedy(ref_ids.reshape(-1, ref_ids.shape[-1])),
+                         ctc_greedy(cand_ids.reshape(-1, cand_ids.shape[-1]))))
+        detail["sequence_agreement"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+        # The recognizer user's number: edits per character of the dense transcription (a CER against dense).
+        detail["decoded_error"] = (sum(edit_distance(a, b) for a, b in pairs)
+                                   / max(sum(len(a) for a, _ in pairs), 1))
         damage = 100.0 * (1.0 - agree)
     elif kind == "scores":
         ref_on, cand_on = ref >= threshold, cand >= threshold

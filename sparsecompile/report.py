@@ -156,7 +156,9 @@ def summary_lines(report: dict) -> list[str]:
             budget = f"{out['budget']:.3g}{_unit(out)}"
             if "budget_asked" in out:
                 budget += f" (one changed prediction; {out['budget_asked']:g}{_unit(out)} asked)"
-            lines.append(f"damage:  output {out['output']} ({out['kind']}): {what} {value}, budget "
+            decoded = (f" (decoded: {100 * out['decoded_error']:.3g}% of characters differ from dense)"
+                       if out.get("decoded_error") is not None else "")
+            lines.append(f"damage:  output {out['output']} ({out['kind']}): {what} {value}{decoded}, budget "
                          f"{budget} on {where}: " + ("within" if out["within"] else "OVER BUDGET"))
     for out in verification["sparse_vs_dense"]:
         agreement = out.get("top1_agreement")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparsecompile.damage import (ctc_greedy, holdout_split, infer_kind, measure_damage, output_kinds,
+from sparsecompile.damage import (ctc_greedy, edit_distance, holdout_split, infer_kind, measure_damage, output_kinds,
                                   parse_output_kinds)
 from sparsecompile.errors import SparseCompileError
 
@@ -61,6 +61,9 @@ def test_sequence_damage_counts_positions_and_reports_decoded_sequences():
     out = measure_damage([dense], [sparse], ["sequence"]).outputs[0]
     assert out.damage == pytest.approx(10.0)  # 1 of 10 positions
     assert out.detail["sequence_agreement"] == 0.5
+    assert out.detail["decoded_error"] == pytest.approx(1 / 4)  # one of the dense transcription's 4 characters
+    assert "25% of characters differ from dense" in out.describe()
+    assert edit_distance((1, 2, 3), (1, 3)) == 1 and edit_distance((), (4, 4)) == 2
     assert ctc_greedy(ids) == [(1, 2), (3, 3)]
 
 
