@@ -1,8 +1,8 @@
 """CPU fallback benchmark: the sparse build on ONNX Runtime vs dense ONNX Runtime vs torch eager.
 
     python benchmarks/cpu_fallback.py [--models fashion_mnist,resnet50] [--batches 1,8] [--runs 60]
-                                      [--warmup 5] [--threads 2] [--permute] [--wait-idle SECONDS]
-                                      [--fresh] [--out benchmarks/results/cpu_fallback.md]
+                                      [--warmup 5] [--threads 2] [--torch-threads N] [--seed 0] [--permute]
+                                      [--wait-idle SECONDS] [--fresh] [--out benchmarks/results/cpu_fallback.md]
 
 For each model:
 
@@ -16,10 +16,15 @@ For each model:
 2. Export the *dense* source model to ONNX the way ``sparsecompile profile
    --compare dense`` does (``export_onnx`` on the loaded model).
 3. Time, per batch size, three variants *interleaved* (sparse ORT, dense
-   ORT, torch eager: one iteration of each per round, the order rotating
-   from round to round) with pinned threads
-   (ORT intra-op = torch threads = ``--threads``, ORT spinning off), after
-   ``--warmup`` rounds; the same seeded random input for all three. Torch
+   ORT, torch eager: one iteration of each per round) in the balanced order
+   of ``sparsecompile.profile.interleaving_design``: every one of the 6
+   orderings once per block of 6 rounds, chained so that each variant runs
+   directly after each variant (itself included) equally often, shuffled with
+   ``--seed`` + batch size (``--runs`` should be a multiple of 6). Threads are
+   pinned per variant and reported: ORT intra-op = ``--threads`` (one inter-op
+   thread, spinning off), torch = ``--torch-threads`` (default ``--threads``),
+   set before every torch run. Before timing, each variant runs ``--warmup``
+   times in a row, untimed; the same seeded random input for all three. Torch
    eager is the original ``nn.Module`` (``FashionResNet`` with its shipped
    weights; the ResNet-50-sized model of ``build_time.py``) under
    ``torch.no_grad()``.
@@ -67,6 +72,7 @@ from sparsecompile.profile import (  # noqa: E402
     OtherLoad,
     Variant,
     bootstrap_ratio,
+    interleaving_design,
     latency_stats,
     machine_environment,
     measure_interleaved,
@@ -181,14 +187,14 @@ def _fresh_process_load(kind: str, path: Path, threads: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def load_times(build_dir: Path, model_path: Path, threads: int, repeats: int = 5) -> dict:
+def load_times(build_dir: Path, model_path: Path, threads: int, torch_threads: int, repeats: int = 5) -> dict:
     """Cold loads, each in a fresh Python process (imports timed separately), median of ``repeats``.
 
     In one long-lived process a second load of the same file is 3-4x faster (freed pages are reused),
     which is not what a user starting a server sees.
     """
     ort = [_fresh_process_load("ort", build_dir, threads) for _ in range(repeats)]
-    pt2 = [_fresh_process_load("torch", model_path, threads) for _ in range(repeats)]
+    pt2 = [_fresh_process_load("torch", model_path, torch_threads) for _ in range(repeats)]
     return {"ort_s": statistics.median(r["load_s"] for r in ort),
             "ort_import_s": statistics.median(r["import_s"] for r in ort),
             "ort_first_run_s": statistics.median(r["first_run_s"] for r in ort),
@@ -202,10 +208,13 @@ def time_model(spec: dict, build_dir: Path, dense_path: Path, args) -> dict:
     manifest = open_build(build_dir)[1]
     variants = [
         Variant("sparse ORT", str(build_dir / "model.onnx"), manifest["inputs"],
-                lambda: OrtRunner(build_dir / "model.onnx", threads=args.threads).load()),
+                lambda: OrtRunner(build_dir / "model.onnx", threads=args.threads).load(),
+                threads=args.threads, runtime="onnxruntime"),
         Variant("dense ORT", str(dense_path), manifest["inputs"],
-                lambda: OrtRunner(dense_path, threads=args.threads).load()),
-        Variant("torch eager", spec["name"], manifest["inputs"], lambda: EagerRunner(spec["eager"])),
+                lambda: OrtRunner(dense_path, threads=args.threads).load(),
+                threads=args.threads, runtime="onnxruntime"),
+        Variant("torch eager", spec["name"], manifest["inputs"], lambda: EagerRunner(spec["eager"]),
+                threads=args.torch_threads, runtime="torch"),
     ]
     for variant in variants:
         variant.load()
@@ -218,11 +227,13 @@ def time_model(spec: dict, build_dir: Path, dense_path: Path, args) -> dict:
         arrays = random_inputs(manifest["inputs"], batch, seed=batch)
         prepared = {v.name: v.prepare(arrays) for v in variants}
         start = time.perf_counter()
+        design = interleaving_design([v.name for v in variants], args.runs, seed=args.seed + batch)
         with OtherLoad() as other:
-            samples = measure_interleaved(variants, prepared, args.runs, args.warmup)
+            samples = measure_interleaved(variants, prepared, args.runs, args.warmup, design=design)
         stats = {name: latency_stats(values) for name, values in samples.items()}
         row = {
             "batch": batch, "seconds": time.perf_counter() - start, "stats": stats, "other_cpus": other.value,
+            "design": design, "threads": {v.name: v.thread_report() for v in variants},
             "noisy": {name: noise_reasons(s) for name, s in stats.items() if noise_reasons(s)},
             "sparse_vs_dense": bootstrap_ratio(samples["sparse ORT"], samples["dense ORT"]),
             "sparse_vs_torch": bootstrap_ratio(samples["sparse ORT"], samples["torch eager"]),
@@ -241,6 +252,34 @@ def time_model(spec: dict, build_dir: Path, dense_path: Path, args) -> dict:
 
 def ci(r: dict) -> str:
     return f"{r['ratio']:.2f}x [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+
+
+def thread_text(results: list[dict]) -> str:
+    """``sparse ORT onnxruntime intra-op 2, inter-op 1; ...``, or every distinct setting when they varied."""
+    seen: dict[str, list[str]] = {}
+    for result in results:
+        for row in result["timing"]["rows"]:
+            for name, info in row["threads"].items():
+                text = (f"{info['runtime']} intra-op {info['intra_op_num_threads']}, inter-op "
+                        f"{info['inter_op_num_threads']}" + (", spinning off" if info.get("spinning") is False else ""))
+                if text not in seen.setdefault(name, []):
+                    seen[name].append(text)
+    return "; ".join(f"{name}: {' / '.join(texts)}" for name, texts in seen.items())
+
+
+def order_text(results: list[dict], args) -> str:
+    designs = [row["design"] for result in results for row in result["timing"]["rows"]]
+    if not designs:
+        return "none"
+    first = designs[0]
+    balanced = all(d["balanced"] for d in designs)
+    return (f"every one of the {first['block_rounds']} orderings once per block of {first['block_rounds']} rounds, "
+            "chained so that each round starts with the variant that ended the one before; "
+            + (f"all blocks complete, so each variant ran directly after each variant, itself included, "
+               f"{args.runs // 6 * 2} times" if balanced and first["block_rounds"] == 6 else
+               "balanced over the complete blocks only")
+            + f"; orderings shuffled with seed {args.seed} + batch size (`interleaving_design` rebuilds them)"
+            if first["block_rounds"] else f"{first['method']}, seed {args.seed} + batch size")
 
 
 def tables(results: list[dict]) -> list[str]:
@@ -274,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="fashion_mnist,resnet50", help="comma-separated: fashion_mnist,resnet50")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--runs", type=int, default=60, help="timed rounds per batch size (each runs all 3 variants)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds per batch size")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op and torch threads")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed runs of each variant (in a row) per batch size, before the timed rounds")
+    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (and torch's, by default)")
+    parser.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: --threads)")
+    parser.add_argument("--seed", type=int, default=0, help="the round order is shuffled with SEED + batch size")
     parser.add_argument("--permute", action="store_true", help="build the ResNet-50-sized model with permutation")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                         help="before each batch size, wait up to SECONDS for a 5 s window with the machine < 10%% busy")
@@ -284,11 +326,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the tables as Markdown with the machine info")
     args = parser.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.torch_threads = args.torch_threads or args.threads
+    if args.runs % 6:
+        print(f"note: --runs {args.runs} is not a multiple of 6 (3! orderings): the round order is balanced over "
+              f"the first {args.runs - args.runs % 6} rounds only", flush=True)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = set(names) - {"fashion_mnist", "resnet50"}
     if unknown:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from fashion_mnist, resnet50")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.torch_threads)
     args.cache.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now().astimezone()
     env = machine_environment(args.threads)
@@ -301,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         build_dir, build_s = cached_build(spec, args.cache, args.fresh)
         dense_path = dense_onnx(spec, args.cache)
         report = json.loads((build_dir / "report.json").read_text())
-        load = load_times(build_dir, spec["model"], args.threads)
+        load = load_times(build_dir, spec["model"], args.threads, args.torch_threads)
         print(f"  fallback load {load['ort_s']:.3f} s in a fresh process (torch .pt2 {load['torch_s']:.3f} s)",
               flush=True)
         timing = time_model(spec, build_dir, dense_path, args)
@@ -313,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     if args.out:
         gpu = env["gpu"]["name"] if env.get("gpu") else "none"
+        env_threads = (", ".join(f"{k}={v}" for k, v in env["thread_env"].items() if v is not None)
+                       or "no OMP/MKL variables set")
         md = [
             "# CPU fallback: sparse build on ONNX Runtime vs dense ONNX Runtime vs torch eager",
             "",
@@ -321,14 +369,16 @@ def main(argv: list[str] | None = None) -> int:
             f"- Machine: {env['cpu_model']}, {env['physical_cores']} physical cores / {env['usable_cpus']} usable "
             f"CPUs, GPU {gpu}; load average at start {env['load_average_1min']:.2f}",
             f"- Software: Python {env['python']}, torch {env['versions']['torch']}, onnxruntime "
-            f"{env['versions']['onnxruntime']}, onnx {env['versions']['onnx']}; {args.threads} threads for ORT "
-            "(intra-op, spinning off) and torch",
-            f"- Method: per batch size {args.warmup} warm-up then {args.runs} timed rounds, each round one "
-            "inference of every variant (interleaved, the order rotating every round); p50 = median latency; ratios are ratios of medians "
+            f"{env['versions']['onnxruntime']}, onnx {env['versions']['onnx']}",
+            f"- Threads per variant (fixed; torch's set before every torch run): {thread_text(results)}; "
+            f"environment {env_threads}",
+            f"- Method: per batch size {args.warmup} untimed runs of each variant in a row, then {args.runs} timed "
+            "rounds, each round one inference of every variant (interleaved). Round order: "
+            f"{order_text(results, args)}. p50 = median latency; ratios are ratios of medians "
             "with 95 % paired-bootstrap intervals (2000 resamples of the rounds). Noisy = p90/p50 > 1.5 or "
             "MAD/median > 0.1. Other CPUs busy = CPU time other processes used during the timed rounds / wall "
-            "time (from /proc/stat): the machine is shared, and with 2 threads on 2 cores any other job slows "
-            "the variants, torch's OpenMP threads most.",
+            f"time (from /proc/stat): the machine is shared, and with {args.threads} thread(s) per variant on "
+            f"{env['usable_cpus']} CPUs any other job slows the variants, torch's OpenMP threads most.",
             "- Models: " + "; ".join(f"`{r['name']}` = {r['about']}" for r in results),
             "",
             *lines,

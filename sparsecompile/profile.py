@@ -6,14 +6,21 @@ profiled in the same run, interleaved with the sparse one.
 
 Timing discipline (shared machines swing by +-30 %):
 
-* thread counts are pinned: ONNX Runtime intra-op threads and
-  ``torch.set_num_threads`` are ``--threads`` (default: the physical cores
-  this process may use); ONNX Runtime spinning is off (``OrtRunner``);
+* thread counts are pinned per variant and reported with the results
+  (``variants[].threads``): ONNX Runtime sessions get ``intra_op_num_threads``
+  = ``--threads`` (default: the physical cores this process may use) and one
+  inter-op thread, spinning off (``OrtRunner``); torch variants set
+  ``torch.set_num_threads(--threads)`` before every run, outside the timer;
 * every variant is loaded and run once at every batch size first (this run
-  measures peak memory), then per batch size ``--warmup`` untimed and ``--runs``
-  timed rounds run *interleaved*: each round runs every variant once, and the
-  order rotates (A B, B A, A B, ...), so drift of the machine hits every
-  variant alike and neither always runs first;
+  measures peak memory), then per batch size each variant runs ``--warmup``
+  times in a row untimed, and ``--runs`` timed rounds run *interleaved*: each
+  round runs every variant once, in the order of a balanced design
+  (``interleaving_design``): every ordering once per block of k! rounds,
+  chained so every variant runs directly after every variant, itself
+  included, equally often. Drift of the machine hits every variant alike, and
+  a variant slowed down by whatever ran just before it (a runtime's threads
+  still spinning, evicted caches) slows every variant alike. The orders and
+  their seed (``--seed`` + batch size) are stored in ``design``;
 * one iteration is one ``infer`` call timed with ``time.perf_counter_ns``
   (CPU) or CUDA events with ``torch.cuda.synchronize`` (``torch-cuda``, inputs
   already on the device);
@@ -57,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -220,6 +228,7 @@ def machine_environment(threads: int, cuda: bool = False) -> dict:
             "sparsecompile": __version__, "torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
             "onnx": _version("onnx"), "numpy": np.__version__,
         },
+        "thread_env": {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "gpu": None,
     }
@@ -399,6 +408,8 @@ class Variant:
     load_s: float | None = None
     runner: Any = None
     meter: Any = None
+    threads: int | None = None  # intra-op threads, set for every run (see ``pin_threads``)
+    runtime: str | None = None  # "onnxruntime", "torch", "torch-cuda", "tensorrt"; None: nothing to pin
     extra: dict = field(default_factory=dict)
 
     def load(self) -> None:
@@ -419,31 +430,158 @@ class Variant:
         self.runner.infer(prepared)
         return (time.perf_counter_ns() - start) / 1e6
 
+    def pin_threads(self) -> None:
+        """Make the process-wide torch thread count this variant's (ORT sessions carry their own)."""
+        if self.threads is not None and self.runtime in ("torch", "torch-cuda"):
+            import torch
+
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
+
+    def thread_report(self) -> dict:
+        """The thread settings this variant ran with, as measured where the runtime can say."""
+        if self.runtime == "onnxruntime":
+            return {"runtime": "onnxruntime", "intra_op_num_threads": self.threads, "inter_op_num_threads": 1,
+                    "spinning": False}
+        if self.runtime in ("torch", "torch-cuda"):
+            import torch
+
+            self.pin_threads()
+            return {"runtime": self.runtime, "intra_op_num_threads": torch.get_num_threads(),
+                    "inter_op_num_threads": torch.get_num_interop_threads()}
+        return {"runtime": self.runtime, "intra_op_num_threads": self.threads}
+
     def close(self) -> None:
         if self.runner is not None and hasattr(self.runner, "close"):
             self.runner.close()
         self.runner = None
 
 
-def measure_interleaved(variants: Sequence[Variant], prepared: dict[str, Any], runs: int, warmup: int,
-                        ticks: Callable[[range], Any] | None = None) -> dict[str, list[float]]:
-    """``warmup`` untimed then ``runs`` timed rounds; each round runs every variant once.
+# --------------------------------------------------------------------------- round order
 
-    The order rotates from round to round (A B, B A, A B, ... for two; A B C, B C A, C A B, ... for
-    three), so every variant runs equally often first and after each other one: drift of the machine
-    hits all alike, and no variant always inherits the caches another one left behind.
+BALANCED_MAX_VARIANTS = 4  # up to 4! = 24 rounds per balanced block; more variants get a random order per round
+
+
+def _euler_block(count: int, start: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
+    """Every ordering of ``count`` variants once, chained so each round starts with the variant that ended
+    the round before (the last round ends with ``start``, the variant the first round starts with).
+
+    An ordering is an edge first -> last of the complete directed graph on the variants ((count-2)!
+    orderings per edge, so in-degree = out-degree); the chain is an Eulerian circuit (Hierholzer's
+    algorithm, edges taken in a seeded random order).
     """
-    def order(round_index: int) -> list[Variant]:
-        shift = round_index % len(variants)
-        return list(variants[shift:]) + list(variants[:shift])
+    orders = list(itertools.permutations(range(count)))
+    if count == 1:
+        return orders
+    rng.shuffle(orders)
+    edges: dict[int, list[tuple[int, ...]]] = {}
+    for order in orders:
+        edges.setdefault(order[0], []).append(order)
+    stack: list[tuple[int, tuple[int, ...] | None]] = [(start, None)]
+    circuit: list[tuple[int, ...]] = []
+    while stack:
+        node, via = stack[-1]
+        if edges.get(node):
+            order = edges[node].pop()
+            stack.append((order[-1], order))
+        else:
+            stack.pop()
+            if via is not None:
+                circuit.append(via)
+    circuit.reverse()
+    return circuit
 
-    for index in range(warmup):
-        for variant in order(index):
+
+def interleaving_design(names: Sequence[str], runs: int, seed: int = 0) -> dict:
+    """The order of the variants in each of ``runs`` timed rounds, and what that order guarantees.
+
+    With ``k`` <= ``BALANCED_MAX_VARIANTS`` variants the rounds come in blocks of ``k!``: each block runs
+    every ordering once, and the orderings are chained so that a round starts with the variant that ended
+    the previous one (see ``_euler_block``; the chain closes, so blocks chain too). Within a complete
+    block, then,
+
+    * every variant runs in every position of a round equally often ((k-1)! times), and
+    * every variant runs directly after every variant, itself included, equally often ((k-1)! times,
+      counting the step from one round to the next; the first timed run follows the last warm-up run,
+      which ``measure_interleaved`` makes ``warmup_last``, the variant every block ends with).
+
+    So when a run is slowed down (or sped up) by whatever ran just before it -- a runtime whose threads
+    keep spinning after it returns, caches it evicted -- every variant meets every predecessor the same
+    number of times: two variants that the predecessor affects alike get the same multiset of penalties
+    (equal means *and* medians), e.g. the sparse and the dense model after torch eager, and the mean
+    penalty of any variant is its penalty averaged over all predecessors. The blocks' orderings are
+    shuffled with ``seed``. When ``runs`` is not
+    a multiple of ``k!`` the last ``runs % k!`` rounds are the start of one more such block, so the balance
+    is exact over the complete blocks only. With more than ``BALANCED_MAX_VARIANTS`` variants every round
+    gets an independent seeded random ordering: balanced in expectation, not exactly.
+    """
+    count = len(names)
+    if count < 1 or runs < 0:
+        raise ValueError("need at least one variant and runs >= 0")
+    rng = np.random.default_rng(seed)
+    if count <= BALANCED_MAX_VARIANTS:
+        block = math.factorial(count)
+        start = int(rng.integers(count))
+        orders: list[tuple[int, ...]] = []
+        while len(orders) < runs:
+            orders.extend(_euler_block(count, start, rng))
+        orders = orders[:runs]
+        method = "balanced blocks: every ordering once per block, chained (Eulerian circuit)"
+        complete = runs // block
+    else:
+        block = None
+        orders = [tuple(int(i) for i in rng.permutation(count)) for _ in range(runs)]
+        start = orders[0][0] if orders else 0
+        method = "random ordering per round"
+        complete = None
+    return {
+        "method": method, "seed": seed, "variants": list(names), "rounds": runs, "block_rounds": block,
+        "complete_blocks": complete, "balanced": block is not None and runs % block == 0,
+        "warmup_last": names[start], "orders": [list(map(int, o)) for o in orders],
+    }
+
+
+def predecessor_counts(design: dict) -> dict[str, dict[str, int]]:
+    """How often each variant ran directly after each variant in the timed rounds of ``design``.
+
+    The first timed run's predecessor is the last warm-up run (``warmup_last``).
+    """
+    names = design["variants"]
+    counts = {n: {p: 0 for p in names} for n in names}
+    previous = names.index(design["warmup_last"])
+    for order in design["orders"]:
+        for index in order:
+            counts[names[index]][names[previous]] += 1
+            previous = index
+    return counts
+
+
+def measure_interleaved(variants: Sequence[Variant], prepared: dict[str, Any], runs: int, warmup: int,
+                        ticks: Callable[[range], Any] | None = None, seed: int = 0,
+                        design: dict | None = None) -> dict[str, list[float]]:
+    """Warm every variant up, then time ``runs`` rounds that run every variant once each.
+
+    Warm-up: each variant runs ``warmup`` times in a row, untimed, the variant ``design["warmup_last"]``
+    last. The order within each round comes from ``design`` (default: ``interleaving_design`` of the
+    variants' names with ``seed``; see it for what the order guarantees). Before each run the variant's
+    thread count is set (``Variant.pin_threads``), outside the timed region.
+    """
+    names = [v.name for v in variants]
+    if design is None:
+        design = interleaving_design(names, runs, seed)
+    if design["variants"] != names or len(design["orders"]) != runs:
+        raise ValueError("the design is for other variants or another number of rounds")
+    last = names.index(design["warmup_last"])
+    for variant in [v for i, v in enumerate(variants) if i != last] + [variants[last]]:
+        for _ in range(warmup):
+            variant.pin_threads()
             variant.time_once(prepared[variant.name])
     samples: dict[str, list[float]] = {v.name: [] for v in variants}
     rounds = range(runs) if ticks is None else ticks(range(runs))
     for index in rounds:
-        for variant in order(index):
+        for position in design["orders"][index]:
+            variant = variants[position]
+            variant.pin_threads()
             samples[variant.name].append(variant.time_once(prepared[variant.name]))
     return samples
 
@@ -979,7 +1117,8 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
                 return ort_layer_profile(variant, arrays, runs, threads=threads, param_map=param_map,
                                          workdir=scratch / "layers")
         return Variant(name=name, artifact=str(onnx_path), specs=specs,
-                       loader=lambda: OrtRunner(onnx_path, threads=threads).load(), layer_profiler=profiler)
+                       loader=lambda: OrtRunner(onnx_path, threads=threads).load(), layer_profiler=profiler,
+                       threads=threads, runtime="onnxruntime")
 
     def export_dense(path: Path, manifest_specs):
         from sparsecompile.backends.onnx_export import export_onnx
@@ -997,7 +1136,7 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
 
         engine = _engine_file(target)
         return [Variant(name="sparse", artifact=str(engine), specs=manifest["inputs"],
-                        loader=lambda: TensorRTRunner(engine).load(), device="cuda")]
+                        loader=lambda: TensorRTRunner(engine).load(), device="cuda", runtime="tensorrt")]
     if is_build and options.backend in ("torch", "torch-cuda"):
         from sparsecompile.frontend import load_pt2
 
@@ -1017,7 +1156,8 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
                 return torch_layer_profile(variant, arrays, runs, param_map=torch_layer_map(variant.runner.module))
 
             return Variant(name=name, artifact=artifact, specs=specs, loader=load, device="cuda" if cuda else "cpu",
-                           layer_profiler=profiler if layers_wanted else None)
+                           layer_profiler=profiler if layers_wanted else None, threads=threads,
+                           runtime=options.backend)
 
         variants.append(torch_variant("sparse", str(target / "model.pt2"), manifest["inputs"],
                                       lambda: load_pt2(target / "model.pt2", trust_pickle=False).module(), True))
@@ -1065,7 +1205,8 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
         return torch_layer_profile(variant, arrays, runs, param_map=torch_layer_map(variant.runner.module))
 
     variant = Variant(name="dense", artifact=str(target), specs=[], loader=load_torch,
-                      layer_profiler=torch_profiler if layers_wanted else None, device="cuda" if cuda else "cpu")
+                      layer_profiler=torch_profiler if layers_wanted else None, device="cuda" if cuda else "cpu",
+                      threads=threads, runtime=options.backend)
     # Loading is part of what is measured (load time and memory), so specs are filled in after loading.
     variant.extra["holder"] = holder
     return [variant]
@@ -1145,21 +1286,26 @@ def _measure(options, variants, batches, threads, cuda, scratch, progress) -> di
             memory[variant.name] = {}
             for batch in batches:
                 arrays = random_inputs(first_specs, batch, options.seed + batch)
+                variant.pin_threads()
                 variant.time_once(variant.prepare(arrays))
                 memory[variant.name][batch] = variant.meter.peak_growth_mb()
 
     per_variant = {v.name: {"name": v.name, "artifact": v.artifact, "device": v.device, "load_s": v.load_s,
-                            "prepare_s": v.prepare_s, "prepare_note": v.prepare_note, "results": []}
+                            "prepare_s": v.prepare_s, "prepare_note": v.prepare_note, "threads": v.thread_report(),
+                            "results": []}
                    for v in variants}
+    designs = []
     comparisons = []
     names = " / ".join(v.name for v in variants)
     for batch in batches:
         arrays = random_inputs(first_specs, batch, options.seed + batch)
         prepared = {v.name: v.prepare(arrays) for v in variants}
-        progress.info(f"      batch {batch}: {options.warmup} warm-up + {options.runs} timed runs of {names}"
-                      + (" (interleaved)" if len(variants) > 1 else ""))
+        progress.info(f"      batch {batch}: {options.warmup} warm-up runs of each, then {options.runs} timed runs "
+                      f"of {names}" + (" (interleaved, balanced order)" if len(variants) > 1 else ""))
+        design = interleaving_design([v.name for v in variants], options.runs, seed=options.seed + batch)
+        designs.append({"batch": batch, **design})
         with OtherLoad() as other_load:
-            samples = measure_interleaved(variants, prepared, options.runs, options.warmup,
+            samples = measure_interleaved(variants, prepared, options.runs, options.warmup, design=design,
                                           ticks=lambda items: progress.bar(items, f"batch {batch}", length=options.runs))
         if other_load.value is not None and other_load.value > 0.25 * usable_cpus():
             warnings_.append(f"other processes kept {other_load.value:.1f} of {usable_cpus()} CPUs busy while batch "
@@ -1200,6 +1346,8 @@ def _measure(options, variants, batches, threads, cuda, scratch, progress) -> di
         "settings": {
             "batches": list(batches), "runs": options.runs, "warmup": options.warmup, "threads": threads,
             "seed": options.seed, "interleaved": len(variants) > 1,
+            "warmup_scope": "per variant: --warmup untimed runs of each variant in a row, per batch size",
+            "order": {"method": designs[0]["method"], "block_rounds": designs[0]["block_rounds"]},
             "timer": "CUDA events" if cuda else "time.perf_counter_ns around one infer call",
             "memory": getattr(meter, "method", None),
             "noise_thresholds": {"p90_over_p50": NOISY_P90_OVER_P50, "mad_over_median": NOISY_MAD_OVER_MEDIAN},
@@ -1207,6 +1355,8 @@ def _measure(options, variants, batches, threads, cuda, scratch, progress) -> di
         "environment": machine_environment(threads, cuda),
         "variants": [per_variant[v.name] for v in variants],
         "comparison": comparisons,
+        "design": [{key: d[key] for key in ("batch", "seed", "rounds", "complete_blocks", "balanced", "warmup_last",
+                                            "variants", "orders")} for d in designs],
         "layers": layers,
         "warnings": warnings_,
     }
@@ -1226,10 +1376,31 @@ def format_profile(result: dict, top: int = 10) -> str:
             else "model file, dense")
     lines = [
         f"profile of {target['path']} ({what}): backend {result['backend']}, {settings['threads']} thread(s), "
-        f"{settings['runs']} timed runs after {settings['warmup']} warm-up per batch"
+        f"{settings['runs']} timed runs after {settings['warmup']} warm-up runs of each variant per batch"
         + (", variants interleaved" if settings["interleaved"] else ""),
-        "",
     ]
+    threads = []
+    for v in result["variants"]:
+        info = v.get("threads") or {}
+        if info.get("intra_op_num_threads") is not None:
+            inter = f", inter-op {info['inter_op_num_threads']}" if info.get("inter_op_num_threads") else ""
+            threads.append(f"{v['name']} {info['runtime']} intra-op {info['intra_op_num_threads']}{inter}")
+    if threads:
+        lines.append("threads: " + "; ".join(threads))
+    designs = result.get("design") or []
+    if settings["interleaved"] and designs:
+        order, block = settings["order"], settings["order"]["block_rounds"]
+        if block:
+            extra = settings["runs"] % block
+            lines.append(f"round order: every ordering of the {len(designs[0]['variants'])} variants once per block of "
+                         f"{block} rounds, so each variant runs after each (itself included) equally often; "
+                         + (f"{settings['runs'] // block} complete blocks" if not extra else
+                            f"{settings['runs'] // block} complete blocks + {extra} round(s), balanced over the "
+                            "complete blocks only")
+                         + f"; orderings shuffled with seed {settings['seed']} + batch size")
+        else:
+            lines.append(f"round order: {order['method']} (seed {settings['seed']} + batch size)")
+    lines.append("")
     header = ["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "min ms", "max ms", "items/s", "peak MB", ""]
     rows = []
     by_batch: dict[int, list] = {}
@@ -1425,7 +1596,8 @@ def profile_command(ctx, target, backend, batch_text, runs, warmup, threads, com
 
 __all__ = [
     "SCHEMA", "BACKENDS", "ProfileOptions", "profile", "profile_command", "format_profile", "latency_stats",
-    "bootstrap_ratio", "noise_reasons", "parse_batches", "measure_interleaved", "write_json", "write_plot",
+    "bootstrap_ratio", "noise_reasons", "parse_batches", "measure_interleaved", "interleaving_design",
+    "predecessor_counts", "write_json", "write_plot",
 ]
 
 if __name__ == "__main__":  # pragma: no cover

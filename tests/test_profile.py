@@ -142,18 +142,22 @@ def test_variants_are_interleaved():
     for variant in variants:
         variant.load()
     samples = measure_interleaved(variants, {"A": [], "B": []}, runs=4, warmup=2)
-    rounds = [log[i:i + 2] for i in range(0, len(log), 2)]
-    assert len(rounds) == 6  # 2 warm-up + 4 timed rounds
+    warm, timed = log[:4], log[4:]
+    assert sorted(warm) == ["A", "A", "B", "B"] and warm[0] == warm[1]  # each variant warmed up in a row
+    rounds = [timed[i:i + 2] for i in range(0, len(timed), 2)]
+    assert len(rounds) == 4
     assert all(sorted(r) == ["A", "B"] for r in rounds)  # every round runs each variant once
-    assert [r[0] for r in rounds] == ["A", "B"] * 3  # and the first one alternates
+    assert [r[0] for r in rounds] in (["A", "B"] * 2, ["B", "A"] * 2)  # and the first one alternates
+    assert rounds[0][0] == warm[-1]  # the warm-up ends with the variant the first round starts with
     assert [len(samples["A"]), len(samples["B"])] == [4, 4]
     assert all(s >= 0 for s in samples["A"] + samples["B"])
 
     log.clear()
     three = variants + [Variant(name="C", artifact="C", specs=[], loader=lambda: _Recorder("C", log))]
     three[2].load()
-    measure_interleaved(three, {"A": [], "B": [], "C": []}, runs=3, warmup=0)
-    assert log == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]
+    measure_interleaved(three, {"A": [], "B": [], "C": []}, runs=6, warmup=0)
+    rounds = [tuple(log[i:i + 3]) for i in range(0, len(log), 3)]
+    assert len(set(rounds)) == 6  # all 3! orderings, once each
 
 
 def test_memory_and_load_probes():
@@ -181,6 +185,17 @@ def test_profile_build_with_dense_comparison(sample_build, tmp_path):
     assert data["schema"] == SCHEMA
     assert [v["name"] for v in data["variants"]] == ["sparse", "dense"]
     assert data["settings"]["interleaved"] and data["settings"]["threads"] == 1
+    # The design is recorded: per batch its seed and the order of every round (5 runs: 2 blocks of 2 + 1).
+    assert [d["batch"] for d in data["design"]] == [1, 3] and [d["seed"] for d in data["design"]] == [1, 3]
+    for design in data["design"]:
+        assert design["variants"] == ["sparse", "dense"] and len(design["orders"]) == 5
+        assert design["complete_blocks"] == 2 and not design["balanced"]
+        assert [o[0] for o in design["orders"]][:4] in ([0, 1, 0, 1], [1, 0, 1, 0])
+    for variant in data["variants"]:  # thread counts per variant
+        assert variant["threads"] == {"runtime": "onnxruntime", "intra_op_num_threads": 1,
+                                      "inter_op_num_threads": 1, "spinning": False}
+    assert "threads: sparse onnxruntime intra-op 1, inter-op 1; dense onnxruntime intra-op 1" in result.output
+    assert "round order: every ordering of the 2 variants once per block of 2 rounds" in result.output
     for variant in data["variants"]:
         assert variant["load_s"] > 0
         assert [r["batch"] for r in variant["results"]] == [1, 3]
@@ -254,6 +269,9 @@ def test_torch_backend_on_a_model_file(model_files, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["backend"] == "torch" and [v["name"] for v in data["variants"]] == ["dense"]
+    threads = data["variants"][0]["threads"]
+    assert threads["runtime"] == "torch" and threads["intra_op_num_threads"] == 1
+    assert "threads: dense torch intra-op 1" in result.output and "round order" not in result.output
     rows = data["variants"][0]["results"]
     assert [r["batch"] for r in rows] == [1, 2] and all(r["latency_ms"]["p50"] > 0 for r in rows)
     layers = {row["layer"] for row in data["layers"]["variants"]["dense"]["layers"]}
