@@ -47,6 +47,11 @@ def certificate_lines(result: dict, top: int = 5) -> list[str]:
     lines = []
     if summary.get("not_certifiable"):
         lines.append("not certifiable: " + "; ".join(summary["not_certifiable"][:3]))
+    for note in summary.get("unmodelled_ops", [])[:3]:
+        lines.append(f"loose: {note}")
+    if summary.get("unbounded_samples"):
+        lines.append(f"{summary['unbounded_samples']} samples have no finite bound (an op without a bound rule "
+                     "follows a changed layer)")
     samples = summary.get("samples", 0)
     if samples:
         lines.append(f"{samples} samples: {100 * summary['certified_fraction']:.1f}% guaranteed unchanged "
@@ -100,4 +105,5 @@ def certify_build(build_dir: str, calib: str, samples: int = 256, progress=None,
     data = match_to_model(data, example, [spec["name"] for spec in manifest["inputs"]])
     layers = find_layers(dense, min_weights=0)
     with torch_threads(1):
-        return certify(dense, sparse, layers, list(data.batches(64, static=not manifest.get("dynamic_batch"))))
+        # every sample: certify runs a graph with a baked-in batch size at that size (padding the last batch)
+        return certify(dense, sparse, layers, list(data.batches(64)))

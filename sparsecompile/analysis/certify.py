@@ -65,9 +65,20 @@ Lipschitz constants of ``g(.; theta_s)`` in each activation input:
   ``sqrt(var + eps)`` of a row anywhere within ``delta`` of the dense row.
 * softmax: 1/2 (Gershgorin on ``diag(p) - p p^T``); log-softmax:
   ``1 + sqrt(n)``.
-* ``cat``: ``sqrt(sum delta_i^2)``. Anything else is NOT modelled: the whole
-  result is "not certifiable" with the node and op named; a wrong bound is
-  never returned.
+* ``cat``: ``sqrt(sum delta_i^2)``.
+* shape arithmetic (``sym_size`` and friends) carries no perturbation; the
+  two models must agree on it.
+* any other op has no bound rule and gets a sound fallback: its output
+  delta is exactly 0 on a batch where none of its inputs can differ between
+  the models (same op, same inputs), otherwise infinite for every sample of
+  the batch (nothing is known of its Lipschitz constant, nor whether it
+  mixes samples). The report names each such node and op under
+  ``summary.unmodelled_ops`` and counts ``unbounded_samples``; an infinite
+  bound certifies nothing. Only what cannot be expressed per sample at all
+  (an op that mixes samples where that is detected, an output without the
+  batch on axis 0, graphs that differ in structure) makes the result "not
+  certifiable", with the node and op named; an error while running a node
+  is reported the same way, never raised. A wrong bound is never returned.
 
 Certificate
 -----------
@@ -110,6 +121,10 @@ Limits (honest)
 * The batch axis must be axis 0 of every activation and no op may mix
   samples; the model must be the same graph in both versions (as a build
   produces them: ``dense_gm`` is a copy taken before masking).
+* A graph exported with a static batch (its ops may hold the size, e.g.
+  ``view(x, [8, 1280])``) is run on batches of exactly that size
+  (:func:`static_batch_size`), the last one padded with copies of its last
+  sample, whose results are dropped.
 """
 
 from __future__ import annotations
@@ -143,6 +158,10 @@ MAX_FFT_ELEMENTS = 1 << 31
 
 class NotCertifiable(Exception):
     """The graph contains something the bound does not model (the message names it)."""
+
+
+# The gain an op without a bound rule gets (see ``_Certifier._unbounded``).
+_UNBOUNDED = object()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,10 +322,12 @@ _UNARY: dict = {
     aten.hardsigmoid.default: (1.0 + 1e-6) / 6.0,  # the float32 kernel's slope is 1/6 rounded up
     aten.softplus.default: 1.0, aten.selu.default: _SELU_LIP,
     aten.leaky_relu.default: _leaky_lip, aten.elu.default: _elu_lip,
+    aten.clip.default: 1.0, aten.clip.Tensor: 1.0, aten.sin.default: 1.0, aten.cos.default: 1.0,
+    aten.atan.default: 1.0, aten.erf.default: 2.0 / math.sqrt(math.pi) * (1 + 1e-9),
 }
 # In-place forms (exported from ``nn.ReLU(inplace=True)`` and friends): same value, same constant.
 for _name in ("relu_", "hardtanh_", "leaky_relu_", "sigmoid_", "tanh_", "silu_", "hardswish_", "hardsigmoid_",
-              "elu_", "gelu_", "clamp_", "clamp_min_", "clamp_max_"):
+              "elu_", "gelu_", "clamp_", "clamp_min_", "clamp_max_", "clip_"):
     _packet = getattr(aten, _name, None)
     _functional = getattr(aten, _name[:-1], None)
     if _packet is not None and _functional is not None and "default" in _packet.overloads():
@@ -748,7 +769,7 @@ _RULES[operator.getitem] = _getitem_rule
 
 
 def modelled_ops() -> list[str]:
-    """Names of the ops the bound models (everything else makes a graph not certifiable)."""
+    """Names of the ops with a bound rule (any other tensor op gets the unbounded fallback, named in the report)."""
     return sorted({_op_name(op) for op in _RULES})
 
 
@@ -854,9 +875,12 @@ class _Certifier:
         self.sparse_params = _evaluate_params(sparse_gm, sparse_params)
         self.dense_params = _evaluate_params(dense_gm, dense_params)
         self.changed: set[str] = set()
+        self.unruled: set[str] = set()
+        self.unmodelled: dict[str, str] = {}  # node -> op, tensor ops that got the fallback rule
         self.gemm_nodes: list[str] = []
         self.max_unary_lip = 1.0
         self.chain = True
+        self.keep = 0
         for node in self.sparse_nodes:
             if node.name not in self.activation_names or node.op == "placeholder":
                 continue
@@ -892,7 +916,9 @@ class _Certifier:
         if dense is None or dense.op != node.op or dense.target != node.target:
             raise NotCertifiable(f"node '{node.name}' differs between the dense and sparse graphs")
         if node.target not in _RULES:
-            raise NotCertifiable(f"node '{node.name}': {_op_name(node.target)} is not modelled")
+            # no bound rule: shape arithmetic (sym_size, ...) needs none; a tensor op gets the sound fallback
+            # (unbounded wherever its input may have changed) and is named in the report, see _run_node
+            self.unruled.add(node.name)
         changed = False
 
         def compare(s, d):
@@ -1077,21 +1103,52 @@ class _Certifier:
         bias_norm = float(torch.as_tensor(db).norm()) * math.sqrt(positions)
         return weight_term, torch.full((n,), bias_norm, dtype=torch.float64)
 
+    def _propagate(self, node, element_gains, n: int, s_count: int) -> torch.Tensor:
+        """sum_i G_i * contrib(a_i), one column per changed node (an unbounded parent stays unbounded)."""
+        c = torch.zeros(n, s_count, dtype=torch.float64)
+        for a, gain in element_gains:
+            parent = self.contrib.get(a.name)
+            if parent is None or isinstance(parent, list):
+                raise NotCertifiable(f"node '{node.name}': input '{a.name}' is not modelled")
+            # an infinite gain (e.g. a product with an unbounded input) is sound, only useless
+            g = torch.nan_to_num(torch.as_tensor(gain, dtype=torch.float64), nan=math.inf, posinf=math.inf)
+            g = g.reshape(-1, 1) if g.dim() else g
+            # where the input cannot change the output cannot either (0 * inf is 0 here); else inf stays inf
+            c = c + torch.where(parent == 0, torch.zeros_like(parent), g * parent)
+        return torch.nan_to_num(c, nan=math.inf, posinf=math.inf)
+
+    def _unbounded(self, acts: set[str], n: int, s_count: int) -> torch.Tensor:
+        """The fallback for an op without a bound rule (any Lipschitz constant, any mixing of samples):
+        exactly 0 where no input of the op can differ between the models (same inputs, same op), else
+        unbounded -- for every sample of the batch, since the op might mix samples. The infinite part is
+        charged to the changed nodes upstream that caused it."""
+        c = torch.zeros(n, s_count, dtype=torch.float64)
+        for name in acts:
+            parent = self.contrib.get(name)
+            if parent is None or isinstance(parent, list):
+                raise NotCertifiable(f"node '{name}': its value is not modelled")
+            c[:, (parent != 0).any(0)] = math.inf
+        return c
+
     # -- one batch -------------------------------------------------------------------------------------
-    def run_batch(self, inputs: tuple[torch.Tensor, ...], stats: dict[str, _LayerStats], checks: dict) -> list:
+    def run_batch(self, inputs: tuple[torch.Tensor, ...], stats: dict[str, _LayerStats], checks: dict,
+                  keep: int | None = None) -> list:
+        """One batch; only its first ``keep`` samples are real (the rest pads a static batch) and counted."""
         if len(inputs) != len(self.placeholders):
             raise NotCertifiable(f"the model takes {len(self.placeholders)} inputs, a batch has {len(inputs)}")
         n = int(inputs[0].shape[0])
         if any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != n for t in inputs):
             raise NotCertifiable("every input must be a tensor with the batch on axis 0")
         s_count = len(self.sources)
+        keep = n if keep is None else keep
+        self.keep = keep
         self.dense_env, self.sparse_env, self.contrib = {}, {}, {}
         last_use: dict[str, int] = {}
         order = {node.name: i for i, node in enumerate(self.sparse_nodes)}
         for node in self.sparse_nodes:
             for a in node.all_input_nodes:
                 last_use[a.name] = max(last_use.get(a.name, -1), order[node.name])
-        self.network_input_norms.append(_per_sample_norm(inputs[0], n))
+        self.network_input_norms.append(_per_sample_norm(inputs[0], n)[:keep])
         for name, value in zip(self.placeholders, inputs):
             # separate copies: an in-place op on an input must not run twice on one tensor
             self.dense_env[name], self.sparse_env[name] = value, value.clone()
@@ -1104,7 +1161,14 @@ class _Certifier:
                     break
                 if node.name not in self.activation_names or node.op == "placeholder":
                     continue
-                self._run_node(node, n, s_count, stats, checks)
+                try:
+                    self._run_node(node, n, s_count, stats, checks)
+                except NotCertifiable:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - never a crash: name the node and what went wrong
+                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    raise NotCertifiable(f"node '{node.name}' ({_op_name(node.target)}) failed: "
+                                         f"{type(exc).__name__}: {first}") from exc
                 for a in node.all_input_nodes:
                     if last_use.get(a.name) == order[node.name] and a.name in self.dense_env:
                         if a.name in self.placeholders:
@@ -1120,7 +1184,7 @@ class _Certifier:
             c = self.contrib[out.name]
             if c is None or isinstance(c, list):
                 raise NotCertifiable(f"output '{out.name}' is not modelled")
-            results.append((self.dense_env[out.name], self.sparse_env[out.name], c))
+            results.append(tuple(v[:keep] for v in (self.dense_env[out.name], self.sparse_env[out.name], c)))
         return results
 
     def _run_node(self, node, n: int, s_count: int, stats: dict, checks: dict) -> None:
@@ -1160,9 +1224,12 @@ class _Certifier:
             return
 
         ctx = _Ctx(node, self, v_dense)
-        rule = _RULES[node.target]
-        gains = rule(ctx)
         tuple_out = isinstance(v_dense, (list, tuple))
+        if node.target in _RULES:
+            gains = _RULES[node.target](ctx)
+        else:
+            self.unmodelled.setdefault(node.name, _op_name(node.target))
+            gains = [_UNBOUNDED] * len(v_dense) if tuple_out else _UNBOUNDED
         per_output = gains if tuple_out else [gains]
         if tuple_out and len(per_output) != len(v_dense):
             raise NotCertifiable(f"node '{node.name}': internal rule mismatch")
@@ -1186,20 +1253,17 @@ class _Certifier:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise NotCertifiable(f"node '{node.name}' ({_op_name(node.target)}): output shape {shape} "
                                      f"does not keep the batch of {n} on axis 0")
-            covered = {a.name for a, _ in element_gains}
+            if element_gains is _UNBOUNDED:
+                c = self._unbounded(acts, n, s_count)
+                covered = acts
+            else:
+                covered = {a.name for a, _ in element_gains}
             if covered != acts:
                 missing = sorted(acts - covered)
                 raise NotCertifiable(f"node '{node.name}' ({_op_name(node.target)}): activation input(s) "
                                      f"{', '.join(missing)} are not modelled in this position")
-            c = torch.zeros(n, s_count, dtype=torch.float64)
-            for a, gain in element_gains:
-                parent = self.contrib.get(a.name)
-                if parent is None or isinstance(parent, list):
-                    raise NotCertifiable(f"node '{node.name}': input '{a.name}' is not modelled")
-                g = torch.as_tensor(gain, dtype=torch.float64)
-                if not bool(torch.isfinite(g).all()):
-                    raise NotCertifiable(f"node '{node.name}' ({_op_name(node.target)}): infinite Lipschitz bound")
-                c = c + (g.reshape(-1, 1) if g.dim() else g) * parent
+            if element_gains is not _UNBOUNDED:
+                c = self._propagate(node, element_gains, n, s_count)
             if local_parts is not None:
                 if local_parts[k] is None:
                     raise NotCertifiable(f"node '{node.name}': changed parameters change an output's shape")
@@ -1208,6 +1272,7 @@ class _Certifier:
             if t.is_floating_point():  # self-check against the actual sparse execution
                 actual = _diff_norm(tensors_s[k], t, n)
                 excess = actual - c.sum(1) * (1 + CHECK_RTOL) - CHECK_ATOL * (1 + _per_sample_norm(t, n))
+                excess = excess[: self.keep]
                 worst = float(excess.max())
                 if worst > checks.get("worst_excess", 0.0):
                     checks["worst_excess"], checks["worst_node"] = worst, node.name
@@ -1216,15 +1281,16 @@ class _Certifier:
         if node.target in _GEMM_LIKE:
             x_node, _, _ = self.gemm_operator(ctx)
             norms = self.input_norms.setdefault(node.name, [])
-            norms.append(_per_sample_norm(self.dense_env[x_node.name], n))
+            norms.append(_per_sample_norm(self.dense_env[x_node.name], n)[: self.keep])
         if local_parts is not None:
             record = stats.setdefault(node.name, _LayerStats(node.name, _op_name(node.target)))
-            record.local.append(local_parts[0] if local_parts[0] is not None else torch.zeros(n, dtype=torch.float64))
+            local = local_parts[0] if local_parts[0] is not None else torch.zeros(n, dtype=torch.float64)
+            record.local.append(local[: self.keep])
             if node.target in _GEMM_LIKE:
                 terms = self.weight_only_term(node, n)
                 if terms is not None:
-                    record.weight_term.append(terms[0])
-                    record.bias_term.append(terms[1])
+                    record.weight_term.append(terms[0][: self.keep])
+                    record.bias_term.append(terms[1][: self.keep])
                 _, record.gain, _ = self.gemm_operator(ctx)
 
 
@@ -1240,6 +1306,56 @@ def _as_batches(batches) -> Iterable[tuple[torch.Tensor, ...]]:
             yield (batch,)
         else:
             yield tuple(batch)
+
+
+def _limit(batches, max_samples: int | None) -> Iterable[tuple[torch.Tensor, ...]]:
+    seen = 0
+    for batch in _as_batches(batches):
+        if max_samples is not None:
+            if seen >= max_samples:
+                return
+            batch = tuple(t[: max_samples - seen] for t in batch)
+        seen += int(batch[0].shape[0]) if batch and batch[0].dim() else 0
+        yield batch
+
+
+def static_batch_size(gm: torch.fx.GraphModule) -> int | None:
+    """The batch size baked into a graph exported without a dynamic batch (from its inputs' recorded
+    shapes), or None (dynamic, or not recorded). Such a graph may hold the size in its ops too
+    (``view(x, [8, 1280])``), so it only runs on batches of exactly that size."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            size = value.shape[0]
+            return int(size) if isinstance(size, int) else None
+    return None
+
+
+def _rebatch(batches: Iterable[tuple[torch.Tensor, ...]], size: int | None):
+    """(batch, real samples) pairs; for a static batch ``size``, batches of exactly that size, the last one
+    padded by repeating its last sample (the padding's results are dropped; samples never mix: the
+    certificate refuses ops that mix them)."""
+    if size is None:
+        for batch in batches:
+            yield batch, int(batch[0].shape[0])
+        return
+    pending: list[tuple[torch.Tensor, ...]] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += int(batch[0].shape[0])
+        while count >= size:
+            joined = tuple(torch.cat(parts) for parts in zip(*pending))
+            yield tuple(t[:size] for t in joined), size
+            rest = tuple(t[size:] for t in joined)
+            count -= size
+            pending = [rest] if count else []
+    if count:
+        joined = tuple(torch.cat(parts) for parts in zip(*pending))
+        pad = size - count
+        yield tuple(torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in joined), count
 
 
 def _median(values: torch.Tensor) -> float | None:
@@ -1275,27 +1391,30 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
         runner = _Certifier(dense_gm, sparse_gm, iterations)
     except NotCertifiable as exc:
         runner, reasons = None, [str(exc)]
+    except Exception as exc:  # noqa: BLE001 - never a crash: say what failed
+        runner, reasons = None, [f"graph analysis failed: {type(exc).__name__}: {str(exc)[:200]}"]
     stats: dict[str, _LayerStats] = {}
     checks: dict = {}
     collected = {"bound": [], "actual": [], "margin": [], "dense_pred": [], "sparse_pred": [], "contrib": [],
                  "z_inf": []}
     samples = 0
     chosen = output
-    for batch in _as_batches(batches):
-        if max_samples is not None and samples >= max_samples:
-            break
-        if max_samples is not None:
-            batch = tuple(t[: max_samples - samples] for t in batch)
+    for batch, keep in _rebatch(_limit(batches, max_samples), static_batch_size(sparse_gm)):
         results = None
         if runner is not None and not reasons:
             try:
-                results = runner.run_batch(batch, stats, checks)
+                results = runner.run_batch(batch, stats, checks, keep)
             except NotCertifiable as exc:
                 reasons.append(str(exc))
         if results is None:  # still report what happened, without a bound
-            with torch.no_grad():
-                outs_d, outs_s = flat_outputs(dense_gm(*batch)), flat_outputs(sparse_gm(*batch))
-            results = [(d, s, None) for d, s in zip(outs_d, outs_s)]
+            try:
+                with torch.no_grad():
+                    outs_d, outs_s = flat_outputs(dense_gm(*batch)), flat_outputs(sparse_gm(*batch))
+            except Exception as exc:  # noqa: BLE001 - the model itself does not run on this batch
+                reasons.append(f"the model does not run on a batch of {int(batch[0].shape[0])}: "
+                               f"{type(exc).__name__}: {str(exc)[:200]}")
+                break
+            results = [(d[:keep], s[:keep], None) for d, s in zip(outs_d, outs_s)]
         if chosen is None:
             chosen = next((i for i, r in enumerate(results) if r is not None and r[0].dim() == 2 and r[0].shape[1] > 1), 0)
         if chosen >= len(results) or results[chosen] is None:
@@ -1322,6 +1441,10 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
         "margin_rule": "prediction kept if top1 - top2 > sqrt(2) * bound (l2 bound on the output change)",
         "median_actual_change": _median(actual), "max_actual_change": float(actual.max()) if actual.numel() else None,
     }
+    if runner is not None and runner.unmodelled:
+        summary["unmodelled_ops"] = [
+            f"node '{name}' ({op}): no bound rule; bounded as 'anything' wherever its input may change"
+            for name, op in runner.unmodelled.items()]
     result: dict = {"summary": summary, "layers": []}
     if classifier:
         dense_pred, sparse_pred = torch.cat(collected["dense_pred"]), torch.cat(collected["sparse_pred"])
@@ -1336,6 +1459,8 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
     z_inf = torch.cat(collected["z_inf"])
     positive = actual > 0
     looseness = bound[positive] / actual[positive]
+    finite = torch.isfinite(bound)
+    summary["unbounded_samples"] = int((~finite).sum())
     summary.update(
         median_bound=_median(bound), max_bound=float(bound.max()) if bound.numel() else None,
         median_looseness=_median(looseness),
@@ -1354,8 +1479,9 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
         summary["median_margin"] = _median(margin)
     else:
         summary["certified_fraction"] = None
-    total = float(bound.sum())
-    result["layers"] = _layer_table(runner, stats, contrib, total, names)
+    # shares of the bound over the samples with a finite bound (an unmodelled op makes the rest infinite)
+    total = float(bound[finite].sum())
+    result["layers"] = _layer_table(runner, stats, contrib, total, names, finite)
     result["graph"] = {"chain": runner.chain, "changed_nodes": len(runner.sources),
                        "gemm_nodes": len(runner.gemm_nodes), "max_activation_lipschitz": runner.max_unary_lip,
                        "gumbel_note": GUMBEL_NOTE}
@@ -1368,7 +1494,7 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
 
 
 def _layer_table(runner: _Certifier, stats: dict[str, _LayerStats], contrib: torch.Tensor, total: float,
-                 names: dict[str, str]) -> list[dict]:
+                 names: dict[str, str], finite: torch.Tensor) -> list[dict]:
     # unchanged layers have the same operator in both graphs: reuse the bound the propagation computed
     dense_norms = {name: (_gemm_norm(runner, name, dense=True) if name in runner.changed
                           else _gemm_norm(runner, name, dense=False)) for name in runner.gemm_nodes}
@@ -1379,8 +1505,9 @@ def _layer_table(runner: _Certifier, stats: dict[str, _LayerStats], contrib: tor
             continue
         index = runner.source_index[name]
         local = torch.cat(s.local)
-        column = contrib[:, index]
-        local_sum = float(local.sum())
+        unbounded = int((~torch.isfinite(contrib[:, index])).sum())
+        column = contrib[finite, index]
+        local_sum = float(local[finite].sum()) if local.shape == finite.shape else float(local.sum())
         row = {
             "layer": names.get(name, name), "node": name, "op": s.op,
             "local_term": {"median": _median(local), "max": float(local.max()) if local.numel() else None},
@@ -1388,6 +1515,8 @@ def _layer_table(runner: _Certifier, stats: dict[str, _LayerStats], contrib: tor
             "share_of_bound": float(column.sum()) / total if total > 0 else 0.0,
             "downstream_gain": float(column.sum()) / local_sum if local_sum > 0 else None,
         }
+        if unbounded:
+            row["unbounded_samples"] = unbounded
         if s.weight_term:
             row["weight_term"] = {"median": _median(torch.cat(s.weight_term))}
             row["bias_term"] = {"median": _median(torch.cat(s.bias_term))}
