@@ -120,7 +120,9 @@ class BuildOptions:
     force: bool = False
     correct: str = "auto"  # statistics correction: "auto" | "none" | "bn" | "bias"
     sequential: bool = True  # layer k's statistics with layers < k already sparse
-    update_weights: bool = False  # let the method compensate surviving weights (hessian)
+    # Let hessian compensate the surviving weights (OBS/SparseGPT). None: --method auto tries hessian both ways,
+    # a named method keeps the weights; True: updated; False: never (auto included).
+    update_weights: bool | None = None
     error_samples: int = 64  # calibration samples used for per-layer errors
     seed: int = 0
     threads: int | None = None  # torch intra-op threads for the whole build; None: torch's default
@@ -211,7 +213,7 @@ def _ignored_options(options: BuildOptions, target, sparsify_layers: bool, learn
     if not sparsify_layers:
         masking = [flag for flag, used in (
             (f"--method {options.method}", options.method != defaults.method and options.masks is None),
-            ("--update-weights", options.update_weights),
+            ("--update-weights", bool(options.update_weights)),
             (f"--correct {options.correct}", options.correct != defaults.correct),
             ("--one-shot", not options.sequential),
             (f"--max-drop {options.max_drop}", options.max_drop not in (defaults.max_drop, None, "none")),
@@ -258,8 +260,6 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
     if auto_method and not options.calib:
         auto_method = False
         notes.append("no --calib given: magnitude masks (--method auto needs calibration data to compare methods)")
-    if auto_method and options.update_weights:
-        raise SparseCompileError("--update-weights goes with --method hessian (auto compares methods with weights unchanged)")
     guard = _guard_settings(options)
     saved = None
     if options.masks is not None:
@@ -514,7 +514,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         else:
             outcome = sparsify(
                 gm, eligible, layers, method, list(batches(fit_calib)) if uses_calibration else [],
-                sequential=options.sequential, correct=correct, update_weights=options.update_weights,
+                sequential=options.sequential, correct=correct, update_weights=bool(options.update_weights),
                 folded_batchnorm=fold_pass.folded_params, progress=progress,
             )
         masks = outcome.masks
@@ -530,14 +530,17 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         with progress.stage(f"checking accuracy on {check_calib.num_samples} held-back samples"), \
                 _timed(timings, "budget"):
             refit = None
-            if correct != "none" and not outcome.updated_weights:
+            if correct != "none" and (not outcome.updated_weights or outcome.updated):
                 def refit(dense_names: set[str]):
-                    """The dense model with the other masked layers masked again and the correction refitted."""
+                    """The dense model with the other masked layers masked (and updated) again and the correction
+                    refitted."""
                     work = copy.deepcopy(dense_gm)
                     keep = [layer for layer in eligible
                             if layer.weight_target in masks and layer.name not in dense_names]
-                    return work, sparsify(work, keep, layers, FixedMasks(masks, n, m), list(batches(fit_calib)),
+                    fixed = FixedMasks(masks, n, m, outcome.updated if outcome.updated_weights else None)
+                    return work, sparsify(work, keep, layers, fixed, list(batches(fit_calib)),
                                           sequential=options.sequential, correct=correct,
+                                          update_weights=outcome.updated_weights,
                                           folded_batchnorm=fold_pass.folded_params)
             budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess,
                                      lambda: list(batches(check_calib)), check_dense,
@@ -665,7 +668,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                 "pattern_accelerated": bool(accelerated and masks),
                 "sparsified": bool(masks),
                 "options": {
-                    "correct": correct, "sequential": options.sequential, "update_weights": options.update_weights,
+                    "correct": correct, "sequential": options.sequential, "update_weights": outcome.updated_weights,
                     "exclude": options.exclude, "min_weights": options.min_weights,
                     "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
                     "permute": permute_pass is not None, "permute_budget": options.permute_budget,
@@ -831,40 +834,45 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     """``--method auto``: build every candidate's masks and keep the least damaging on held-back samples.
 
     Candidates are AUTO_METHODS x {statistics correction, none} (only the asked correction when
-    ``--correct`` is given), tried cheapest first on copies of the graph. The score is the accuracy
+    ``--correct`` is given), hessian both with weights unchanged and OBS-updated (only one of them
+    with ``--update-weights`` / ``--keep-weights``), tried cheapest first on copies of the graph. The score is the accuracy
     guard's (largest damage / budget over the outputs); ties go to the earlier, cheaper candidate.
     ``--auto-time-cap`` stops trying further candidates, and the report says which were skipped; so does
     a candidate with no measured damage (nothing later can beat it).
     Returns (graph, method, correction, sparsify outcome, report record).
     """
     corrections = ([DEFAULT_CORRECTION, "none"] if options.correct == "auto" else [options.correct])
-    candidates = [(name, correct) for name in AUTO_METHODS for correct in corrections]
+    # hessian both with surviving weights unchanged and OBS/SparseGPT-updated, unless --update-weights /
+    # --keep-weights says which; the other methods cannot update.
+    updates = {None: (False, True), True: (True,), False: (False,)}[options.update_weights]
+    candidates = [(name, correct, update) for name in AUTO_METHODS
+                  for update in (updates if name == "hessian" else (False,)) for correct in corrections]
     fit = fit_batches()
     started = time.perf_counter()
     tried, best = [], None
-    for name, correct in candidates:
+    for name, correct, update in candidates:
         elapsed = time.perf_counter() - started
+        entry = {"method": name, "correct": correct, **({"update_weights": True} if update else {})}
         if best is not None and best[0] == 0.0:
             # Nothing can beat no measured damage (ties go to the cheaper, earlier candidate anyway).
-            tried.append({"method": name, "correct": correct,
-                          "skipped": f"{best[5]['method']} --correct {best[5]['correct']} showed no damage"})
+            tried.append({**entry, "skipped": f"{_candidate_name(best[5])} showed no damage"})
             continue
         if elapsed > options.auto_time_cap:
-            tried.append({"method": name, "correct": correct, "skipped": f"--auto-time-cap {options.auto_time_cap:g}s "
-                                                                          f"reached after {elapsed:.0f}s"})
+            tried.append({**entry, "skipped": f"--auto-time-cap {options.auto_time_cap:g}s reached after {elapsed:.0f}s"})
             continue
         candidate_method = get_method(name, n=n, m=m)
         work = copy.deepcopy(gm)
         began = time.perf_counter()
-        progress.detail(f"--method auto: trying {name} with --correct {correct}")
+        progress.detail(f"--method auto: trying {_candidate_name(entry)}")
         outcome = sparsify(work, eligible, layers, candidate_method, fit if (candidate_method.needs or correct != "none")
-                           else [], sequential=options.sequential, correct=correct, folded_batchnorm=folded_batchnorm)
+                           else [], sequential=options.sequential, correct=correct, update_weights=update,
+                           folded_batchnorm=folded_batchnorm)
         damage = assess(check_dense, run_batches(work, check_batches()))
-        record = {"method": name, "correct": correct, "score": round(damage.score, 4) if damage.score < float("inf")
-                  else None, "worst": damage.worst.describe() if damage.worst else "",
+        record = {**entry, "score": round(damage.score, 4) if damage.score < float("inf") else None,
+                  "worst": damage.worst.describe() if damage.worst else "",
                   "seconds": round(time.perf_counter() - began, 2)}
         tried.append(record)
-        progress.info(f"      auto: {name:<10} --correct {correct:<4}  {record['worst'] or 'no outputs'}")
+        progress.info(f"      auto: {_candidate_name(entry):<40}  {record['worst'] or 'no outputs'}")
         if best is None or damage.score < best[0]:
             best = (damage.score, work, candidate_method, correct, outcome, record)
     skipped = [t for t in tried if "skipped" in t]
@@ -873,11 +881,17 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
                       f"{options.auto_time_cap:g}s reached (the choice may differ on a faster machine)")
     _, work, chosen, correct, outcome, record = best
     runner_up = min((t["score"] for t in tried if t is not record and t.get("score") is not None), default=None)
-    choice = {"chosen": {"method": chosen.name, "correct": correct}, "tried": tried,
+    choice = {"chosen": {"method": chosen.name, "correct": correct,
+                         **({"update_weights": True} if outcome.updated_weights else {})}, "tried": tried,
               "measured_on": "held-back calibration samples", "seconds": round(time.perf_counter() - started, 2),
               "margin_to_next": None if runner_up is None or record["score"] is None
               else round(runner_up - record["score"], 4), "skipped": len(skipped)}
     return work, chosen, correct, outcome, choice
+
+
+def _candidate_name(entry: dict) -> str:
+    """``hessian --update-weights --correct bias``: how a --method auto candidate reads in lines."""
+    return f"{entry['method']}{' --update-weights' if entry.get('update_weights') else ''} --correct {entry['correct']}"
 
 
 class SecondaryRank(Exception):

@@ -129,9 +129,9 @@ def _pattern(text: str) -> tuple[int, int]:
 @click.option("--sequential/--one-shot", default=True, show_default=True,
               help="Calibration statistics for layer k with layers < k already sparse (sequential), or all from "
                    "the dense model (one-shot).")
-@click.option("--update-weights", is_flag=True,
-              help="Let the method compensate surviving weights (hessian: OBS/SparseGPT). Off: weights stay "
-                   "bit-identical.")
+@click.option("--update-weights/--keep-weights", default=None,
+              help="Let hessian compensate the surviving weights (OBS/SparseGPT), or never. Default: --method auto "
+                   "tries hessian both ways; a named method keeps the surviving weights bit-identical.")
 @click.option("--pattern", default="2:4", show_default=True, metavar="N:M",
               help="Keep N of every M weights along the reduction axis (2:4 is what GPUs accelerate).")
 @click.option("--exclude", "--keep-dense", "exclude", multiple=True, metavar="REGEX",

@@ -122,7 +122,8 @@ def _choice_text(choice: dict | None) -> str:
         return ""
     chosen = choice["chosen"]
     tried = [t for t in choice["tried"] if "skipped" not in t]
-    text = (f" (chosen by --method auto with --correct {chosen['correct']}: least damage of {len(tried)} candidates "
+    update = " --update-weights" if chosen.get("update_weights") else ""
+    text = (f" (chosen by --method auto with{update} --correct {chosen['correct']}: least damage of {len(tried)} candidates "
             f"on held-back samples, {choice['seconds']:.1f}s")
     capped = sum("--auto-time-cap" in t["skipped"] for t in choice["tried"] if "skipped" in t)
     undamaged = len(choice["tried"]) - len(tried) - capped

@@ -41,6 +41,7 @@ class SparsifyResult:
     batchnorm_reestimated: dict[str, dict] = field(default_factory=dict)  # unfolded BN node -> what changed
     fallbacks: dict[str, str] = field(default_factory=dict)  # layer name -> why it got another method
     updated_weights: bool = False
+    updated: dict[str, torch.Tensor] = field(default_factory=dict)  # weight target -> updated weight (pre-correction)
 
 
 def sparsify(
@@ -107,6 +108,7 @@ def sparsify(
             context.statistics = stats
         if update_weights and method.can_update_weights:
             mask, new_weight = method.select_and_update(weight, layer, context)
+            result.updated[layer.weight_target] = masked(new_weight, mask).clone()
         else:
             mask, new_weight = method.select(weight, layer, context), weight
         result.masks[layer.weight_target] = mask

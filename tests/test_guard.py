@@ -28,12 +28,14 @@ def test_default_build_chooses_a_method_that_keeps_accuracy(scaled_mlp, tmp_path
     result = build(_options(scaled_mlp, tmp_path, "auto"))
     report = result.report
     choice = report["method_choice"]
-    scores = {(t["method"], t["correct"]): t.get("score") for t in choice["tried"]}
-    assert len(scores) == 6 and scores[("magnitude", "bias")] > 10  # magnitude loses > 10 points
+    scores = {(t["method"], t["correct"], t.get("update_weights", False)): t.get("score") for t in choice["tried"]}
+    assert len(scores) == 8 and scores[("magnitude", "bias", False)] > 10  # magnitude loses > 10 points
     assert report["method"] == "activation" and choice["chosen"] == {"method": "activation", "correct": "bias"}
     # activation + bias showed no damage: nothing later can beat it, so the hessian candidates were not built.
-    assert scores[("activation", "bias")] == 0.0
-    assert [t["method"] for t in choice["tried"] if "skipped" in t] == ["activation", "hessian", "hessian"]
+    assert scores[("activation", "bias", False)] == 0.0
+    assert [t["method"] for t in choice["tried"] if "skipped" in t] == ["activation"] + ["hessian"] * 4
+    assert [t.get("update_weights", False) for t in choice["tried"] if t["method"] == "hessian"] == \
+        [False, False, True, True]  # hessian with weights unchanged and OBS-updated, each with and without bias
     assert all("showed no damage" in t["skipped"] for t in choice["tried"] if "skipped" in t)
     assert report["summary"]["sparse_layers"] == 1 and _damage(report) == 0.0
     assert report["budget"]["reverted"] == []  # a model that is fine does not trigger the guard

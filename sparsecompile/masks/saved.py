@@ -172,14 +172,21 @@ class SavedMaskMethod(MaskMethod):
 
 
 class FixedMasks(MaskMethod):
-    """Returns given masks unchanged: re-fitting statistics correction around masks already chosen."""
+    """Returns given masks (and, when given, the updated weights that went with them) unchanged:
+    re-fitting statistics correction around masks already chosen."""
 
     name = "fixed"
     description = "masks chosen earlier in the same build"
 
-    def __init__(self, masks: dict[str, torch.Tensor], n: int = 2, m: int = 4):
+    def __init__(self, masks: dict[str, torch.Tensor], n: int = 2, m: int = 4,
+                 weights: dict[str, torch.Tensor] | None = None):
         super().__init__(n, m)
-        self.masks = masks
+        self.masks, self.weights = masks, weights
+        self.can_update_weights = weights is not None
 
     def scores(self, weight: torch.Tensor, layer, context: MaskContext) -> torch.Tensor:
         return self.masks[layer.weight_target].to(torch.float32)
+
+    def select_and_update(self, weight: torch.Tensor, layer, context: MaskContext):
+        mask = self.select(weight, layer, context)
+        return mask, (self.weights[layer.weight_target] if self.weights is not None else weight)
