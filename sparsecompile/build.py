@@ -41,7 +41,8 @@ from sparsecompile.engine.recipe import (
 )
 from sparsecompile.engine.speed_model import DEVICES, MIN_CHANNELS, gemm_dims, not_faster_reason, predict
 from sparsecompile.errors import SparseCompileError
-from sparsecompile.frontend import check_readable, file_sha256, load_model
+from sparsecompile.fileio import file_sha256
+from sparsecompile.frontend import check_readable, load_model
 from sparsecompile.graph import get_tensor
 from sparsecompile.hardware import torch_threads
 from sparsecompile.layers import find_layers, unmatched_patterns

@@ -203,7 +203,7 @@ def _safe_member(root: Path, name: str) -> Path:
 
 def verify_build_files(path: Path, manifest: dict) -> None:
     """Check every file the manifest lists against its SHA-256."""
-    from sparsecompile.frontend import file_sha256
+    from sparsecompile.fileio import file_sha256
 
     files = manifest.get("files")
     if not isinstance(files, dict):

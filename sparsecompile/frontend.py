@@ -26,7 +26,6 @@ in chunks of the example batch size.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import json
 import os
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 
 from sparsecompile.errors import SparseCompileError
+from sparsecompile.fileio import file_sha256
 
 
 @dataclass
@@ -67,14 +67,6 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
             f"--input-shape '{text}' is not a comma-separated list of positive integers (e.g. 1,3,224,224)"
         )
     return dims
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -936,7 +936,7 @@ def _resolve_dense_source(manifest: dict, dense: str | None, progress: Progress)
             raise SparseCompileError(f"--dense model '{path}' does not exist")
         if path.is_dir():
             raise SparseCompileError(f"--dense '{path}' is a directory; pass the dense model file (.pt2, ...)")
-        from sparsecompile.frontend import file_sha256
+        from sparsecompile.fileio import file_sha256
 
         if source.get("sha256") and source.get("kind") != "factory" and file_sha256(path) != source["sha256"]:
             progress.warn(f"--dense '{path}' is not the file this build was made from (SHA-256 differs from the "
@@ -955,7 +955,7 @@ def _resolve_dense_source(manifest: dict, dense: str | None, progress: Progress)
             f"--compare dense: the build's source model '{path}' no longer exists (relative paths are resolved "
             "from the current directory); pass --dense MODEL"
         )
-    from sparsecompile.frontend import file_sha256
+    from sparsecompile.fileio import file_sha256
 
     if source.get("sha256") and file_sha256(path) != source["sha256"]:
         raise SparseCompileError(

@@ -134,6 +134,22 @@ def _choice_text(choice: dict | None) -> str:
     return text + ")"
 
 
+def certificate_line(certificate: dict) -> str:
+    """The summary's ``certify:`` line; a certificate without a bound (not certifiable, not a
+    classifier, nothing changed) prints what it has."""
+    summary = certificate.get("summary", {})
+    if summary.get("samples") and summary.get("certified_fraction") is not None:
+        observed = summary.get("observed_unchanged_fraction")
+        looseness = summary.get("median_looseness")
+        return (f"certify: {100 * summary['certified_fraction']:.1f}% of {summary['samples']} calibration samples "
+                "guaranteed unchanged"
+                + (f", {100 * observed:.1f}% observed unchanged" if observed is not None else "")
+                + (f" (bound median {looseness:.3g}x the actual change; " if looseness is not None else " (")
+                + "sparsecompile certify for the riskiest layers)")
+    reasons = summary.get("not_certifiable", [])[:2]
+    return "certify: not certifiable: " + ("; ".join(reasons) if reasons else "no bound was computed")
+
+
 def summary_lines(report: dict) -> list[str]:
     s = report["summary"]
     target = report["target"]
@@ -197,14 +213,8 @@ def summary_lines(report: dict) -> list[str]:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(engine.get("counts", {}).items()))
         lines.append(f"engine:  {engine['file']} built; TensorRT per layer: {counts or 'no (Sparsity) lines in its log'}")
     certificate = report.get("certificate")
-    if certificate and certificate["summary"].get("samples"):
-        summary = certificate["summary"]
-        lines.append(f"certify: {100 * summary['certified_fraction']:.1f}% of {summary['samples']} calibration samples "
-                     f"guaranteed unchanged, {100 * summary['observed_unchanged_fraction']:.1f}% observed unchanged "
-                     f"(bound median {summary['median_looseness']:.3g}x the actual change; sparsecompile certify "
-                     "for the riskiest layers)")
-    elif certificate:
-        lines.append("certify: not certifiable: " + "; ".join(certificate["summary"].get("not_certifiable", [])[:2]))
+    if certificate:
+        lines.append(certificate_line(certificate))
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines

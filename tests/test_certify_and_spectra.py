@@ -84,3 +84,21 @@ def test_budget_with_the_spectral_signal(tmp_path, model_files):
     reverted = {e["layer"] for e in budget["reverted"]}
     assert all("mp sensitivity" in r["reason"] for r in result.report["layers"] if r["name"] in reverted)
     assert all("spectrum" in r for r in result.report["layers"])
+
+
+def test_certificate_line_survives_missing_bounds():
+    from sparsecompile.report import certificate_line
+
+    full = {"summary": {"samples": 64, "certified_fraction": 0.25, "observed_unchanged_fraction": 0.9,
+                        "median_looseness": 12.0}}
+    assert certificate_line(full) == ("certify: 25.0% of 64 calibration samples guaranteed unchanged, 90.0% observed "
+                                      "unchanged (bound median 12x the actual change; sparsecompile certify for the "
+                                      "riskiest layers)")
+    # Nothing changed (no looseness), or no fraction at all: no crash, no made-up numbers.
+    quiet = {"summary": {"samples": 64, "certified_fraction": 1.0, "observed_unchanged_fraction": 1.0,
+                         "median_looseness": None}}
+    assert "bound median" not in certificate_line(quiet) and "100.0% of 64" in certificate_line(quiet)
+    none = {"summary": {"samples": 64, "certified_fraction": None, "median_looseness": None,
+                        "not_certifiable": ["aten.foo has no rule"]}}
+    assert certificate_line(none) == "certify: not certifiable: aten.foo has no rule"
+    assert certificate_line({"summary": {}}) == "certify: not certifiable: no bound was computed"

@@ -26,7 +26,7 @@ from sparsecompile.engine import build_engine as library_build_engine
 from sparsecompile.engine.recipe import ENGINE_DIR
 from sparsecompile.engine.sparsity_log import layer_sparsity, layer_tactics, parse_sparsity_log, weight_consumers
 from sparsecompile.errors import SparseCompileError
-from sparsecompile.frontend import file_sha256
+from sparsecompile.fileio import file_sha256
 from sparsecompile.hardware import HostInfo, detect_host
 
 

@@ -84,7 +84,7 @@ def test_engine_summary_on_a_build(tmp_path, sample_build):
     assert report["engine"]["status"] == "built" and report["engine"]["counts"]["picked sparse"] == 1
     layer = next(r for r in report["layers"] if r["name"] == sparse[0]["name"])
     assert layer["engine"]["engine"] == "picked sparse" and "sparse_conv" in layer["engine"]["tactic"]
-    from sparsecompile.frontend import file_sha256
+    from sparsecompile.fileio import file_sha256
 
     assert manifest["files"]["report.json"] == file_sha256(build_dir / "report.json")
     result = CliRunner().invoke(main, ["inspect", str(build_dir)])

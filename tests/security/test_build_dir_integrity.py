@@ -143,3 +143,14 @@ def test_failed_swap_leaves_no_staging_and_keeps_previous(fresh_build, model_fil
                            input_shapes=[(2, 4, 8, 8)]))
     assert sorted(p.name for p in fresh_build.iterdir()) == before
     assert [p.name for p in fresh_build.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_verifying_a_build_does_not_import_torch():
+    # The fallback's load time: open_build hashes every file, and that must not pull torch in (about 4 s).
+    import subprocess
+    import sys
+
+    code = "import sys, sparsecompile.builddir as b; b.file_sha256; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code.replace("b.file_sha256", "__import__('sparsecompile.fileio')")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
