@@ -71,7 +71,8 @@ def min_output_error_mask(matrix: torch.Tensor, hessian: torch.Tensor, n: int, m
     Coordinate descent can stop in a local optimum, so it starts from three
     masks -- the diagonal estimate, magnitude, and the OBS (SparseGPT) mask --
     plus, with ``linear``, the diagonal estimate of the full objective, and
-    keeps, row by row, the best result.
+    keeps, row by row, the best result. The starts descend together, stacked
+    as extra rows (each start's result is the one it would reach alone).
     """
     w = matrix.double()
     h = hessian.double()
@@ -84,8 +85,7 @@ def min_output_error_mask(matrix: torch.Tensor, hessian: torch.Tensor, n: int, m
     if linear is not None:  # the diagonal estimate of the full objective: pruning w_j alone costs w_j^2 H_jj + 2 w_j c_j
         starts.append(topn_mask(w * w * torch.diagonal(h)[None, :] + 2 * w * linear, 1, n, m))
     best, best_error = None, None
-    for start in starts:
-        keep = _coordinate_descent(w, h, start, n, m, sweeps, linear)
+    for keep in _coordinate_descent_starts(w, h, starts, n, m, sweeps, linear):
         error = _row_errors(w, keep, h, linear)
         if best is None:
             best, best_error = keep, error
@@ -96,47 +96,105 @@ def min_output_error_mask(matrix: torch.Tensor, hessian: torch.Tensor, n: int, m
     return best
 
 
-def _coordinate_descent(w, h, keep, n, m, sweeps, linear=None):
+# Groups whose gradient updates stay inside the block during a sweep; the rest of the
+# gradient is brought up to date with one product per block (SparseGPT's lazy batch update).
+BLOCK_GROUPS = 32
+
+
+def _coordinate_descent_starts(w, h, starts, n, m, sweeps, linear=None):
+    """Block-coordinate descent over the groups from each start mask; one result per start.
+
+    Gauss-Seidel over the groups, left to right, all rows (of all starts) at once: for group
+    ``g`` and each N-of-M pattern ``p`` (removal indicator ``r_p``), the objective changes by
+    ``(w_g r_p)^T H_gg (w_g r_p) + 2 (w_g r_p).o_g`` with ``o_g = (H d)_g - H_gg d_g (+ linear_g)``,
+    the other groups' pull. The quadratic part does not depend on the mask, so it is computed
+    once for every group; ``H d`` is kept current inside a block of groups and refreshed for the
+    other columns at the end of the block. The first lowest pattern wins (as ``argmin``); a
+    start stops when a sweep moves none of its rows. Where a group has zero weights a pattern
+    change can remove the same values: like a lone descent, such a row takes the new pattern
+    only when some row of its start moved in that group.
+    """
+    patterns = list(itertools.combinations(range(m), n))
+    if len(patterns) > MAX_PATTERNS or sweeps <= 0:
+        return [keep.clone() for keep in starts]
     rows, k = w.shape
     groups = k // m
-    keep = keep.clone()
-    patterns = [p for p in itertools.combinations(range(m), n)]
-    if len(patterns) > MAX_PATTERNS or sweeps <= 0:
-        return keep
+    count = len(starts)
     keep_patterns = torch.zeros(len(patterns), m, dtype=torch.float64)
     for index, pattern in enumerate(patterns):
         keep_patterns[index, list(pattern)] = 1.0
-    removed = w * (~keep)
-    gradient = removed @ h  # [rows, K]: (H d) for every row
-    fixed = linear if linear is not None else torch.zeros_like(w)  # the objective's linear term, per entry
+    drop = 1.0 - keep_patterns  # [P, m]
+    drop_t = drop.T.contiguous()
+    # the pattern index of every group of every start ([count * rows, groups])
+    code_of = {int(sum(1 << i for i in pattern)): index for index, pattern in enumerate(patterns)}
+    lookup = torch.full((1 << m,), -1, dtype=torch.long)
+    for code, index in code_of.items():
+        lookup[code] = index
+    bits = 1 << torch.arange(m)
+    choice = torch.cat([lookup[(keep.reshape(rows, groups, m).long() * bits).sum(-1)] for keep in starts])
+    if bool((choice < 0).any()):
+        raise ValueError(f"a start mask is not {n}:{m}")
+    stacked = w.repeat(count, 1)  # [count * rows, K]
+    fixed = linear.repeat(count, 1) if linear is not None else None
+    removed = stacked * drop[choice].reshape(count * rows, k)
+    gradient = removed @ h  # [count * rows, K]: (H d) for every row
+    h_blocks = h.reshape(groups, m, groups, m).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [groups, m, m]: H_gg
+    grouped = w.reshape(rows, groups, m)
+    pairs = (grouped[:, :, :, None] * h_blocks[None] * grouped[:, :, None, :]).reshape(rows, groups, m * m)
+    quadratic = pairs @ (drop[:, :, None] * drop[:, None, :]).reshape(-1, m * m).T  # [rows, groups, P]
+    quadratic = quadratic.repeat(count, 1, 1)  # [count * rows, groups, P]
+    careful = bool((w == 0).any())  # equal removed values under two patterns are possible
     for _ in range(sweeps):
-        changed = 0
-        for g in range(groups):
-            cols = slice(g * m, (g + 1) * m)
-            h_gg = h[cols, cols]
-            old = removed[:, cols]
-            others = gradient[:, cols] - old @ h_gg + fixed[:, cols]  # the other groups, and the linear term
-            candidates = w[:, cols][:, None, :] * (1.0 - keep_patterns)[None, :, :]  # [rows, P, m]
-            energy = torch.einsum("rpi,ij,rpj->rp", candidates, h_gg, candidates) + 2 * torch.einsum(
-                "rpi,ri->rp", candidates, others
-            )
-            best = energy.argmin(1)
-            new = candidates[torch.arange(rows), best]
-            delta = new - old
-            moved = delta.abs().sum(1) > 0
-            if moved.any():
-                changed += int(moved.sum())
-                removed[:, cols] = new
-                gradient += delta @ h[cols, :]
-                keep[:, cols] = keep_patterns[best].bool()
-        if changed == 0:
+        before = choice.clone()
+        moved_starts = torch.zeros(count, dtype=torch.bool)
+        for first in range(0, groups, BLOCK_GROUPS):
+            last = min(first + BLOCK_GROUPS, groups)
+            lo, hi = first * m, last * m
+            h_rows = h[lo:hi, lo:hi]
+            block_removed = removed[:, lo:hi]  # views: updated in place
+            block_gradient = gradient[:, lo:hi]
+            block_weights = stacked[:, lo:hi]
+            start_removed = block_removed.clone()
+            for g in range(first, last):
+                a, b = (g - first) * m, (g - first + 1) * m
+                old = block_removed[:, a:b]
+                others = block_gradient[:, a:b] - old @ h_blocks[g]
+                if fixed is not None:
+                    others += fixed[:, g * m:(g + 1) * m]
+                weights = block_weights[:, a:b]
+                energy = torch.addmm(quadratic[:, g], weights * others, drop_t, alpha=2.0)
+                best = energy.argmin(1)
+                new = weights * drop[best]
+                delta = new - old
+                block_gradient.addmm_(delta, h_rows[a:b])
+                if careful:
+                    moved = (delta != 0).any(1).reshape(count, rows).any(1)
+                    moved_starts |= moved
+                    best = torch.where(moved.repeat_interleave(rows), best, choice[:, g])
+                old.copy_(new)
+                choice[:, g] = best
+            change = block_removed - start_removed
+            if lo > 0:
+                gradient[:, :lo].addmm_(change, h[lo:hi, :lo])
+            if hi < k:
+                gradient[:, hi:].addmm_(change, h[lo:hi, hi:])
+        if not careful:  # without zero weights, a row moves exactly when its pattern changes
+            moved_starts = (choice != before).reshape(count, -1).any(1)
+        if not bool(moved_starts.any()):
             break
-    return keep
+    keep = keep_patterns[choice].bool().reshape(count, rows, k)
+    return list(keep.unbind(0))
 
 
 def obs_prune(matrix: torch.Tensor, hessian: torch.Tensor, n: int, m: int, damp: float = 0.01,
               block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT-style N:M pruning with weight compensation: (keep-mask, updated weights)."""
+    """SparseGPT-style N:M pruning with weight compensation: (keep-mask, updated weights).
+
+    Columns are processed a group at a time: the group's N kept entries are chosen by the OBS
+    saliency, then its removed entries' errors ``e`` solve the column-by-column recurrence
+    ``e_c = [c removed] / U_cc * (w_c - sum_{c' < c in group} e_c' U_c'c)`` (``U_gg`` strictly
+    upper triangular, so ``m - 1`` substitutions are exact) and update the later columns at once.
+    """
     w = matrix.double().clone()
     h = hessian.double().clone()
     rows, k = w.shape
@@ -144,25 +202,35 @@ def obs_prune(matrix: torch.Tensor, hessian: torch.Tensor, n: int, m: int, damp:
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
-    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(h_inv, upper=True)  # H^-1 = U^T U
+    # The upper Cholesky factor of H^-1 (H^-1 = U^T U) from one factorisation: with J the reversal,
+    # J H J = L L^T gives H^-1 = (J L^-T J)(J L^-1 J), and U = J L^-1 J is upper triangular.
+    flipped = torch.linalg.cholesky(h.flip(0, 1))
+    u = torch.linalg.solve_triangular(flipped, torch.eye(k, dtype=h.dtype), upper=False).flip(0, 1)
     keep = torch.ones(rows, k, dtype=torch.bool)
     block = max(m, block - block % m)
+    diagonal = torch.diagonal(u)
     for start in range(0, k, block):
         stop = min(start + block, k)
         w_block = w[:, start:stop].clone()
         u_block = u[start:stop, start:stop]
         errors = torch.zeros_like(w_block)
-        for i in range(stop - start):
-            if i % m == 0:
-                saliency = w_block[:, i:i + m] ** 2 / torch.diagonal(u_block)[i:i + m][None, :] ** 2
-                keep[:, start + i:start + i + m] = topn_mask(saliency, 1, n, m)
-            column = w_block[:, i]
-            kept_column = torch.where(keep[:, start + i], column, torch.zeros_like(column))
-            error = (column - kept_column) / u_block[i, i]
-            w_block[:, i:] -= error[:, None] * u_block[i, i:][None, :]
-            w_block[:, i] = kept_column
-            errors[:, i] = error
+        for i in range(0, stop - start, m):
+            j = i + m
+            u_diag = diagonal[start + i:start + j]
+            values = w_block[:, i:j]
+            saliency = values ** 2 / u_diag[None, :] ** 2
+            order = torch.sort(saliency, dim=1, descending=True, stable=True).indices[:, :n]  # as topn_mask
+            kept = torch.zeros(rows, m, dtype=torch.bool).scatter_(1, order, True)
+            keep[:, start + i:start + j] = kept
+            scale = (~kept) / u_diag[None, :]  # [c removed] / U_cc
+            coupling = torch.triu(u_block[i:j, i:j], diagonal=1)
+            error = values * scale
+            for _ in range(m - 1):
+                error = (values - error @ coupling) * scale
+            final = (values - error @ coupling) * kept  # each column as it stands when it is reached
+            w_block[:, j:] -= error @ u_block[i:j, j:]
+            w_block[:, i:j] = final
+            errors[:, i:j] = error
         w[:, start:stop] = w_block
         w[:, stop:] -= errors @ u[start:stop, stop:]
     return keep, w * keep

@@ -99,6 +99,36 @@ def gemm_columns(node: torch.fx.Node, kind: str, x: torch.Tensor, weight_shape: 
 GRAM_ROWS_PER_UPDATE = 16384
 
 
+# Rows summed in float32 before the partial sums are added in float64.
+SUM_CHUNK_ROWS = 1024
+# Column block of the Gram matrix: only blocks on and above the diagonal are multiplied.
+GRAM_BLOCK = 1024
+
+
+def _column_sums(values: torch.Tensor) -> torch.Tensor:
+    """Float64 column sums of float32 ``values`` [S, K]: float32 within fixed chunks of rows, float64 across."""
+    rows, columns = values.shape
+    full = rows - rows % SUM_CHUNK_ROWS
+    total = values[:full].reshape(-1, SUM_CHUNK_ROWS, columns).sum(1).double().sum(0)
+    if full < rows:
+        total += values[full:].sum(0).double()
+    return total
+
+
+def _add_gram(gram: torch.Tensor, sample: torch.Tensor) -> None:
+    """``gram += sample^T sample`` (float32 products): blocks on and above the diagonal, mirrored below it."""
+    columns = sample.shape[1]
+    if columns <= GRAM_BLOCK:
+        gram += (sample.T @ sample).double()
+        return
+    for start in range(0, columns, GRAM_BLOCK):
+        stop = min(start + GRAM_BLOCK, columns)
+        block = (sample[:, start:stop].T @ sample[:, start:]).double()  # rows start:stop, columns start:
+        gram[start:stop, start:] += block
+        if stop < columns:
+            gram[stop:, start:stop] += block[:, stop - start:].T
+
+
 class InputStatistics:
     """Running sums over input columns: count, ``sum x_j^2`` and optionally ``X^T X``."""
 
@@ -113,15 +143,21 @@ class InputStatistics:
         self.cross: torch.Tensor | None = None
 
     def update(self, cols: torch.Tensor, reference: torch.Tensor | None = None) -> None:
-        """Add samples ``cols`` [S, K]; ``reference``: the same samples' columns in the dense model."""
+        """Add samples ``cols`` [S, K]; ``reference``: the same samples' columns in the dense model.
+
+        Products and partial sums run in float32 over chunks of ``SUM_CHUNK_ROWS`` rows; the
+        chunks are added in float64, so no float64 copy of the whole input is made. The chunking
+        is fixed, so the same inputs give the same bytes.
+        """
+        cols = cols.float()
         self.count += cols.shape[0]
-        self.sums += cols.double().sum(0)
-        self.sq_norms += cols.double().pow(2).sum(0)
+        self.sums += _column_sums(cols)
+        self.sq_norms += _column_sums(cols * cols)
         if reference is not None:
-            shift = reference.double() - cols.double()
-            self.shift_sums = shift.sum(0) if self.shift_sums is None else self.shift_sums + shift.sum(0)
+            shift_sum = _column_sums(reference.float() - cols)
+            self.shift_sums = shift_sum if self.shift_sums is None else self.shift_sums + shift_sum
         if self.gram is not None:
-            sample = cols.float()
+            sample = cols
             ref_sample = reference.float() if reference is not None else None
             if cols.shape[0] > GRAM_ROWS_PER_UPDATE:
                 # Random rows, not a stride: a stride aliases with the image width and keeps
@@ -131,7 +167,7 @@ class InputStatistics:
                 sample = sample[rows]
                 ref_sample = ref_sample[rows] if ref_sample is not None else None
             self.gram_count += sample.shape[0]
-            self.gram += (sample.T @ sample).double()  # fp32 products, fp64 accumulation across updates
+            _add_gram(self.gram, sample)  # fp32 products, fp64 accumulation across updates
             if ref_sample is not None:
                 product = (sample.T @ (ref_sample - sample)).double()
                 self.cross = product if self.cross is None else self.cross + product
