@@ -96,6 +96,7 @@ class BuildOptions:
     batch: tuple[int, int, int] | None = None  # TensorRT profile (min, opt, max) for a dynamic batch
     sparse_only_if_faster: bool = False  # leave layers the speed model does not predict faster dense
     precision: str = "auto"  # TensorRT engine precision: auto (= weights dtype), fp16, bf16, fp32, int8, fp8
+    int8_calibration: str = "percentile"  # --precision int8 with --calib: activation ranges (sparsecompile/quantize.py)
     engine: bool = True  # build the TensorRT engine now when this machine has the target GPU and TensorRT
     # The accuracy guard (budget.py, damage.py): "auto" = on with --calib at DEFAULT_MAX_DROP, off without it;
     # None = every eligible layer sparse (damage still measured and reported).
@@ -320,8 +321,23 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
     if weights_dtype_name not in _DTYPES:
         raise SparseCompileError(f"unknown --weights-dtype '{weights_dtype_name}'; valid: auto, {', '.join(_DTYPES)}")
     engine_precision = weights_dtype_name if options.precision == "auto" else options.precision
-    if target.kind == "gpu" or options.precision != "auto":
+    # --precision int8 with --calib: the build quantizes the sparse ONNX itself (Q/DQ, 2:4 kept exact); on a
+    # CPU target that is the ONNX Runtime INT8 fallback, on a GPU target TensorRT's explicit-quantization input.
+    quantize_int8 = options.precision == "int8" and bool(options.calib)
+    if options.precision == "int8" and target.kind != "gpu" and not options.calib:
+        raise SparseCompileError(f"--precision int8 on target '{target.name}' quantizes for ONNX Runtime and needs "
+                                 "--calib (activation ranges and the accuracy check come from it)")
+    if target.kind == "gpu" or (options.precision != "auto" and not quantize_int8):
         check_precision(target, engine_precision)
+    if quantize_int8:
+        from sparsecompile.quantize import CALIBRATIONS
+
+        if options.int8_calibration not in CALIBRATIONS:
+            raise SparseCompileError(f"unknown --int8-calibration '{options.int8_calibration}'; "
+                                     f"valid: {', '.join(CALIBRATIONS)}")
+        if options.int8_calibration == "minmax" and target.kind != "gpu":
+            raise SparseCompileError("--int8-calibration minmax with the CPU fallback's uint8 activations gave a "
+                                     "constant prediction on the shipped example (an open bug): use percentile or entropy")
 
     for message in _ignored_options(options, target, sparsify_layers, bool(getattr(method, "learned", False)),
                                     options.method if saved is None else "(saved masks)"):
@@ -331,7 +347,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
     # Stages that always run (load, normalize, masks, verify, ONNX, ONNX Runtime, compress, report), plus the
     # optional ones asked for; one that turns out to have nothing to do takes itself off the total below.
     learned = bool(getattr(method, "learned", False))
-    progress.total = 8 + sum([bool(permute), learned, guard["on"], bool(options.certify)])
+    progress.total = 8 + sum([bool(permute), learned, guard["on"], bool(options.certify), quantize_int8])
 
     # 1. load
     with progress.stage("loading model"), _timed(timings, "load"):
@@ -637,15 +653,25 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         if certificate is not None:
             write_certificate(staging, certificate, dense_values)
 
+        # 7b. INT8 (--precision int8 with --calib): model.int8.onnx, checked 2:4 and held to the accuracy budget
+        quantization = None
+        if quantize_int8:
+            with progress.stage("quantizing to INT8 (ONNX Runtime Q/DQ)"), _timed(timings, "int8"):
+                quantization = _quantize_int8(staging, onnx_info, batches, fit_calib, check_calib, check_dense,
+                                              sparse_gm, kinds, assess, guard, target, options, layer_records,
+                                              progress, notes)
+
         # 8. TensorRT recipe (GPU targets); the engine itself is built on the target (sparsecompile engine)
         engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
         if target.kind == "gpu":
-            if engine_precision in QUANTIZED and not has_qdq(staging / "model.onnx"):
+            if engine_precision in QUANTIZED and quantization is None and not has_qdq(staging / "model.onnx"):
                 raise SparseCompileError(
-                    f"--precision {engine_precision} needs an explicitly quantized model (QuantizeLinear/"
-                    "DequantizeLinear in the ONNX), e.g. quantized with nvidia-modelopt before export; this one has none")
+                    f"--precision {engine_precision} needs calibration data (--calib: the build quantizes the sparse "
+                    "model itself) or an explicitly quantized model (QuantizeLinear/DequantizeLinear in the ONNX)")
             recipe = make_recipe(target, engine_precision, onnx_info["inputs"], onnx_info["dynamic_batch"],
                                  options.batch, sparse_weights=(n, m) == (2, 4))
+            if quantization is not None:  # TensorRT builds from the Q/DQ model the build wrote
+                recipe["onnx"] = f"../{INT8_ONNX}"
             write_recipe(staging / ENGINE_DIR, recipe)
             engine_info = {"status": "recipe", "recipe": f"{ENGINE_DIR}/recipe.json", "precision": recipe["precision"],
                            "profile": recipe["profile"], "trtexec": trtexec_command(recipe),
@@ -679,6 +705,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                     "on_damage": guard["on_damage"], "budget_signal": options.budget_signal,
                     "max_steps": options.max_steps if learned else None,
                     "precision": options.precision,
+                    "int8_calibration": options.int8_calibration if quantize_int8 else None,
                 },
                 "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
                 "inputs": onnx_info["inputs"],
@@ -705,6 +732,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                     "onnxruntime_vs_torch": ort_check,
                 },
                 "compression": compression,
+                "quantization": quantization,
                 "engine": engine_info,
                 "budget": budget.to_json() if budget is not None else None,
                 "learning": learning,
@@ -747,6 +775,63 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         _engine_now(out, target, progress)
     report["timings"]["total"] = round(time.perf_counter() - started, 3)
     return BuildResult(out, report)
+
+
+INT8_ONNX = "model.int8.onnx"
+
+
+def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, check_dense, sparse_gm, kinds, assess,
+                   guard, target, options, layer_records, progress, notes) -> dict:
+    """Quantize the sparse ``model.onnx`` to ``model.int8.onnx`` (sparsecompile/quantize.py) and report it.
+
+    Activation ranges come from the fitting samples; layers that quantize badly stay float until the
+    INT8 model is within the accuracy budget *against the dense model* on the held-back samples (one
+    budget for sparsity and quantization together). The damage of sparsity alone (sparse fp32 vs
+    dense), of quantization alone (INT8 vs sparse fp32) and of both (INT8 vs dense) is reported.
+    Every sparse layer's int8 weight must still be 2:4 and keep every zero, or the build fails.
+    """
+    from sparsecompile import quantize
+
+    names = [spec["name"] for spec in onnx_info["inputs"]]
+
+    def feeds(data):
+        return [{name: tensor.numpy() for name, tensor in zip(names, batch)} for batch in batches(data)]
+
+    fp32, out = staging / "model.onnx", staging / INT8_ONNX
+    # uint8 activations for ONNX Runtime's x86 integer kernels; symmetric int8 for TensorRT (quantize.py).
+    activations = "s8" if target.kind == "gpu" else "u8"
+    held = feeds(check_calib)
+    ranges = quantize.calibrate(fp32, feeds(fit_calib), options.int8_calibration)
+    dense_reference = [tensor.numpy() for tensor in check_dense]
+    if guard["on"]:
+        info = quantize.keep_float(fp32, out, None, held, ranges=ranges, reference=dense_reference, kinds=kinds,
+                                   max_drop=guard["max_drop"], max_error=guard["max_error"], activations=activations)
+    else:
+        info = quantize.quantize_onnx(fp32, out, ranges=ranges, activations=activations)
+    sparse_weights = [r["weight"] for r in layer_records if r["status"] == "sparse"]
+    check = quantize.check_qdq_sparsity(out, sparse_weights, fp32_onnx=fp32, polygraphy=False)
+    if not check["passed"]:
+        raise SparseCompileError("INT8 quantization broke the 2:4 pattern: " + "; ".join(check["failures"][:3]))
+    int8_outputs = [torch.from_numpy(np.asarray(a)) for a in quantize.run_onnx(out, held, threads=None)]
+    sparse_outputs = run_batches(sparse_gm, batches(check_calib))
+    damage = {"sparsity": assess(check_dense, sparse_outputs).to_json(),
+              "quantization": assess(sparse_outputs, int8_outputs).to_json(),
+              "both": assess(check_dense, int8_outputs).to_json()}
+    if not damage["both"]["within_budget"]:
+        message = ("WARNING: the INT8 model is over the accuracy budget on the held-back samples even with "
+                   f"{len(info.kept_float)} layer(s) kept float; ship model.onnx (fp32) or loosen --max-drop")
+        progress.warn(message)
+        notes.append(message)
+    if info.kept_float:
+        notes.append(f"INT8: {len(info.kept_float)} layer(s) kept in float: {', '.join(sorted(info.kept_float)[:5])}"
+                     + (" ..." if len(info.kept_float) > 5 else ""))
+    record = info.to_json()
+    record["path"] = INT8_ONNX
+    record["activations"] = activations
+    record["bytes"] = out.stat().st_size
+    record["sparsity_check"] = {k: check[k] for k in ("pattern", "passed", "failures", "required")}
+    record["damage"] = damage
+    return record
 
 
 def _engine_now(out: Path, target, progress: Progress) -> None:

@@ -203,8 +203,12 @@ def _pattern(text: str) -> tuple[int, int]:
               help="TensorRT optimization profile for a dynamic batch (default 1,8,32), written into the "
                    "engine recipe of GPU targets.")
 @click.option("--precision", type=click.Choice(["auto", "fp16", "bf16", "fp32", "int8", "fp8"]), default="auto",
-              show_default=True, help="TensorRT engine precision (auto: the weights dtype). int8/fp8 need a model "
-                                      "quantized with Q/DQ nodes; fp8 needs l4/h100.")
+              show_default=True, help="Engine precision (auto: the weights dtype). int8 with --calib: the build "
+                                      "quantizes the sparse model itself (model.int8.onnx: TensorRT's Q/DQ input, or "
+                                      "the ONNX Runtime INT8 fallback for --target cpu); without --calib int8/fp8 "
+                                      "need a model quantized with Q/DQ nodes; fp8 needs l4/h100.")
+@click.option("--int8-calibration", type=click.Choice(["percentile", "entropy", "minmax"]), default="percentile",
+              show_default=True, help="How --precision int8 sets activation ranges on the calibration data.")
 @click.option("--engine/--no-engine", "engine", default=True, show_default=True,
               help="Build the TensorRT engine now when this machine has the target's GPU and TensorRT.")
 @click.option("--sparse-only-if-faster", is_flag=True,
@@ -222,7 +226,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
           objective, labels, checkpoint, resume, learn_options, certify_, spectra, max_drop,
           max_error, on_damage, output_kind, auto_time_cap, budget_signal,
           min_weights, lower_conv, permute, permute_effort,
-          permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed, threads):
+          permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed, threads, int8_calibration):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
@@ -244,7 +248,7 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
         exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
         permute_budget=permute_budget, permute_effort=permute_effort, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed, threads=threads,
         batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
-        precision=precision, engine=engine, max_drop=max_drop, max_error=max_error, on_damage=on_damage,
+        precision=precision, int8_calibration=int8_calibration, engine=engine, max_drop=max_drop, max_error=max_error, on_damage=on_damage,
         output_kind=output_kind, auto_time_cap=auto_time_cap, budget_signal=budget_signal,
         save_masks=save_masks, masks=masks_file, certify=certify_, spectra=spectra,
         max_steps=max_steps, time_budget=time_budget, objective=objective, labels=labels, checkpoint=checkpoint,

@@ -1169,7 +1169,9 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
         return variants
     if is_build:
         param_map = layer_map_from_report(report)
-        variants.append(ort_variant("sparse", target / "model.onnx", manifest["inputs"], param_map))
+        from sparsecompile.runtime import fallback_onnx
+
+        variants.append(ort_variant("sparse", fallback_onnx(target, manifest), manifest["inputs"], param_map))
         if dense_source is not None:
             onnx_path, info, seconds = export_dense(dense_source, manifest["inputs"])
             if len(info["inputs"]) != len(manifest["inputs"]):

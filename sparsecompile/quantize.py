@@ -613,7 +613,8 @@ def quantization_sensitivity(fp32_onnx: Path, calib_inputs: list[dict[str, np.nd
                              held_inputs: list[dict[str, np.ndarray]], *, calibration: str = DEFAULT_CALIBRATION,
                              ranges: Calibration | None = None, reference: list[np.ndarray] | None = None,
                              kinds: list[str] | None = None, max_drop: float | None = None,
-                             max_error: float | None = None, workdir: Path | None = None) -> list[NodeSensitivity]:
+                             max_error: float | None = None, workdir: Path | None = None,
+                             activations: str = DEFAULT_ACTIVATIONS) -> list[NodeSensitivity]:
     """Per weighted node, the damage of quantizing that node alone, most damaging first.
 
     Measured on ``held_inputs`` against ``reference`` (default: the float model's outputs there),
@@ -625,7 +626,7 @@ def quantization_sensitivity(fp32_onnx: Path, calib_inputs: list[dict[str, np.nd
     with tempfile.TemporaryDirectory(prefix="sparsecompile-sens-", dir=workdir) as tmp:
         for item in weighted_nodes(model):
             path = Path(tmp) / "one.onnx"
-            quantize_onnx(fp32_onnx, path, ranges=ranges, only_nodes=[item.node])
+            quantize_onnx(fp32_onnx, path, ranges=ranges, only_nodes=[item.node], activations=activations)
             damage = _damage(reference, run_onnx(path, held), kinds, max_drop, max_error)
             score, relative = _order_key(damage)
             results.append(NodeSensitivity(item.node, item.layer, item.op_type, score, relative, damage.to_json()))
@@ -636,7 +637,8 @@ def keep_float(fp32_onnx: Path, out_onnx: Path, calib_inputs: list[dict[str, np.
                held_inputs: list[dict[str, np.ndarray]], *, calibration: str = DEFAULT_CALIBRATION,
                ranges: Calibration | None = None, exclude_nodes: Sequence[str] = (),
                reference: list[np.ndarray] | None = None, kinds: list[str] | None = None,
-               max_drop: float | None = None, max_error: float | None = None) -> QuantizeInfo:
+               max_drop: float | None = None, max_error: float | None = None,
+               activations: str = DEFAULT_ACTIVATIONS) -> QuantizeInfo:
     """Quantize ``fp32_onnx`` and keep the most damaging nodes in float until it is within budget.
 
     Budgets and units are the guard's (:mod:`sparsecompile.damage`): ``max_drop`` points for
@@ -654,7 +656,8 @@ def keep_float(fp32_onnx: Path, out_onnx: Path, calib_inputs: list[dict[str, np.
     reasons = {node: "excluded by the caller" for node in excluded}
 
     def trial(nodes: list[str]):
-        info = quantize_onnx(fp32_onnx, out_onnx, ranges=ranges, exclude_nodes=nodes, reasons=reasons)
+        info = quantize_onnx(fp32_onnx, out_onnx, ranges=ranges, exclude_nodes=nodes, reasons=reasons,
+                             activations=activations)
         return info, _damage(reference, run_onnx(out_onnx, held), kinds, max_drop, max_error)
 
     info, damage = trial(excluded)
@@ -662,7 +665,8 @@ def keep_float(fp32_onnx: Path, out_onnx: Path, calib_inputs: list[dict[str, np.
               "quantized_all": damage.to_json(), "trials": [], "sensitivity": []}
     if not damage.within:
         sensitivity = quantization_sensitivity(fp32_onnx, None, held, ranges=ranges, reference=reference,
-                                               kinds=kinds, max_drop=max_drop, max_error=max_error)
+                                               kinds=kinds, max_drop=max_drop, max_error=max_error,
+                                               activations=activations)
         search["sensitivity"] = [s.to_json() for s in sensitivity]
         best = _order_key(damage)
         for rank, item in enumerate(sensitivity, 1):

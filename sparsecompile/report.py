@@ -134,6 +134,27 @@ def _choice_text(choice: dict | None) -> str:
     return text + ")"
 
 
+def quantization_line(quantization: dict) -> str:
+    """The summary's ``int8:`` line: what was quantized, what stayed float, the 2:4 check and the damage split."""
+    damage = quantization.get("damage", {})
+
+    def worst(part: str) -> str:
+        outputs = damage.get(part, {}).get("outputs", [])
+        if not outputs:
+            return "?"
+        out = max(outputs, key=lambda o: (o["damage"] if o["damage"] is not None else float("inf")) / max(o["budget"], 1e-12))
+        return "non-finite" if out["damage"] is None else f"{out['damage']:.3g}{'%' if out['unit'] == '%' else ' pt'}"
+
+    check = quantization.get("sparsity_check", {})
+    verdict = "within budget" if damage.get("both", {}).get("within_budget") else "OVER BUDGET"
+    return (f"int8:    {quantization['path']} ({quantization['format']}, {quantization['calibration']} ranges from "
+            f"{quantization['calibration_samples']} samples): {len(quantization['quantized'])} layer(s) int8, "
+            f"{len(quantization['kept_float'])} kept float; 2:4 "
+            f"{'kept' if check.get('passed') else 'BROKEN'} in {len(check.get('required', []))} sparse layer(s); "
+            f"damage vs dense {worst('both')} (sparsity {worst('sparsity')}, quantization {worst('quantization')}): "
+            f"{verdict}")
+
+
 def certificate_line(certificate: dict) -> str:
     """The summary's ``certify:`` line; a certificate without a bound (not certifiable, not a
     classifier, nothing changed) prints what it has."""
@@ -212,6 +233,9 @@ def summary_lines(report: dict) -> list[str]:
     elif engine.get("status") == "built":
         counts = ", ".join(f"{v} {k}" for k, v in sorted(engine.get("counts", {}).items()))
         lines.append(f"engine:  {engine['file']} built; TensorRT per layer: {counts or 'no (Sparsity) lines in its log'}")
+    quantization = report.get("quantization")
+    if quantization:
+        lines.append(quantization_line(quantization))
     certificate = report.get("certificate")
     if certificate:
         lines.append(certificate_line(certificate))

@@ -91,11 +91,23 @@ def example_arrays(specs: list[dict], batch: int = 8, seed: int = 0) -> list[np.
     return arrays
 
 
+def fallback_onnx(build_dir: Path, manifest: dict) -> Path:
+    """The ONNX file the CPU fallback runs: ``model.int8.onnx`` of a --precision int8 build for a CPU target,
+    else ``model.onnx`` (a GPU target's INT8 file is TensorRT's input, not ONNX Runtime's)."""
+    from sparsecompile.targets import TARGETS
+
+    known = TARGETS.get(manifest.get("target"))
+    int8 = Path(build_dir) / "model.int8.onnx"
+    return int8 if int8.exists() and known is not None and known.kind == "cpu" else Path(build_dir) / "model.onnx"
+
+
 def build_runner(path: Path, manifest: dict, backend: str, threads: int | None = None):
     """A runner over a build directory: ``ort`` (model.onnx) or ``torch-cuda`` (model.pt2, 2:4 weights
     as semi-structured sparse tensors)."""
     if backend == "ort":
-        return OrtRunner(path / "model.onnx", threads=threads)
+        # A --precision int8 build for a CPU target carries the INT8 model (uint8 activations, ORT's integer
+        # kernels) as the fallback to run; a GPU target's INT8 file is TensorRT's input, so ORT runs fp32.
+        return OrtRunner(fallback_onnx(path, manifest), threads=threads)
     if backend == "torch-cuda":
         import json
 

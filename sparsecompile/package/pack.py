@@ -136,6 +136,11 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
     except (OSError, ValueError) as exc:
         raise SparseCompileError(f"cannot read '{path / 'report.json'}': {exc}") from None
     build_target = report["target"]["name"]
+    if report.get("quantization"):
+        raise SparseCompileError(
+            f"'{path}' is a --precision int8 build: packages do not carry INT8 weights yet (the compressed "
+            "format holds fp16/fp32 values); package a build made without --precision int8, or ship the build "
+            "directory (model.int8.onnx) as it is")
     edge = get_edge(edge_name or default_edge(build_target))
     notes = []
     if edge.kind == "gpu" and not report.get("sparsified"):
