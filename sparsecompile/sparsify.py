@@ -96,10 +96,11 @@ def sparsify(
         if method.needs:
             source, kind = activation_input(node, layer.weight_target)
             values = (working_env if sequential else reference_env)[source]
-            stats = InputStatistics(columns, hessian="hessian" in method.needs)
             # Sequential Hessian masks aim at the dense layer's output, not at this layer's own dense-weight
             # output on already-sparse inputs: the upstream error enters as a linear term (masks/hessian.py).
             dense_target = sequential and "hessian" in method.needs
+            stats = InputStatistics(columns, hessian="hessian" in method.needs,
+                                    weight_matrix=gemm_matrix(weight, layer.reduction_axis) if dense_target else None)
             references = reference_env[source] if dense_target else [None] * len(values)
             for value, reference in zip(values, references):
                 stats.update(gemm_columns(node, kind, value, tuple(weight.shape)),

@@ -11,7 +11,7 @@ Against the dense output (sequential calibration, the default)
     dense model had ``x_ref``. The error that matters is against the *dense*
     output, ``e = w.x_ref - (w - d).x = w.(x_ref - x) + d.x``, so
     ``E[e^2] = const + 2 d.(C w) + d^T H d`` with ``C = E[x (x_ref - x)^T]``
-    (``InputStatistics.upstream_cross``; centered when a correction follows).
+    (``InputStatistics.upstream_linear``, accumulated as W C^T; centered when a correction follows).
     The linear term lets a mask cancel part of the upstream error instead of
     only minimising its own. SparseGPT's objective is the case ``C = 0``.
     Measured (``benchmarks/results/hessian_dense_target.md``): the hessian + bias drop on the four
@@ -251,9 +251,8 @@ class HessianMask(MaskMethod):
         context = context or MaskContext()
         h = _hessian(context)
         matrix = gemm_matrix(weight.detach(), layer.reduction_axis)
-        cross = (context.statistics.upstream_cross(centered=bool(context.options.get("centered")))
-                 if context.options.get("dense_target") else None)
-        linear = matrix.double() @ cross.T if cross is not None else None  # row r: C w_r
+        linear = (context.statistics.upstream_linear(matrix, centered=bool(context.options.get("centered")))
+                  if context.options.get("dense_target") else None)  # row r: C w_r
         keep = min_output_error_mask(matrix, h, self.n, self.m, linear=linear)
         return from_gemm_matrix(keep, tuple(weight.shape), layer.reduction_axis)
 

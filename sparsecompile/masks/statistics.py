@@ -132,7 +132,7 @@ def _add_gram(gram: torch.Tensor, sample: torch.Tensor) -> None:
 class InputStatistics:
     """Running sums over input columns: count, ``sum x_j^2`` and optionally ``X^T X``."""
 
-    def __init__(self, columns: int, hessian: bool):
+    def __init__(self, columns: int, hessian: bool, weight_matrix: torch.Tensor | None = None):
         self.count = 0
         self.gram_count = 0
         self.sums = torch.zeros(columns, dtype=torch.float64)
@@ -141,6 +141,10 @@ class InputStatistics:
         # With reference (dense-model) inputs: sum of (x_ref - x) and X^T (X_ref - X), for the upstream error.
         self.shift_sums: torch.Tensor | None = None
         self.cross: torch.Tensor | None = None
+        # Given the layer's [rows, K] weight, the cross term is only ever needed as W C^T: accumulate that
+        # ([rows, K], from (D W^T)^T X) instead of the [K, K] C, rows/K of the work (64x less for K = 8192).
+        self.weight_matrix = weight_matrix.detach().float() if weight_matrix is not None else None
+        self.linear_sum: torch.Tensor | None = None
 
     def update(self, cols: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """Add samples ``cols`` [S, K]; ``reference``: the same samples' columns in the dense model.
@@ -168,7 +172,10 @@ class InputStatistics:
                 ref_sample = ref_sample[rows] if ref_sample is not None else None
             self.gram_count += sample.shape[0]
             _add_gram(self.gram, sample)  # fp32 products, fp64 accumulation across updates
-            if ref_sample is not None:
+            if ref_sample is not None and self.weight_matrix is not None:
+                product = (((ref_sample - sample) @ self.weight_matrix.T).T @ sample).double()
+                self.linear_sum = product if self.linear_sum is None else self.linear_sum + product
+            elif ref_sample is not None:
                 product = (sample.T @ (ref_sample - sample)).double()
                 self.cross = product if self.cross is None else self.cross + product
 
@@ -183,6 +190,22 @@ class InputStatistics:
             return second_moment
         mean = self.sums / max(self.count, 1)
         return second_moment - torch.outer(mean, mean)
+
+    def upstream_linear(self, weight_matrix: torch.Tensor, centered: bool = False) -> torch.Tensor | None:
+        """``W C^T`` (row ``r``: ``C w_r``) for the ``[rows, K]`` weight, or None without reference inputs.
+
+        From the accumulated ``[rows, K]`` product when the statistics were given this weight,
+        else from the full ``C`` (:meth:`upstream_cross`).
+        """
+        if self.linear_sum is None:
+            cross = self.upstream_cross(centered)
+            return None if cross is None else weight_matrix.double() @ cross.T
+        linear = self.linear_sum / max(self.gram_count, 1)
+        if centered:  # C - mean shift_mean^T, seen through W: subtract (W shift_mean) mean^T
+            mean = self.sums / max(self.count, 1)
+            shift = self.shift_sums / max(self.count, 1)
+            linear = linear - torch.outer(weight_matrix.double() @ shift, mean)
+        return linear
 
     def upstream_cross(self, centered: bool = False) -> torch.Tensor | None:
         """``C = E[x (x_ref - x)^T]`` (centered: the covariance), or None without reference inputs.

@@ -145,6 +145,22 @@ def test_upstream_cross_statistics_match_a_direct_computation():
     assert InputStatistics(8, hessian=True).upstream_cross() is None  # no reference inputs: no term
 
 
+def test_upstream_linear_from_the_weight_equals_w_times_the_full_cross_term():
+    # Given the weight, the statistics accumulate W C^T ([rows, K]) instead of C ([K, K]): same numbers.
+    x_ref, x = _upstream_problem(1, samples=200)
+    weight = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    full, projected = InputStatistics(8, hessian=True), InputStatistics(8, hessian=True, weight_matrix=weight)
+    for start in range(0, 200, 50):
+        full.update(x[start:start + 50], x_ref[start:start + 50])
+        projected.update(x[start:start + 50], x_ref[start:start + 50])
+    assert projected.cross is None and projected.linear_sum.shape == (5, 8)  # the K x K term is never built
+    for centered in (False, True):
+        expected = weight.double() @ full.upstream_cross(centered=centered).T
+        assert torch.allclose(projected.upstream_linear(weight, centered=centered), expected, atol=1e-5)
+        assert torch.allclose(full.upstream_linear(weight, centered=centered), expected, atol=1e-12)
+    assert InputStatistics(8, hessian=True, weight_matrix=weight).upstream_linear(weight) is None
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_dense_target_mask_minimises_the_error_against_the_dense_output(seed):
     """With upstream error, the linear term finds the brute-force optimum of ||w x_ref - (w - d) x||^2."""
