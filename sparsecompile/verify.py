@@ -20,13 +20,14 @@ from sparsecompile.errors import SparseCompileError
 
 def count_nm_violations(weight, axis: int, n: int = 2, m: int = 4) -> int:
     """Number of groups of ``m`` consecutive entries along ``axis`` with more than ``n`` nonzeros."""
-    array = weight.detach().cpu().float().numpy() if isinstance(weight, torch.Tensor) else np.asarray(weight)
-    if array.shape[axis] % m:
+    # Only whether each entry is nonzero matters: a boolean array, no float copy of the weight.
+    nonzero = ((weight.detach().cpu() != 0).numpy() if isinstance(weight, torch.Tensor)
+               else np.asarray(weight) != 0)
+    if nonzero.shape[axis] % m:
         return -1
-    moved = np.moveaxis(array, axis, -1)
+    moved = np.moveaxis(nonzero, axis, -1)
     groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
-    nonzeros = np.count_nonzero(groups, axis=-1)
-    return int(np.sum(nonzeros > n))
+    return int(np.sum(groups.sum(axis=-1, dtype=np.int32) > n))
 
 
 def flat_outputs(output) -> list[torch.Tensor]:
