@@ -125,12 +125,8 @@ def _choice_text(choice: dict | None) -> str:
     update = " --update-weights" if chosen.get("update_weights") else ""
     text = (f" (chosen by --method auto with{update} --correct {chosen['correct']}: least damage of {len(tried)} candidates "
             f"on held-back samples, {choice['seconds']:.1f}s")
-    capped = sum("--auto-time-cap" in t["skipped"] for t in choice["tried"] if "skipped" in t)
-    undamaged = len(choice["tried"]) - len(tried) - capped
-    if undamaged:
-        text += f"; {undamaged} not tried: a cheaper one showed no damage"
-    if capped:
-        text += f"; {capped} skipped at --auto-time-cap"
+    if choice.get("skipped"):
+        text += f"; {choice['skipped']} skipped at --auto-time-cap"
     return text + ")"
 
 

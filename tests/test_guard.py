@@ -30,13 +30,16 @@ def test_default_build_chooses_a_method_that_keeps_accuracy(scaled_mlp, tmp_path
     choice = report["method_choice"]
     scores = {(t["method"], t["correct"], t.get("update_weights", False)): t.get("score") for t in choice["tried"]}
     assert len(scores) == 8 and scores[("magnitude", "bias", False)] > 10  # magnitude loses > 10 points
-    assert report["method"] == "activation" and choice["chosen"] == {"method": "activation", "correct": "bias"}
-    # activation + bias showed no damage: nothing later can beat it, so the hessian candidates were not built.
-    assert scores[("activation", "bias", False)] == 0.0
-    assert [t["method"] for t in choice["tried"] if "skipped" in t] == ["activation"] + ["hessian"] * 4
+    assert report["method"] == "activation" and choice["chosen"]["method"] == "activation"
+    assert scores[("activation", "bias", False)] == 0.0 and not any("skipped" in t for t in choice["tried"])
     assert [t.get("update_weights", False) for t in choice["tried"] if t["method"] == "hessian"] == \
         [False, False, True, True]  # hessian with weights unchanged and OBS-updated, each with and without bias
-    assert all("showed no damage" in t["skipped"] for t in choice["tried"] if "skipped" in t)
+    # Several candidates change no held-back prediction; among equal scores the smaller relative error wins.
+    ties = [t for t in choice["tried"] if t["score"] == 0.0]
+    assert len(ties) >= 2
+    chosen = next(t for t in choice["tried"] if t["method"] == choice["chosen"]["method"]
+                  and t["correct"] == choice["chosen"]["correct"] and not t.get("update_weights"))
+    assert chosen["relative_error"] == min(t["relative_error"] for t in ties)
     assert report["summary"]["sparse_layers"] == 1 and _damage(report) == 0.0
     assert report["budget"]["reverted"] == []  # a model that is fine does not trigger the guard
     assert report["verification"]["calibration"] == {"source": str(scaled_mlp[1]), "samples": 256,
