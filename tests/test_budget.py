@@ -43,11 +43,16 @@ def test_budget_keeps_the_most_sensitive_layers_dense(tmp_path, model_files, cor
             assert "correction" not in record
     assert set(budget["sensitivity"]) >= reverted and ranks
     scores = [budget["initial"]["score"]] + [entry["score_after"] for entry in budget["reverted"]]
-    if correct == "none":  # greedy: every recorded step lowered the score
-        assert budget["search"] == "greedy"
+    if correct == "bias":  # both searches ran; the one keeping more sparse is reported, the other beside it
+        assert budget["alternative"]["search"] in ("greedy", "bisection")
+        assert {budget["search"], budget["alternative"]["search"]} == {"greedy", "bisection"}
+        assert budget["alternative"]["sparse_layers"] <= result.report["summary"]["sparse_layers"]
+    else:
+        assert budget["alternative"] is None and budget["search"] == "greedy"
+    if budget["search"] == "greedy" and not budget["trials"]:  # every recorded step lowered the score
         assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
-    else:  # bisection on the ranking, correction refitted per trial: the smallest within-budget prefix
-        assert budget["search"] == "bisection" and budget["trials"]
+    elif budget["search"] == "bisection":  # on the ranking, correction refitted per trial: the smallest prefix
+        assert budget["trials"]
         count = len(budget["reverted"])
         assert {entry["score_after"] for entry in budget["reverted"]} == {budget["final"]["score"]}
         assert [entry["rank"] for entry in budget["reverted"]] == list(range(1, count + 1))
