@@ -17,4 +17,11 @@ def load(path, threads=None, allow_other_target=False):
     return _load(path, threads=threads, allow_other_target=allow_other_target)
 
 
-__all__ = ["SparseCompileError", "__version__", "load"]
+def build_model(model, output, *, calib=None, example_inputs=None, progress=None, **options):
+    """Build an in-memory ``nn.Module`` / ``ExportedProgram`` with calibration arrays (sparsecompile/api.py)."""
+    from sparsecompile.api import build_model as _build_model
+
+    return _build_model(model, output, calib=calib, example_inputs=example_inputs, progress=progress, **options)
+
+
+__all__ = ["SparseCompileError", "__version__", "build_model", "load"]

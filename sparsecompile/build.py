@@ -128,6 +128,7 @@ class BuildOptions:
     error_samples: int = 64  # calibration samples used for per-layer errors
     seed: int = 0
     threads: int | None = None  # torch intra-op threads for the whole build; None: torch's default
+    source_label: str | None = None  # what the report calls the source (build_model: the in-memory model)
 
 
 @dataclass
@@ -685,7 +686,9 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             report = {
                 "sparsecompile_version": __version__,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "source": {"path": loaded.source, "kind": loaded.source_kind, "sha256": loaded.source_sha256},
+                "source": {"path": options.source_label or loaded.source,
+                           "kind": "in-memory" if options.source_label else loaded.source_kind,
+                           "sha256": loaded.source_sha256},
                 "target": target.to_json(),
                 "method": method.name if saved is None else f"saved masks ({saved.method})",
                 "method_choice": method_choice,
