@@ -139,6 +139,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
+from sparsecompile.analysis.taylor import TaylorModel, output_certificate
 from sparsecompile.graph import conv_params, get_tensor
 from sparsecompile.verify import flat_outputs
 
@@ -1143,6 +1144,11 @@ class _Certifier:
         keep = n if keep is None else keep
         self.keep = keep
         self.dense_env, self.sparse_env, self.contrib = {}, {}, {}
+        previous = getattr(self, "taylor", None)
+        self.taylor = TaylorModel(self)
+        if previous is not None:  # the self-check counts over all batches
+            self.taylor.violations, self.taylor.worst = previous.violations, previous.worst
+            self.taylor.worst_node = previous.worst_node
         last_use: dict[str, int] = {}
         order = {node.name: i for i, node in enumerate(self.sparse_nodes)}
         for node in self.sparse_nodes:
@@ -1153,6 +1159,7 @@ class _Certifier:
             # separate copies: an in-place op on an input must not run twice on one tensor
             self.dense_env[name], self.sparse_env[name] = value, value.clone()
             self.contrib[name] = torch.zeros(n, s_count, dtype=torch.float64)
+            self.taylor.placeholder(name)
         outputs = None
         with torch.no_grad():
             for node in self.sparse_nodes:
@@ -1175,6 +1182,7 @@ class _Certifier:
                             continue
                         del self.dense_env[a.name], self.sparse_env[a.name]
                         self.contrib.pop(a.name, None)
+                        self.taylor.boxes.pop(a.name, None)
         flat = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         results = []
         for out in flat:
@@ -1184,7 +1192,14 @@ class _Certifier:
             c = self.contrib[out.name]
             if c is None or isinstance(c, list):
                 raise NotCertifiable(f"output '{out.name}' is not modelled")
-            results.append(tuple(v[:keep] for v in (self.dense_env[out.name], self.sparse_env[out.name], c)))
+            box = self.taylor.boxes.get(out.name)
+            z = self.dense_env[out.name]
+            if box is None and isinstance(z, torch.Tensor):  # nothing upstream changed
+                box = (torch.zeros(z.shape, dtype=torch.float64), torch.zeros(z.shape, dtype=torch.float64))
+            if isinstance(box, tuple):
+                box = (box[0][:keep], box[1][:keep])
+            results.append(tuple(v[:keep] for v in (self.dense_env[out.name], self.sparse_env[out.name], c))
+                           + (box,))
         return results
 
     def _run_node(self, node, n: int, s_count: int, stats: dict, checks: dict) -> None:
@@ -1207,6 +1222,7 @@ class _Certifier:
             parent = self.contrib[source.name]
             picked = parent[index] if isinstance(parent, list) else None
             self.contrib[node.name] = picked
+            self.taylor.getitem(node)
             return
 
         d_args, d_kwargs = map_aggregate((dense.args, dense.kwargs), lookup_dense)
@@ -1221,6 +1237,7 @@ class _Certifier:
             if not _same_value(v_dense, v_sparse):
                 raise NotCertifiable(f"node '{node.name}': a non-tensor value differs between the models")
             self.contrib[node.name] = None
+            self.taylor.boxes[node.name] = None
             return
 
         ctx = _Ctx(node, self, v_dense)
@@ -1236,10 +1253,14 @@ class _Certifier:
         tensors_s = list(v_sparse) if tuple_out else [v_sparse]
         acts = {a.name for a in _act_args(ctx)}
         local_parts = None
+        local_vectors: list = [None] * len(tensors_d)
         if node.name in self.changed:
             x_args, x_kwargs = self.substitute(node, {})
             cross = node.target(*x_args, **x_kwargs)
             cross_list = list(cross) if tuple_out else [cross]
+            local_vectors = [((c.double() - d.double()) if isinstance(c, torch.Tensor) and isinstance(d, torch.Tensor)
+                              and c.shape == d.shape and c.is_floating_point() else None)
+                             for c, d in zip(cross_list, tensors_d)]
             local_parts = [(_diff_norm(c, d, n)
                             if isinstance(c, torch.Tensor) and isinstance(d, torch.Tensor) and c.shape == d.shape
                             and c.dim() > 0 and c.shape[0] == n else None) for c, d in zip(cross_list, tensors_d)]
@@ -1278,6 +1299,10 @@ class _Certifier:
                     checks["worst_excess"], checks["worst_node"] = worst, node.name
                 checks["violations"] = checks.get("violations", 0) + int((excess > 0).sum())
         self.contrib[node.name] = contributions if tuple_out else contributions[0]
+        l2_bounds = [c.sum(1) if isinstance(c, torch.Tensor) else None for c in contributions]
+        actual = [((s.double() - d.double()) if isinstance(s, torch.Tensor) and isinstance(d, torch.Tensor)
+                   and d.is_floating_point() and s.shape == d.shape else None) for s, d in zip(tensors_s, tensors_d)]
+        self.taylor.run(node, v_dense, tuple_out, per_output, local_vectors, _UNBOUNDED, l2_bounds, actual)
         if node.target in _GEMM_LIKE:
             x_node, _, _ = self.gemm_operator(ctx)
             norms = self.input_norms.setdefault(node.name, [])
@@ -1396,7 +1421,7 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
     stats: dict[str, _LayerStats] = {}
     checks: dict = {}
     collected = {"bound": [], "actual": [], "margin": [], "dense_pred": [], "sparse_pred": [], "contrib": [],
-                 "z_inf": []}
+                 "z_inf": [], "global_bound": [], "local_bound": [], "local_certified": []}
     samples = 0
     chosen = output
     for batch, keep in _rebatch(_limit(batches, max_samples), static_batch_size(sparse_gm)):
@@ -1414,20 +1439,30 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
                 reasons.append(f"the model does not run on a batch of {int(batch[0].shape[0])}: "
                                f"{type(exc).__name__}: {str(exc)[:200]}")
                 break
-            results = [(d[:keep], s[:keep], None) for d, s in zip(outs_d, outs_s)]
+            results = [(d[:keep], s[:keep], None, None) for d, s in zip(outs_d, outs_s)]
         if chosen is None:
             chosen = next((i for i, r in enumerate(results) if r is not None and r[0].dim() == 2 and r[0].shape[1] > 1), 0)
         if chosen >= len(results) or results[chosen] is None:
             reasons.append(f"output {chosen} is not an input-dependent tensor")
             break
-        z_d, z_s, c = results[chosen]
+        z_d, z_s, c, box = results[chosen]
         n = z_d.shape[0]
         samples += n
         collected["actual"].append(_diff_norm(z_s, z_d, n))
-        collected["z_inf"].append(z_d.detach().double().reshape(n, -1).abs().amax(1))
+        z_inf = z_d.detach().double().reshape(n, -1).abs().amax(1)
+        collected["z_inf"].append(z_inf)
         if c is not None:
-            collected["bound"].append(c.sum(1))
+            global_bound = c.sum(1)
+            collected["global_bound"].append(global_bound)
             collected["contrib"].append(c)
+            local_bound = torch.full_like(global_bound, math.inf)
+            if isinstance(box, tuple) and z_d.dim() >= 1:
+                local_certified, local_bound = output_certificate(
+                    (box[0].reshape(n, -1), box[1].reshape(n, -1)), z_d.reshape(n, -1), FP_SLACK * (1 + z_inf))
+                if z_d.dim() == 2 and z_d.shape[1] > 1:
+                    collected["local_certified"].append(local_certified)
+            collected["local_bound"].append(local_bound)
+            collected["bound"].append(torch.minimum(global_bound, local_bound))
         if z_d.dim() == 2 and z_d.shape[1] > 1:
             top = z_d.detach().double().topk(2, dim=1).values
             collected["margin"].append(top[:, 0] - top[:, 1])
@@ -1438,7 +1473,8 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
     classifier = bool(collected["margin"])
     summary: dict = {
         "samples": samples, "output": chosen, "certifiable": certifiable, "not_certifiable": reasons,
-        "margin_rule": "prediction kept if top1 - top2 > sqrt(2) * bound (l2 bound on the output change)",
+        "margin_rule": ("prediction kept if top1 - top2 > sqrt(2) * bound (l2 bound on the output change), or if "
+                        "z_i - z_j > (c_j - c_i) + r_i + r_j for every j (elementwise Taylor box c +- r)"),
         "median_actual_change": _median(actual), "max_actual_change": float(actual.max()) if actual.numel() else None,
     }
     if runner is not None and runner.unmodelled:
@@ -1469,19 +1505,34 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
         self_check={"violations": int(checks.get("violations", 0)),
                     "worst_excess": float(checks.get("worst_excess", 0.0)),
                     "worst_node": checks.get("worst_node"),
-                    "note": "observed per-node changes that exceed the per-node bound (must be 0)"},
+                    "box_violations": int(runner.taylor.violations) if hasattr(runner, "taylor") else 0,
+                    "box_worst_excess": float(runner.taylor.worst) if hasattr(runner, "taylor") else 0.0,
+                    "box_worst_node": runner.taylor.worst_node if hasattr(runner, "taylor") else None,
+                    "note": "observed per-node changes that exceed the per-node bound, and per-sample node values "
+                            "outside the elementwise box (both must be 0)"},
     )
+    global_bound, local_bound = torch.cat(collected["global_bound"]), torch.cat(collected["local_bound"])
+    summary["bounds"] = {
+        "median_global_l2": _median(global_bound), "median_taylor_l2": _median(local_bound),
+        "taylor_tighter_fraction": float((local_bound < global_bound).double().mean()) if samples else None,
+        "note": "bound = min(global: per-sample l2 norms through operator-norm gains; taylor: elementwise "
+                "first-order term + remainder box around the dense activations, see analysis/taylor.py)",
+    }
     if classifier:
         slack = FP_SLACK * (1 + z_inf)
         certified = margin > SQRT2 * bound * (1 + NORM_SAFETY) + slack
+        if collected["local_certified"]:
+            certified = certified | torch.cat(collected["local_certified"])
         summary["certified_fraction"] = float(certified.double().mean())
         summary["certified_but_changed"] = int((certified & ~unchanged).sum())
         summary["median_margin"] = _median(margin)
     else:
         summary["certified_fraction"] = None
     # shares of the bound over the samples with a finite bound (an unmodelled op makes the rest infinite)
-    total = float(bound[finite].sum())
-    result["layers"] = _layer_table(runner, stats, contrib, total, names, finite)
+    # (the shares split certify's global bound, whose columns follow each changed node through the graph)
+    global_finite = torch.isfinite(global_bound)
+    total = float(global_bound[global_finite].sum())
+    result["layers"] = _layer_table(runner, stats, contrib, total, names, global_finite)
     result["graph"] = {"chain": runner.chain, "changed_nodes": len(runner.sources),
                        "gemm_nodes": len(runner.gemm_nodes), "max_activation_lipschitz": runner.max_unary_lip,
                        "gumbel_note": GUMBEL_NOTE}

@@ -141,6 +141,7 @@ def _assert_sound(result: dict, dense_gm, sparse_gm, batches):
     assert bool(unchanged[certified].all())
     assert result["summary"]["certified_but_changed"] == 0
     assert result["summary"]["self_check"]["violations"] == 0, result["summary"]["self_check"]
+    assert result["summary"]["self_check"]["box_violations"] == 0, result["summary"]["self_check"]
     json.dumps(result)
     return bound, actual, certified, unchanged
 

@@ -218,6 +218,7 @@ def assert_sound(result: dict, dense_gm, sparse_gm, batches, output: int = 0):
     summary = result["summary"]
     assert summary["certifiable"], summary["not_certifiable"]
     assert summary["self_check"]["violations"] == 0, summary["self_check"]
+    assert summary["self_check"]["box_violations"] == 0, summary["self_check"]
     with torch.no_grad():
         dense = torch.cat([flat_outputs(dense_gm(b))[output] for b in batches]).double()
         sparse = torch.cat([flat_outputs(sparse_gm(b))[output] for b in batches]).double()
