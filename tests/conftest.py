@@ -103,8 +103,10 @@ def sample_build(tmp_path_factory, model_files):
     from sparsecompile.build import BuildOptions, build
 
     out = tmp_path_factory.mktemp("builds") / "small"
+    # magnitude masks: the readers check what the permutation search promised against the masks kept
+    # (and --method auto is tested in test_guard.py)
     result = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(out),
-                                calib=str(model_files / "calib.npy"), min_weights=0))
+                                calib=str(model_files / "calib.npy"), min_weights=0, method="magnitude"))
     return result
 
 

@@ -24,7 +24,7 @@ def saved(tmp_path_factory, model_files):
     root = tmp_path_factory.mktemp("masks")
     result = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(root / "first"), min_weights=0,
                                 calib=str(model_files / "calib.npy"), save_masks=str(root / "m.safetensors"),
-                                permute_budget=0.5))
+                                permute_budget=0.5, method="magnitude"))
     return root, result
 
 
