@@ -950,9 +950,16 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
         work = copy.deepcopy(gm)
         began = time.perf_counter()
         progress.detail(f"--method auto: trying {_candidate_name(entry)}")
-        outcome = sparsify(work, eligible, layers, candidate_method, fit if (candidate_method.needs or correct != "none")
-                           else [], sequential=options.sequential, correct=correct, update_weights=update,
-                           folded_batchnorm=folded_batchnorm)
+        try:
+            outcome = sparsify(work, eligible, layers, candidate_method, fit if (candidate_method.needs
+                                                                               or correct != "none") else [],
+                               sequential=options.sequential, correct=correct, update_weights=update,
+                               folded_batchnorm=folded_batchnorm)
+        except (SparseCompileError, torch.linalg.LinAlgError) as exc:  # one candidate failing is not the build's end
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            tried.append({**entry, "failed": first, "seconds": round(time.perf_counter() - began, 2)})
+            progress.warn(f"--method auto: {_candidate_name(entry)} failed ({first}); trying the others")
+            continue
         damage = assess(check_dense, run_batches(work, check_batches()))
         record = {**entry, "score": round(damage.score, 4) if damage.score < float("inf") else None,
                   "worst": damage.worst.describe() if damage.worst else "",
@@ -971,6 +978,9 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     if skipped:
         progress.warn(f"--method auto: {len(skipped)} candidate(s) not tried: --auto-time-cap "
                       f"{options.auto_time_cap:g}s reached (the choice may differ on a faster machine)")
+    if best is None:
+        failures = "; ".join(f"{_candidate_name(t)}: {t['failed']}" for t in tried if "failed" in t)
+        raise SparseCompileError(f"every --method auto candidate failed or was skipped ({failures or 'none tried'})")
     _, work, chosen, correct, outcome, record = best
     runner_up = min((t["score"] for t in tried if t is not record and t.get("score") is not None), default=None)
     choice = {"chosen": {"method": chosen.name, "correct": correct,

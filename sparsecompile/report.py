@@ -121,10 +121,13 @@ def _choice_text(choice: dict | None) -> str:
     if not choice:
         return ""
     chosen = choice["chosen"]
-    tried = [t for t in choice["tried"] if "skipped" not in t]
+    tried = [t for t in choice["tried"] if "skipped" not in t and "failed" not in t]
     update = " --update-weights" if chosen.get("update_weights") else ""
     text = (f" (chosen by --method auto with{update} --correct {chosen['correct']}: least damage of {len(tried)} candidates "
             f"on held-back samples, {choice['seconds']:.1f}s")
+    failed = sum("failed" in t for t in choice["tried"])
+    if failed:
+        text += f"; {failed} failed (see report.json method_choice)"
     if choice.get("skipped"):
         text += f"; {choice['skipped']} skipped at --auto-time-cap"
     return text + ")"

@@ -150,3 +150,20 @@ def test_sigmoid_scores_per_anchor_are_judged_on_what_passes_the_threshold(tmp_p
         build(BuildOptions(model=str(tmp_path / "logits.pt2"), calib=str(tmp_path / "logits.npy"),
                            output=str(tmp_path / "logits"), output_kind="0=scores", min_weights=0, permute=False,
                            method="magnitude"))
+
+
+def test_a_failing_auto_candidate_is_skipped_and_named(scaled_mlp, tmp_path, monkeypatch):
+    from sparsecompile import build as build_module
+
+    original = build_module.sparsify
+
+    def flaky(gm, eligible, layers, method, *args, **kwargs):
+        if method.name == "hessian" and kwargs.get("update_weights"):
+            raise SparseCompileError("the calibration Hessian is not positive definite even with heavy damping")
+        return original(gm, eligible, layers, method, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "sparsify", flaky)
+    report = build(_options(scaled_mlp, tmp_path, "flaky")).report
+    failed = [t for t in report["method_choice"]["tried"] if "failed" in t]
+    assert len(failed) == 2 and all(t["method"] == "hessian" and t["update_weights"] for t in failed)
+    assert "positive definite" in failed[0]["failed"] and report["method"] == "activation"

@@ -178,3 +178,18 @@ def test_statistics_match_float64_and_are_deterministic():
     assert torch.equal(stats.gram, stats.gram.T) or torch.allclose(stats.gram, stats.gram.T, rtol=1e-6, atol=1e-3)
     for name in ("sums", "sq_norms", "shift_sums", "gram", "cross"):
         assert torch.equal(getattr(stats, name), getattr(again, name)), name
+
+
+def test_obs_prune_survives_a_slightly_indefinite_hessian():
+    # A centered Hessian summed in float32 can come out slightly indefinite (a real CNN's layer did);
+    # the default 1% damping is then not enough, and the factorisation must retry with more.
+    from sparsecompile.masks.hessian import obs_prune
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=generator, dtype=torch.float64)
+    h = x.T @ x / 64
+    h -= 2.0 * torch.eye(16, dtype=torch.float64) * float(torch.linalg.eigvalsh(h)[0] + 0.5)  # push below zero
+    assert float(torch.linalg.eigvalsh(h + 0.01 * torch.diagonal(h).mean() * torch.eye(16, dtype=h.dtype))[0]) < 0
+    weight = torch.randn(8, 16, generator=generator)
+    keep, updated = obs_prune(weight, h, 2, 4)
+    assert keep.reshape(8, 4, 4).sum(-1).eq(2).all() and torch.isfinite(updated).all()
