@@ -161,8 +161,9 @@ def _pattern(text: str) -> tuple[int, int]:
               help="Also compute prediction-stability certificates on the calibration set (see sparsecompile certify).")
 @click.option("--spectra", is_flag=True, help="Record Marchenko-Pastur spectral diagnostics per layer (inspect --spectra).")
 @click.option("--max-drop", default="auto", show_default=True, metavar="POINTS|auto|none",
-              help="Accuracy guard: the most agreement with the dense model a class-score or sequence output may lose "
-                   "on held-back calibration samples, in points (top-1, or per position for [N, T, C] sequences). "
+              help="Accuracy guard: the most agreement with the dense model a class-score, sequence or scores "
+                   "output may lose on held-back calibration samples, in points (top-1; per position for [N, T, C] "
+                   "sequences; above-threshold F1 for detector scores). "
                    "auto: 1 with --calib, off without. none: every eligible layer sparse (damage still reported).")
 @click.option("--max-error", default=10.0, show_default=True, type=float, metavar="PERCENT",
               help="Accuracy guard for outputs that are not class scores (regressions, boxes, feature maps): the "
