@@ -72,6 +72,21 @@ def layer_params(gm, layer) -> list[str]:
     return names
 
 
+def _has_tensor(gm, name: str) -> bool:
+    try:
+        get_tensor(gm, name)
+    except (AttributeError, KeyError):
+        return False
+    return True
+
+
+def dense_value(dense_gm, sparse_gm, name: str) -> torch.Tensor:
+    """``name``'s dense value; zeros for a bias that statistics correction added to a layer that had none."""
+    if _has_tensor(dense_gm, name):
+        return get_tensor(dense_gm, name).clone()
+    return torch.zeros_like(get_tensor(sparse_gm, name))
+
+
 @dataclass
 class BudgetResult:
     max_drop: float
@@ -141,8 +156,11 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         fit_reference = run_batches(dense_gm, fit)
         items = progress.bar(masked_layers, "layer sensitivity") if progress is not None else masked_layers
         for layer in items:
-            dense_values = {p: get_tensor(dense_gm, p).clone() for p in sparse_values[layer.name]}
-            for p, value in sparse_values[layer.name].items():
+            # A bias that statistics correction added to a bias-less layer has no slot in the dense graph:
+            # the layer alone is then judged with its sparse weight and no bias (the dense layer's zero bias).
+            own = {p: value for p, value in sparse_values[layer.name].items() if _has_tensor(dense_gm, p)}
+            dense_values = {p: get_tensor(dense_gm, p).clone() for p in own}
+            for p, value in own.items():
                 set_tensor(dense_gm, p, value)
             alone = assess(fit_reference, run_batches(dense_gm, fit))
             for p, value in dense_values.items():
@@ -214,7 +232,7 @@ def _greedy(result: BudgetResult, order: list, masks: dict, sparse_gm, dense_gm,
         names = layer_params(sparse_gm, layer)
         sparse_values = {p: get_tensor(sparse_gm, p).clone() for p in names}
         for p in names:
-            set_tensor(sparse_gm, p, get_tensor(dense_gm, p).clone())
+            set_tensor(sparse_gm, p, dense_value(dense_gm, sparse_gm, p))
         trial = assess(check_dense, run_batches(sparse_gm, check_batches()))
         entry = {"layer": layer.name, "rank": rank,
                  "sensitivity": round(result.sensitivity[layer.name], 4)
@@ -246,7 +264,7 @@ def _greedy(result: BudgetResult, order: list, masks: dict, sparse_gm, dense_gm,
             for index, layer in enumerate(kept_sparse):
                 source = dense_gm if index < count else None
                 for p, value in trial_values[layer.name].items():
-                    set_tensor(sparse_gm, p, get_tensor(source, p).clone() if source is not None else value)
+                    set_tensor(sparse_gm, p, dense_value(source, sparse_gm, p) if source is not None else value)
             return assess(check_dense, run_batches(sparse_gm, check_batches()))
 
         trial_values = {layer.name: {p: get_tensor(sparse_gm, p).clone() for p in layer_params(sparse_gm, layer)}

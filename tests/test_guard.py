@@ -167,3 +167,31 @@ def test_a_failing_auto_candidate_is_skipped_and_named(scaled_mlp, tmp_path, mon
     failed = [t for t in report["method_choice"]["tried"] if "failed" in t]
     assert len(failed) == 2 and all(t["method"] == "hessian" and t["update_weights"] for t in failed)
     assert "positive definite" in failed[0]["failed"] and report["method"] == "activation"
+
+
+def test_guard_restores_layers_whose_bias_the_correction_added(tmp_path):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    # Linear layers without a bias: statistics correction gives them one, which the dense graph has no slot
+    # for. The guard must still measure and restore them (it crashed with "'Module' object has no attribute
+    # 'bias'" on a real text detector).
+    generator = torch.Generator().manual_seed(3)
+    even = torch.arange(64) % 2 == 0
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.ReLU(), nn.Linear(64, 64, bias=False), nn.ReLU(),
+                          nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.5, 1.0))
+        model[2].weight.copy_(torch.randn(64, 64, generator=generator) / 8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(model, (torch.randn(4, 64),), dynamic_shapes=({0: batch},)),
+                      tmp_path / "nobias.pt2")
+    np.save(tmp_path / "calib.npy", (torch.randn(256, 64, generator=generator)
+                                     * torch.where(even, 1000.0, 1.0)).numpy())
+    report = build(BuildOptions(model=str(tmp_path / "nobias.pt2"), calib=str(tmp_path / "calib.npy"),
+                                output=str(tmp_path / "out"), min_weights=1000, permute=False,
+                                method="magnitude", correct="bias")).report
+    budget = report["budget"]
+    assert budget["initial"]["score"] > 1 and budget["met"] and budget["reverted"]
+    assert report["verification"]["damage"]["within_budget"]
