@@ -165,16 +165,17 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
             alone = assess(fit_reference, run_batches(dense_gm, fit))
             for p, value in dense_values.items():
                 set_tensor(dense_gm, p, value)
-            result.sensitivity[layer.name] = alone.score
             # Agreement scores are coarse (many layers alone change no prediction): the outputs' relative
             # error breaks their ties, so the ranking still follows how far each layer moves the outputs.
-            tiebreak[layer.name] = sum(o.detail.get("relative_error", 0.0) for o in alone.outputs)
+            result.sensitivity[layer.name], tiebreak[layer.name] = alone.order_key
+
+    def gain(layer) -> float:
+        return (benefit or {}).get(layer.name) or float(layer.extra.get("macs") or layer.numel)
 
     def priority(layer) -> tuple[float, float, str]:
-        gain = (benefit or {}).get(layer.name) or float(layer.extra.get("macs") or layer.numel)
         sensitivity = result.sensitivity[layer.name]
-        return (math.inf if not math.isfinite(sensitivity) else sensitivity / max(gain, 1e-12),
-                tiebreak.get(layer.name, 0.0) / max(gain, 1e-12), layer.name)
+        return (math.inf if not math.isfinite(sensitivity) else sensitivity / max(gain(layer), 1e-12),
+                tiebreak.get(layer.name, 0.0) / max(gain(layer), 1e-12), layer.name)
 
     order = sorted(masked_layers, key=priority, reverse=True)
     if refit is None:
@@ -185,9 +186,6 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
     # bisection with the correction refitted (one walk cannot see past restorations that leave later
     # corrections off: on an OCR recognizer the walk ended fully dense), and the cheap one-at-a-time walk
     # (on a small CNN bisection's prefixes were all over budget where the walk kept layers sparse).
-    def gain(layer) -> float:
-        return (benefit or {}).get(layer.name) or float(layer.extra.get("macs") or layer.numel)
-
     reasons = {layer.name: layer.reason for layer in order}
     bisection_masks = dict(masks)
     bisection = _bisect_refit(_fresh(result), order, bisection_masks, refit, assess, check_batches, check_dense,
@@ -260,27 +258,20 @@ def _greedy(result: BudgetResult, order: list, masks: dict, sparse_gm, dense_gm,
     if not damage.within and kept_sparse:
         # No single further reversion helped: the smallest prefix of the rest (in rank order) that restored
         # together is within budget, by bisection (all of them restored is the dense model: within).
-        def restore(count: int) -> Damage:
+        def restore(count: int) -> None:
             for index, layer in enumerate(kept_sparse):
-                source = dense_gm if index < count else None
                 for p, value in trial_values[layer.name].items():
-                    set_tensor(sparse_gm, p, dense_value(source, sparse_gm, p) if source is not None else value)
-            return assess(check_dense, run_batches(sparse_gm, check_batches()))
+                    set_tensor(sparse_gm, p, dense_value(dense_gm, sparse_gm, p) if index < count else value)
+
+        def trial(count: int):
+            restore(count)
+            return assess(check_dense, run_batches(sparse_gm, check_batches())), None
 
         trial_values = {layer.name: {p: get_tensor(sparse_gm, p).clone() for p in layer_params(sparse_gm, layer)}
                         for layer in kept_sparse}
-        low, high, found = 0, len(kept_sparse), None
-        while high - low > 1:
-            middle = (low + high) // 2
-            trial = restore(middle)
-            result.trials.append(_trial_record(middle, trial))
-            if trial.within:
-                high, found = middle, trial
-            else:
-                low = middle
-        damage = found if found is not None and high < len(kept_sparse) else restore(len(kept_sparse))
-        if found is not None and high < len(kept_sparse):
-            restore(high)  # the last trial may have been a smaller, failing prefix
+        high, found = _smallest_prefix(len(kept_sparse), trial, result.trials)
+        restore(high)  # the last trial may have been another prefix
+        damage = found[0] if found is not None else assess(check_dense, run_batches(sparse_gm, check_batches()))
         skipped_by_name = {entry["layer"]: entry for entry in result.skipped}
         for layer in kept_sparse[:high]:
             del masks[layer.weight_target]
@@ -294,34 +285,42 @@ def _greedy(result: BudgetResult, order: list, masks: dict, sparse_gm, dense_gm,
     return result
 
 
-
-def _trial_record(count: int, damage: Damage) -> dict:
-    return {"dense_layers": count, "score": round(damage.score, 4) if math.isfinite(damage.score) else None,
-            "within": damage.within}
+def _smallest_prefix(total: int, trial: Callable[[int], tuple], trials: list[dict]):
+    """Bisection for the smallest count in ``1..total`` whose ``trial(count) -> (damage, payload)`` is within
+    budget; ``total`` (everything dense) is taken as within without a trial. Returns ``(count, (damage,
+    payload))``, or ``(total, None)`` when no tried count was within. Every trial is appended to ``trials``."""
+    low, high, found = 0, total, None
+    while high - low > 1:
+        middle = (low + high) // 2
+        damage, payload = trial(middle)
+        trials.append({"dense_layers": middle,
+                       "score": round(damage.score, 4) if math.isfinite(damage.score) else None,
+                       "within": damage.within})
+        if damage.within:
+            high, found = middle, (damage, payload)
+        else:
+            low = middle
+    return high, found
 
 
 def _bisect_refit(result: BudgetResult, order: list, masks: dict, refit, assess, check_batches, check_dense,
                   dense_gm, reason: str, progress) -> BudgetResult:
     """The smallest prefix of ``order`` that, restored to dense with the correction refitted, is within budget."""
     result.search = "bisection"
-    low, high, found = 0, len(order), None
-    while high - low > 1:
-        middle = (low + high) // 2
-        graph, outcome = refit({layer.name for layer in order[:middle]})
-        trial = assess(check_dense, run_batches(graph, check_batches()))
-        result.trials.append(_trial_record(middle, trial))
+
+    def trial(count: int):
+        graph, outcome = refit({layer.name for layer in order[:count]})
+        damage = assess(check_dense, run_batches(graph, check_batches()))
         if progress is not None:
-            progress.detail(f"{reason}: {middle} of {len(order)} layers dense (correction refitted), "
-                            f"score {trial.score:.3f}")
-        if trial.within:
-            high, found = middle, (graph, outcome, trial)
-        else:
-            low = middle
+            progress.detail(f"{reason}: {count} of {len(order)} layers dense (correction refitted), "
+                            f"score {damage.score:.3f}")
+        return damage, (graph, outcome)
+
+    high, found = _smallest_prefix(len(order), trial, result.trials)
     if found is None:  # only the dense model is within budget
         damage = assess(check_dense, run_batches(dense_gm, check_batches()))
-        high = len(order)
     else:
-        result.graph, result.refit_outcome, damage = found
+        damage, (result.graph, result.refit_outcome) = found
     for rank, layer in enumerate(order[:high], start=1):
         del masks[layer.weight_target]
         sensitivity = result.sensitivity[layer.name]

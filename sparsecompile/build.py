@@ -30,8 +30,8 @@ from sparsecompile.damage import (DEFAULT_MAX_DROP, DEFAULT_MAX_ERROR, holdout_s
                                   parse_output_kinds)
 from sparsecompile.certificates import certificate_summary, write_certificate
 from sparsecompile.masks.saved import FixedMasks, SavedMaskMethod, check_against, load_masks, save_masks, update_norms
-from sparsecompile.builddir import (BUILD_FORMAT, BUILD_FORMAT_VERSION, MANIFEST, atomic_build_dir, check_output_dir,
-                                   remove_stale_staging)
+from sparsecompile.builddir import (BUILD_FORMAT, BUILD_FORMAT_VERSION, INT8_ONNX, MANIFEST, atomic_build_dir,
+                                   check_output_dir, remove_stale_staging)
 from sparsecompile.calibration import (
     CalibrationData, check_informative, load_calibration, match_to_model, parse_preprocess, random_calibration,
 )
@@ -780,9 +780,6 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
     return BuildResult(out, report)
 
 
-INT8_ONNX = "model.int8.onnx"
-
-
 def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, check_dense, sparse_gm, kinds, assess,
                    guard, target, options, layer_records, progress, notes) -> dict:
     """Quantize the sparse ``model.onnx`` to ``model.int8.onnx`` (sparsecompile/quantize.py) and report it.
@@ -970,7 +967,7 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
         # candidates change no prediction (score 0), and the first of them is not the best: measured on the OCR
         # line classifier, activation + bias also showed 0 there but lost 1.5 points on 800 evaluation images
         # where hessian + bias lost none.
-        key = (damage.score, sum(o.detail.get("relative_error", 0.0) for o in damage.outputs))
+        key = damage.order_key
         record["relative_error"] = round(key[1], 6)
         if best is None or key < best[0]:
             best = (key, work, candidate_method, correct, outcome, record)

@@ -29,6 +29,7 @@ from sparsecompile.errors import SparseCompileError
 BUILD_FORMAT = "sparsecompile-build"
 BUILD_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+INT8_ONNX = "model.int8.onnx"  # --precision int8 builds: the Q/DQ model beside model.onnx
 
 
 def read_manifest(path: Path) -> dict | None:

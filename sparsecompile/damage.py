@@ -250,10 +250,22 @@ class Damage:
     def worst(self) -> OutputDamage | None:
         return max(self.outputs, key=lambda o: o.ratio, default=None)
 
+    @property
+    def order_key(self) -> tuple[float, float]:
+        """(score, summed relative error of the outputs): how damages are ranked. Agreement scores are
+        coarse (a few dozen samples often show no changed prediction), so the relative error breaks ties."""
+        return self.score, sum(o.detail.get("relative_error", 0.0) for o in self.outputs)
+
     def to_json(self) -> dict:
         score = self.score
         return {"samples": self.samples, "score": round(score, 4) if math.isfinite(score) else None,
                 "within_budget": self.within, "outputs": [o.to_json() for o in self.outputs]}
+
+
+def worst_output(outputs: list[dict]) -> dict | None:
+    """The output record (``Damage.to_json()["outputs"]``) furthest over its budget; non-finite damage is worst."""
+    return max(outputs, key=lambda o: (o["damage"] if o["damage"] is not None else math.inf)
+               / max(o["budget"], 1e-12), default=None)
 
 
 def measure_damage(dense: list[torch.Tensor], sparse: list[torch.Tensor], kinds: list[str],

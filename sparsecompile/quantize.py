@@ -695,9 +695,9 @@ def keep_float(fp32_onnx: Path, out_onnx: Path, calib_inputs: list[dict[str, np.
 
 
 def _worst_text(item: NodeSensitivity) -> str:
-    outputs = item.damage.get("outputs", [])
-    worst = max(outputs, key=lambda o: (o["damage"] if o["damage"] is not None else math.inf) / max(o["budget"], 1e-12),
-                default=None)
+    from sparsecompile.damage import worst_output
+
+    worst = worst_output(item.damage.get("outputs", []))
     if worst is None:
         return f"score {item.score:.3g}"
     value = "non-finite outputs" if worst["damage"] is None else f"{worst['damage']:.3g}{' pt' if worst['unit'] == 'pt' else '%'}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparsecompile.damage import DAMAGE_WHAT
+from sparsecompile.damage import DAMAGE_WHAT, worst_output
 
 
 def _pct(value) -> str:
@@ -138,10 +138,9 @@ def quantization_line(quantization: dict) -> str:
     damage = quantization.get("damage", {})
 
     def worst(part: str) -> str:
-        outputs = damage.get(part, {}).get("outputs", [])
-        if not outputs:
+        out = worst_output(damage.get(part, {}).get("outputs", []))
+        if out is None:
             return "?"
-        out = max(outputs, key=lambda o: (o["damage"] if o["damage"] is not None else float("inf")) / max(o["budget"], 1e-12))
         return "non-finite" if out["damage"] is None else f"{out['damage']:.3g}{'%' if out['unit'] == '%' else ' pt'}"
 
     check = quantization.get("sparsity_check", {})

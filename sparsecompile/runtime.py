@@ -94,10 +94,11 @@ def example_arrays(specs: list[dict], batch: int = 8, seed: int = 0) -> list[np.
 def fallback_onnx(build_dir: Path, manifest: dict) -> Path:
     """The ONNX file the CPU fallback runs: ``model.int8.onnx`` of a --precision int8 build for a CPU target,
     else ``model.onnx`` (a GPU target's INT8 file is TensorRT's input, not ONNX Runtime's)."""
+    from sparsecompile.builddir import INT8_ONNX
     from sparsecompile.targets import TARGETS
 
     known = TARGETS.get(manifest.get("target"))
-    int8 = Path(build_dir) / "model.int8.onnx"
+    int8 = Path(build_dir) / INT8_ONNX
     return int8 if int8.exists() and known is not None and known.kind == "cpu" else Path(build_dir) / "model.onnx"
 
 
