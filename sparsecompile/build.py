@@ -660,7 +660,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             with progress.stage("quantizing to INT8 (ONNX Runtime Q/DQ)"), _timed(timings, "int8"):
                 quantization = _quantize_int8(staging, onnx_info, batches, fit_calib, check_calib, check_dense,
                                               sparse_gm, kinds, assess, guard, target, options, layer_records,
-                                              progress, notes)
+                                              progress, notes, pattern=(n, m))
 
         # 8. TensorRT recipe (GPU targets); the engine itself is built on the target (sparsecompile engine)
         engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
@@ -781,7 +781,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
 
 
 def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, check_dense, sparse_gm, kinds, assess,
-                   guard, target, options, layer_records, progress, notes) -> dict:
+                   guard, target, options, layer_records, progress, notes, pattern=(2, 4)) -> dict:
     """Quantize the sparse ``model.onnx`` to ``model.int8.onnx`` (sparsecompile/quantize.py) and report it.
 
     Activation ranges come from the fitting samples; layers that quantize badly stay float until the
@@ -789,8 +789,11 @@ def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, ch
     budget for sparsity and quantization together). The damage of sparsity alone (sparse fp32 vs
     dense), of quantization alone (INT8 vs sparse fp32) and of both (INT8 vs dense) is reported.
     Every sparse layer's int8 weight must still be 2:4 and keep every zero, or the build fails.
+    Its weights go to ``weights.int8.safetensors``: sparse layers' int8 values compressed with their
+    scales (docs/format.md), read back and compared with the Q/DQ model before the build goes on.
     """
     from sparsecompile import quantize
+    from sparsecompile.builddir import INT8_WEIGHTS
 
     names = [spec["name"] for spec in onnx_info["inputs"]]
 
@@ -809,9 +812,13 @@ def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, ch
     else:
         info = quantize.quantize_onnx(fp32, out, ranges=ranges, activations=activations)
     sparse_weights = [r["weight"] for r in layer_records if r["status"] == "sparse"]
-    check = quantize.check_qdq_sparsity(out, sparse_weights, fp32_onnx=fp32, polygraphy=False)
+    n, m = pattern
+    check = quantize.check_qdq_sparsity(out, sparse_weights, fp32_onnx=fp32, polygraphy=False, n=n, m=m)
     if not check["passed"]:
-        raise SparseCompileError("INT8 quantization broke the 2:4 pattern: " + "; ".join(check["failures"][:3]))
+        raise SparseCompileError(f"INT8 quantization broke the {n}:{m} pattern: " + "; ".join(check["failures"][:3]))
+    weights = quantize.write_int8_weights(out, staging / INT8_WEIGHTS, sparse_weights, n, m,
+                                          {"target": target.name, "pattern": f"{n}:{m}", "dtype": "int8",
+                                           "onnx": INT8_ONNX})
     int8_outputs = [torch.from_numpy(np.asarray(a)) for a in quantize.run_onnx(out, held, threads=None)]
     sparse_outputs = run_batches(sparse_gm, batches(check_calib))
     damage = {"sparsity": assess(check_dense, sparse_outputs).to_json(),
@@ -830,6 +837,7 @@ def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, ch
     record["activations"] = activations
     record["bytes"] = out.stat().st_size
     record["sparsity_check"] = {k: check[k] for k in ("pattern", "passed", "failures", "required")}
+    record["weights"] = {"path": INT8_WEIGHTS, **weights}
     record["damage"] = damage
     return record
 

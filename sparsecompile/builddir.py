@@ -11,6 +11,8 @@ Layout (see README "Output layout")::
       manifest.json        format/version, source model hash, target, files
       model.onnx           sparse model, dense layout with zeros (TensorRT's input)
       weights.safetensors  compressed N:M weights + dense weights of other layers
+      model.int8.onnx      --precision int8 with --calib: the Q/DQ model
+      weights.int8.safetensors  its weights: sparse layers' int8 values compressed, with their scales
       report.json          per-layer decisions, errors, sizes, verification
       report.md            the same, readable
 """
@@ -30,6 +32,7 @@ BUILD_FORMAT = "sparsecompile-build"
 BUILD_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INT8_ONNX = "model.int8.onnx"  # --precision int8 builds: the Q/DQ model beside model.onnx
+INT8_WEIGHTS = "weights.int8.safetensors"  # ... and its weights, sparse layers' int8 values compressed (docs/format.md)
 
 
 def read_manifest(path: Path) -> dict | None:

@@ -40,8 +40,21 @@ groups is even; otherwise the last index byte carries 4 bits of padding).
 
 ``compress`` always returns CPU tensors: compression is an offline step.
 
+INT8 entries
+------------
+A sparse entry may instead hold the int8 weight of a quantized (Q/DQ) model
+(:func:`compress_int8`): ``values`` and ``indices`` as above, on the int8
+values, plus the weight's ``scale`` (float32) and ``zero_point`` (int8), one
+per output channel along ``quant_axis`` (or one each, 0-d, per tensor). The
+float weight a runtime computes is ``(q - zero_point) * scale``
+(:func:`dequantize`, bit-equal to ONNX Runtime's ``DequantizeLinear``). int8
+has no ``-0``, so ``decompress`` gives back the int8 tensor exactly. A file
+holding any INT8 entry is format version 2 (version-1 readers refuse it);
+a file without one is written as version 1, byte for byte as before.
+
 Files (see ``docs/format.md``) are single safetensors files: ``<name>.values``
-and ``<name>.indices`` per sparse tensor, ``<name>`` per dense tensor, and a
+and ``<name>.indices`` per sparse tensor (and ``<name>.scale``,
+``<name>.zero_point`` per INT8 entry), ``<name>`` per dense tensor, and a
 JSON header under the ``"sparsecompile"`` metadata key.
 """
 
@@ -61,6 +74,7 @@ from sparsecompile.fileio import atomic_write
 
 FORMAT_NAME = "sparsecompile-nm"
 FORMAT_VERSION = 1
+FORMAT_VERSION_INT8 = 2  # a file with at least one INT8 entry (scales and zero points)
 METADATA_KEY = "sparsecompile"
 
 _DTYPES_BY_NAME: dict[str, torch.dtype] = {
@@ -70,6 +84,13 @@ _DTYPES_BY_NAME: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 _NAMES_BY_DTYPE = {dtype: name for name, dtype in _DTYPES_BY_NAME.items()}
+# INT8 entries: int8 values (symmetric weights: zero point 0), float32 scales, int8 zero points (ONNX Runtime's
+# QDQ weights). Plain int8 values without their scales cannot be stored: they mean nothing alone.
+_QUANTIZED_DTYPES: dict[str, torch.dtype] = {"int8": torch.int8}
+_SCALE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32}
+_ZERO_POINT_DTYPES: dict[str, torch.dtype] = {"int8": torch.int8}
+_VALUE_DTYPES = {**_DTYPES_BY_NAME, **_QUANTIZED_DTYPES}
+_VALUE_NAMES = {dtype: name for name, dtype in _VALUE_DTYPES.items()}
 
 # Positions are stored in uint8 before packing, so a group can have at most
 # 256 members.
@@ -127,12 +148,22 @@ class CompressedTensor:
     reduction_axis: int
     n: int
     m: int
+    # INT8 entries only: w = (q - zero_point) * scale along quant_axis (None: one scale for the tensor)
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+    quant_axis: int | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
         self.reduction_axis = _normalize_axis(int(self.reduction_axis), len(self.shape))
         self.n = int(self.n)
         self.m = int(self.m)
+        if self.quant_axis is not None:
+            self.quant_axis = _normalize_axis(int(self.quant_axis), len(self.shape))
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,14 +182,22 @@ class CompressedTensor:
         return self.shape[self.reduction_axis] // self.m
 
     @property
+    def quant_nbytes(self) -> int:
+        """Bytes of the scales and zero points (0 for a float entry)."""
+        return sum(t.numel() * t.element_size() for t in (self.scale, self.zero_point) if t is not None)
+
+    @property
     def nbytes(self) -> int:
         return (
             self.values.numel() * self.values.element_size()
             + self.indices.numel() * self.indices.element_size()
+            + self.quant_nbytes
         )
 
     def dense_nbytes(self, dtype: torch.dtype | None = None) -> int:
-        dtype = self.dtype if dtype is None else dtype
+        """Dense size in ``dtype`` (default: the values' own); a dense INT8 weight counts its scales too."""
+        if dtype is None:
+            return math.prod(self.shape) * self.dtype.itemsize + self.quant_nbytes
         return math.prod(self.shape) * dtype.itemsize
 
 
@@ -172,9 +211,9 @@ def _check_pattern(n: int, m: int) -> None:
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in _NAMES_BY_DTYPE:
-        supported = ", ".join(_DTYPES_BY_NAME)
-        raise SparseCompileError(f"unsupported weight dtype {dtype}; supported: {supported}")
+    if dtype not in _VALUE_NAMES:
+        supported = ", ".join(_VALUE_DTYPES)
+        raise SparseCompileError(f"unsupported weight dtype {dtype}; supported: {supported} (int8 with its scales)")
 
 
 def _pack_positions(positions: np.ndarray, bits: int) -> torch.Tensor:
@@ -279,9 +318,33 @@ def compress(weight: torch.Tensor, reduction_axis: int, n: int = 2, m: int = 4) 
     )
 
 
+def _validate_quantization(ct: CompressedTensor, where: str) -> None:
+    """An INT8 entry's scale and zero point: dtypes, one per channel along ``quant_axis`` (or 0-d), finite > 0."""
+    if not ct.quantized:
+        if ct.zero_point is not None or ct.quant_axis is not None:
+            raise SparseCompileError(f"{where}a zero point or quantization axis without a scale")
+        return
+    if ct.dtype not in _QUANTIZED_DTYPES.values():
+        raise SparseCompileError(f"{where}a quantized entry needs int8 values, got {ct.dtype}")
+    if ct.zero_point is None:
+        raise SparseCompileError(f"{where}a quantized entry needs its zero point")
+    if ct.scale.dtype not in _SCALE_DTYPES.values() or ct.zero_point.dtype not in _ZERO_POINT_DTYPES.values():
+        raise SparseCompileError(f"{where}scale must be float32 and zero point int8, got {ct.scale.dtype} and "
+                                 f"{ct.zero_point.dtype}")
+    expected = () if ct.quant_axis is None else (ct.shape[ct.quant_axis],)
+    for label, tensor in (("scale", ct.scale), ("zero point", ct.zero_point)):
+        if tuple(tensor.shape) != expected:
+            raise SparseCompileError(f"{where}{label} has shape {tuple(tensor.shape)}, expected {expected} "
+                                     + ("(one per tensor)" if ct.quant_axis is None else
+                                        f"(one per channel of axis {ct.quant_axis})"))
+    if ct.scale.numel() and not bool(torch.all(torch.isfinite(ct.scale) & (ct.scale > 0))):
+        raise SparseCompileError(f"{where}scale holds zero, negative or non-finite values")
+
+
 def _validate_layout(ct: CompressedTensor, context: str = "") -> None:
     where = f"{context}: " if context else ""
     _check_pattern(ct.n, ct.m)
+    _validate_quantization(ct, where)
     k = ct.shape[ct.reduction_axis]
     if k % ct.m != 0:
         raise SparseCompileError(
@@ -320,17 +383,56 @@ def decompress(ct: CompressedTensor) -> torch.Tensor:
     return from_gemm_view(dense.reshape(rows, num_groups * m), ct.shape, ct.reduction_axis).contiguous()
 
 
+def _quantization_spec(ct: CompressedTensor) -> dict:
+    return {"axis": ct.quant_axis, "scale_dtype": "float32", "zero_point_dtype": "int8"}
+
+
+def compress_int8(values: torch.Tensor, reduction_axis: int, scale: torch.Tensor, zero_point: torch.Tensor,
+                  quant_axis: int | None, n: int = 2, m: int = 4) -> CompressedTensor:
+    """Compress the int8 weight of a quantized model with its scales and zero points.
+
+    ``scale`` (float32) and ``zero_point`` (int8) hold one value per index of ``quant_axis`` (the output
+    channels), or are 0-d with ``quant_axis=None`` (one per tensor); they are stored exactly as given.
+    The groups run along ``reduction_axis`` of the int8 ``values``, as for a float weight.
+    """
+    if values.dtype != torch.int8:
+        raise SparseCompileError(f"compress_int8 takes int8 values, got {values.dtype}")
+    ct = compress(values, reduction_axis, n, m)
+    ct.scale = scale.detach().cpu().contiguous()
+    ct.zero_point = zero_point.detach().cpu().contiguous()
+    ct.quant_axis = None if quant_axis is None else _normalize_axis(int(quant_axis), values.dim())
+    _validate_layout(ct)
+    return ct
+
+
+def dequantize(ct: CompressedTensor) -> torch.Tensor:
+    """The float32 weight of an INT8 entry: ``(q - zero_point) * scale``, bit-equal to ONNX's DequantizeLinear.
+
+    The difference is formed in int32 and converted to float32 exactly (|q - zp| <= 255), then one float32
+    multiply per element, which is what ONNX Runtime's kernel computes."""
+    if not ct.quantized:
+        raise SparseCompileError("dequantize needs an INT8 entry (with scales); this one holds float values")
+    q = decompress(ct).to(torch.int32)
+    shape = [1] * q.dim()
+    if ct.quant_axis is not None:
+        shape[ct.quant_axis] = -1
+    zero_point = ct.zero_point.to(torch.int32).reshape(shape)
+    return (q - zero_point).to(torch.float32) * ct.scale.to(torch.float32).reshape(shape)
+
+
 def _header(sparse: dict[str, CompressedTensor], dense: dict[str, torch.Tensor], metadata) -> str:
+    quantized = any(ct.quantized for ct in sparse.values())
     header = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": FORMAT_VERSION_INT8 if quantized else FORMAT_VERSION,
         "sparse": {
             name: {
                 "shape": list(ct.shape),
                 "reduction_axis": ct.reduction_axis,
                 "n": ct.n,
                 "m": ct.m,
-                "dtype": _NAMES_BY_DTYPE[ct.dtype],
+                "dtype": _VALUE_NAMES[ct.dtype],
+                **({"quantization": _quantization_spec(ct)} if ct.quantized else {}),
             }
             for name, ct in sparse.items()
         },
@@ -364,8 +466,14 @@ def save_weights(
             raise SparseCompileError(f"tensor names must be strings, got {name!r}")
         _check_dtype(ct.dtype)
         _validate_layout(ct, context=f"sparse tensor {name!r}")
+        if ct.dtype in _QUANTIZED_DTYPES.values() and not ct.quantized:
+            raise SparseCompileError(f"sparse tensor {name!r}: int8 values need their scales and zero points "
+                                     "(compress_int8)")
         add(f"{name}.values", ct.values)
         add(f"{name}.indices", ct.indices)
+        if ct.quantized:
+            add(f"{name}.scale", ct.scale)
+            add(f"{name}.zero_point", ct.zero_point)
     for name, tensor in dense.items():
         if not isinstance(name, str):
             raise SparseCompileError(f"tensor names must be strings, got {name!r}")
@@ -411,9 +519,10 @@ def _parse_header(path: str, raw_metadata: dict | None) -> dict:
             f"{path}: not a sparsecompile weight file (format {header.get('format')!r}, expected {FORMAT_NAME!r})"
         )
     version = header.get("version")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, FORMAT_VERSION_INT8):
         raise SparseCompileError(
-            f"{path}: unsupported sparsecompile format version {version!r} (this build reads version {FORMAT_VERSION})"
+            f"{path}: unsupported sparsecompile format version {version!r} (this build reads versions "
+            f"{FORMAT_VERSION} and {FORMAT_VERSION_INT8})"
         )
     _require(isinstance(header.get("sparse"), dict), path, "'sparse' must be an object")
     _require(
@@ -431,7 +540,25 @@ def _parse_header(path: str, raw_metadata: dict | None) -> dict:
         )
         for field in ("reduction_axis", "n", "m"):
             _require(_is_int(spec.get(field)), path, f"bad {field} for {name!r}: {spec.get(field)!r}")
-        _require(spec.get("dtype") in _DTYPES_BY_NAME, path, f"bad dtype for {name!r}: {spec.get('dtype')!r}")
+        quantization = spec.get("quantization")
+        if quantization is None:
+            _require(spec.get("dtype") in _DTYPES_BY_NAME, path, f"bad dtype for {name!r}: {spec.get('dtype')!r}")
+            continue
+        _require(version == FORMAT_VERSION_INT8, path,
+                 f"{name!r} is an INT8 entry, which needs format version {FORMAT_VERSION_INT8}, not {version}")
+        _require(spec.get("dtype") in _QUANTIZED_DTYPES, path,
+                 f"bad dtype for INT8 entry {name!r}: {spec.get('dtype')!r} (int8)")
+        _require(isinstance(quantization, dict) and set(quantization) == {"axis", "scale_dtype", "zero_point_dtype"},
+                 path, f"bad quantization for {name!r}: {quantization!r}")
+        axis = quantization["axis"]
+        _require(axis is None or (_is_int(axis) and 0 <= axis < len(shape)), path,
+                 f"bad quantization axis for {name!r}: {axis!r}")
+        _require(quantization["scale_dtype"] in _SCALE_DTYPES and quantization["zero_point_dtype"] in _ZERO_POINT_DTYPES,
+                 path, f"bad scale/zero point dtypes for {name!r}: {quantization['scale_dtype']!r}, "
+                 f"{quantization['zero_point_dtype']!r} (float32, int8)")
+    quantized = any("quantization" in spec for spec in header["sparse"].values())
+    _require(quantized == (version == FORMAT_VERSION_INT8), path,
+             f"format version {version} files {'must' if version == FORMAT_VERSION_INT8 else 'cannot'} hold INT8 entries")
     return header
 
 
@@ -450,9 +577,11 @@ def load_weights(path) -> tuple[dict[str, CompressedTensor], dict[str, torch.Ten
             sparse: dict[str, CompressedTensor] = {}
             for name, spec in header["sparse"].items():
                 values_key, indices_key = f"{name}.values", f"{name}.indices"
-                for key in (values_key, indices_key):
+                quantization = spec.get("quantization")
+                keys = [values_key, indices_key] + ([f"{name}.scale", f"{name}.zero_point"] if quantization else [])
+                for key in keys:
                     _require(key in stored, path, f"tensor {key!r} is missing")
-                expected.update((values_key, indices_key))
+                expected.update(keys)
                 ct = CompressedTensor(
                     values=handle.get_tensor(values_key),
                     indices=handle.get_tensor(indices_key),
@@ -460,9 +589,12 @@ def load_weights(path) -> tuple[dict[str, CompressedTensor], dict[str, torch.Ten
                     reduction_axis=spec["reduction_axis"],
                     n=spec["n"],
                     m=spec["m"],
+                    **({"scale": handle.get_tensor(f"{name}.scale"),
+                        "zero_point": handle.get_tensor(f"{name}.zero_point"),
+                        "quant_axis": quantization["axis"]} if quantization else {}),
                 )
                 _require(
-                    ct.dtype == _DTYPES_BY_NAME[spec["dtype"]],
+                    ct.dtype == _VALUE_DTYPES[spec["dtype"]],
                     path,
                     f"{values_key!r} has dtype {ct.dtype}, header says {spec['dtype']}",
                 )
@@ -488,11 +620,14 @@ def load_weights(path) -> tuple[dict[str, CompressedTensor], dict[str, torch.Ten
 
 
 def size_summary(sparse: dict[str, CompressedTensor]) -> dict:
-    """Byte totals and ratios; ratios are 1.0 when there is nothing to compare."""
+    """Byte totals and ratios; ratios are 1.0 when there is nothing to compare.
+
+    ``dense_bytes`` is each tensor dense in its own dtype; for INT8 entries that is the int8 weight plus the
+    same scales and zero points, which ``compressed_bytes`` counts too (``scale_bytes`` of it)."""
     compressed = sum(ct.nbytes for ct in sparse.values())
     dense_own = sum(ct.dense_nbytes() for ct in sparse.values())
     dense_fp16 = sum(ct.dense_nbytes(torch.float16) for ct in sparse.values())
-    return {
+    summary = {
         "tensors": len(sparse),
         "compressed_bytes": compressed,
         "values_bytes": sum(ct.values.numel() * ct.values.element_size() for ct in sparse.values()),
@@ -502,3 +637,7 @@ def size_summary(sparse: dict[str, CompressedTensor]) -> dict:
         "ratio_vs_dense": compressed / dense_own if dense_own else 1.0,
         "ratio_vs_dense_fp16": compressed / dense_fp16 if dense_fp16 else 1.0,
     }
+    if any(ct.quantized for ct in sparse.values()):
+        summary["int8_tensors"] = sum(1 for ct in sparse.values() if ct.quantized)
+        summary["scale_bytes"] = sum(ct.quant_nbytes for ct in sparse.values())
+    return summary

@@ -420,12 +420,18 @@ def _int8_weights(q_model) -> dict[str, dict]:
         values = numpy_helper.to_array(initializers[dq.input[0]])
         if values.dtype != np.int8:
             continue
-        zero = (numpy_helper.to_array(initializers[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in initializers
-                else np.zeros(1, np.int8))
+        has_zero = len(dq.input) > 2 and dq.input[2] in initializers
+        if len(dq.input) < 2 or dq.input[1] not in initializers:
+            continue  # a scale computed at run time: not a weight this module understands
+        scale = numpy_helper.to_array(initializers[dq.input[1]])
+        zero = numpy_helper.to_array(initializers[dq.input[2]]) if has_zero else np.zeros(scale.shape, np.int8)
         name = dq.input[0][: -len(QUANTIZED_SUFFIX)] if dq.input[0].endswith(QUANTIZED_SUFFIX) else dq.input[0]
+        # DequantizeLinear's axis defaults to 1; a 0-d scale is per tensor
+        quant_axis = _attribute(dq, "axis", 1) % values.ndim if scale.ndim else None
         found[name] = {"node": node.name, "op_type": node.op_type, "values": values,
                        "axis": reduction_axis(node, values.ndim), "zero_point_zero": bool(np.all(zero == 0)),
-                       "initializer": dq.input[0]}
+                       "initializer": dq.input[0], "scale": scale, "zero_point": zero, "quant_axis": quant_axis,
+                       "scale_initializer": dq.input[1], "zero_point_initializer": dq.input[2] if has_zero else None}
     return found
 
 
@@ -492,6 +498,83 @@ def check_qdq_sparsity(q_onnx: Path, layer_weights: Sequence[str] | None = None,
     if polygraphy:
         result["polygraphy"] = polygraphy_sparsity(q_model, int8)
     return result
+
+
+def int8_weight_entries(q_onnx: Path, sparse_weights: Sequence[str], n: int = 2, m: int = 4):
+    """The weights of a Q/DQ model for the compressed weight file (:mod:`sparsecompile.compress`).
+
+    Returns ``(sparse, dense)``. ``sparse``: each of ``sparse_weights`` (float weight names, the build's
+    sparse layers) compressed, keyed by its initializer in ``q_onnx``: an int8 weight as an INT8 entry
+    (:func:`sparsecompile.compress.compress_int8`: int8 values, indices, and the scale and zero point of
+    its DequantizeLinear, exactly as stored), a layer kept in float as a float entry. ``dense``: every
+    other weight and bias initializer of a Conv/Gemm/MatMul, read directly or through DequantizeLinear
+    (int8 weights of dense layers, int32 biases, float weights), as stored. Activation scales and
+    other constants are not included: they stay in the graph.
+    """
+    from onnx import numpy_helper
+
+    from sparsecompile.compress import compress, compress_int8
+
+    q_model = _load(Path(q_onnx))
+    int8 = _int8_weights(q_model)
+    initializers = {t.name: t for t in q_model.graph.initializer}
+    producer = {out: node for node in q_model.graph.node for out in node.output}
+    sparse = {}
+    for name in sparse_weights:
+        if name in int8:
+            item = int8[name]
+            sparse[item["initializer"]] = compress_int8(_tensor(item["values"]), item["axis"], _tensor(item["scale"]),
+                                                        _tensor(item["zero_point"]), item["quant_axis"], n, m)
+        elif name in initializers:  # kept in float
+            node = next((nd for nd in q_model.graph.node if nd.op_type in WEIGHT_OPS and len(nd.input) > 1
+                         and nd.input[1] == name), None)
+            values = numpy_helper.to_array(initializers[name])
+            axis = reduction_axis(node, values.ndim) if node is not None else 1
+            sparse[name] = compress(_tensor(values), axis, n, m)
+        else:
+            raise SparseCompileError(f"'{q_onnx}' has no weight '{name}' (neither int8 nor float)")
+    dense = {}
+    for node in q_model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for tensor in node.input[1:3]:
+            source = producer.get(tensor)
+            if source is not None and source.op_type == "DequantizeLinear":
+                tensor = source.input[0]
+            if tensor in initializers and tensor not in sparse and tensor not in dense:
+                dense[tensor] = _tensor(numpy_helper.to_array(initializers[tensor]))
+    return sparse, dense
+
+
+def write_int8_weights(q_onnx: Path, path: Path, sparse_weights: Sequence[str], n: int = 2, m: int = 4,
+                       metadata: dict | None = None) -> dict:
+    """Write :func:`int8_weight_entries` of ``q_onnx`` to ``path`` (format version 2); returns the size summary.
+
+    Every stored tensor is read back and compared with the Q/DQ model's initializer (int8 values, scale and
+    zero point exactly), so the file is known to reproduce the model before anything ships it."""
+    from sparsecompile.compress import decompress, load_weights, save_weights, size_summary
+
+    sparse, dense = int8_weight_entries(q_onnx, sparse_weights, n, m)
+    save_weights(path, sparse, dense, metadata)
+    stored, _, _ = load_weights(path)
+    for name, ct in sparse.items():
+        back = stored[name]
+        same = back.dtype == ct.dtype and np.array_equal(decompress(back).numpy(), decompress(ct).numpy())
+        if ct.quantized:
+            same = same and np.array_equal(back.scale.numpy().view(np.uint32), ct.scale.numpy().view(np.uint32)) \
+                and np.array_equal(back.zero_point.numpy(), ct.zero_point.numpy())
+        if not same:
+            raise SparseCompileError(f"internal error: '{path}' does not give back '{name}' of '{q_onnx}' exactly")
+    summary = size_summary(sparse) if sparse else {}
+    summary["file_bytes"] = Path(path).stat().st_size
+    summary["dense_tensors"] = len(dense)
+    return summary
+
+
+def _tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
 def polygraphy_sparsity(q_model, int8: dict | None = None) -> dict:

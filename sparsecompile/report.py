@@ -153,6 +153,15 @@ def quantization_line(quantization: dict) -> str:
             f"{verdict}")
 
 
+def int8_weights_line(weights: dict) -> str:
+    """The summary's INT8 weight-file line: the sparse layers' int8 values compressed against dense int8."""
+    if not weights.get("compressed_bytes"):
+        return f"         {weights['path']}: no sparse layers (weights dense); file {_bytes(weights['file_bytes'])}"
+    return (f"         {weights['path']}: sparse layers {_bytes(weights['compressed_bytes'])} compressed (int8 values, "
+            f"indices, scales) vs {_bytes(weights['dense_bytes'])} dense int8 ({weights['ratio_vs_dense']:.4f}x); "
+            f"file {_bytes(weights['file_bytes'])}")
+
+
 def certificate_line(certificate: dict) -> str:
     """The summary's ``certify:`` line; a certificate without a bound (not certifiable, not a
     classifier, nothing changed) prints what it has."""
@@ -234,6 +243,8 @@ def summary_lines(report: dict) -> list[str]:
     quantization = report.get("quantization")
     if quantization:
         lines.append(quantization_line(quantization))
+        if quantization.get("weights"):
+            lines.append(int8_weights_line(quantization["weights"]))
     certificate = report.get("certificate")
     if certificate:
         lines.append(certificate_line(certificate))
