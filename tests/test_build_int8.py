@@ -54,9 +54,8 @@ def test_cpu_int8_build_writes_a_checked_int8_fallback_that_run_uses(model_files
     # The summary says what happened in one line.
     assert any(line.startswith("int8:") and "2:4 kept" in line for line in
                __import__("sparsecompile.report", fromlist=["summary_lines"]).summary_lines(result.report))
-    # Packages do not carry INT8 weights yet: refused with one line, not silently packaged as fp32.
-    refused = cli("package", out, "-o", tmp_path / "p.scpkg")
-    one_line_failure(refused, "--precision int8 build")
+    # Its weights, sparse layers' int8 values compressed (tests/test_int8_format.py, test_package_int8.py).
+    assert q["weights"]["path"] == "weights.int8.safetensors" and "weights.int8.safetensors" in manifest["files"]
 
 
 def test_gpu_int8_build_points_the_tensorrt_recipe_at_the_qdq_model(model_files, tmp_path):

@@ -54,11 +54,21 @@ def describe_package(package: Package) -> str:
         lines.append(f"accuracy  output {entry['output']}: top-1 agreement with dense "
                      f"{'n/a' if agree is None else f'{agree:.4f}'}, relative error {entry['relative_error']:.3g} "
                      "(build's calibration set)")
+    quantization = m.get("quantization")
+    if quantization:
+        kept = quantization.get("kept_float") or {}
+        lines.append(f"int8      {quantization['onnx']} ({quantization['format']}, {quantization['calibration']} ranges): "
+                     f"{len(quantization.get('quantized') or [])} layer(s) int8, {len(kept)} kept float"
+                     + (f" ({', '.join(sorted(kept)[:5])})" if kept else ""))
     check = m["accuracy"]["bundle_vs_build_onnx"]
-    lines.append(f"bundle    vs build ONNX max abs diff {check['max_abs_diff']:.3g}")
+    lines.append(f"bundle    vs build {check.get('build_onnx', 'ONNX')} max abs diff {check['max_abs_diff']:.3g}")
     sizes = m["sizes"]
     sparse = sizes["sparse_layers"]
-    if sparse:
+    if sparse and m["precision"] == "int8":
+        lines.append(f"sizes     sparse layers {sparse['compressed_bytes'] / kib:.1f} KiB (int8 values, indices, scales) = "
+                     f"{sparse['ratio_vs_dense']:.4f}x of dense int8; bundle {package.size / sizes['dense_onnx_bytes']:.2f}x "
+                     f"of the dense fp32 ONNX ({sizes['dense_onnx_bytes'] / kib:.1f} KiB)")
+    elif sparse:
         lines.append(f"sizes     sparse layers {sparse['compressed_bytes'] / kib:.1f} KiB = "
                      f"{sparse['ratio_vs_dense_fp16']:.4f}x of dense fp16; bundle {package.size / sizes['dense_onnx_bytes']:.2f}x "
                      f"of the dense ONNX ({sizes['dense_onnx_bytes'] / kib:.1f} KiB)")

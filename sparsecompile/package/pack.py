@@ -6,8 +6,10 @@ The bundle (a ``.scpkg`` zip, see :mod:`sparsecompile.package.archive`) holds
   build target, precision, inputs/outputs, preprocessing, mask method and
   settings, per-layer sparsity, the build's accuracy checks, library versions,
   sizes, and the size and SHA-256 of every other member;
-* ``graph.onnx``: the build's ONNX graph without the weights below;
-* ``weights.safetensors``: the weights the graph needs, sparse layers compressed;
+* ``graph.onnx``: the build's ONNX graph without the weights below; for a ``--precision int8`` build,
+  the Q/DQ model (``model.int8.onnx``);
+* ``weights.safetensors``: the weights the graph needs, sparse layers compressed (an INT8 build's:
+  ``weights.int8.safetensors``, int8 values + indices + per-channel scales, ``docs/format.md``);
 * ``report.json``: the full build report;
 * ``engine/`` for GPU targets: the build's TensorRT recipe re-targeted to the edge device
   (``recipe.json``, ``build_engine.py``, ``trtexec.sh``, see :mod:`sparsecompile.engine.recipe`);
@@ -17,7 +19,13 @@ The bundle (a ``.scpkg`` zip, see :mod:`sparsecompile.package.archive`) holds
 
 Before anything is written the bundle is read back the way a device reads it
 (reconstituted graph run by ONNX Runtime) and compared with the build's ONNX on
-seeded inputs; the difference is recorded in the manifest.
+seeded inputs; the difference is recorded in the manifest. fp32 and INT8 bundles
+must reproduce it bit for bit.
+
+INT8 builds: a ``--target cpu`` INT8 model has uint8 activations (what ONNX
+Runtime's x86 kernels fuse), which TensorRT's explicit quantization does not
+take, so it is refused for GPU edges; a GPU INT8 build (int8 activations) runs
+on every edge (ONNX Runtime on CPUs, TensorRT ``--int8`` with sparse weights on GPUs).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsecompile import __version__
-from sparsecompile.builddir import open_build
+from sparsecompile.builddir import INT8_ONNX, INT8_WEIGHTS, open_build
 from sparsecompile.compress import load_weights, size_summary
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.package.archive import (
@@ -41,15 +49,30 @@ from sparsecompile.engine import build_engine as build_engine_script
 from sparsecompile.engine.recipe import ENGINE_DIR, make_recipe, trtexec_script
 from sparsecompile.package.edges import EdgeTarget, default_edge, get_edge
 from sparsecompile.runtime import example_arrays
-from sparsecompile.package.weights import restore_weights, strip_weights, weights_file_bytes
+from sparsecompile.package.weights import check_matches_graph, restore_weights, strip_weights, weights_file_bytes
 from sparsecompile.targets import TARGETS
 
 
 
-def format_floor_fp16(pattern: str) -> float:
-    """Compressed/dense fp16 size of an N:M layer: N values of 16 bits + N indices of ceil(log2 M) bits per M."""
+def format_floor_fp16(pattern: str, value_bits: int = 16) -> float:
+    """Compressed/dense size of an N:M layer: N values + N indices of ceil(log2 M) bits per M values
+    (``value_bits`` 16 for fp16, 8 for int8, scales not counted)."""
     n, m = (int(v) for v in pattern.split(":"))
-    return n * (16 + math.ceil(math.log2(m))) / (16 * m)
+    return n * (value_bits + math.ceil(math.log2(m))) / (value_bits * m)
+
+
+def _int8_sources(path: Path, report: dict, edge: EdgeTarget) -> tuple[str, str]:
+    """The Q/DQ model and its weight file of an INT8 build, after refusing an edge that cannot run it."""
+    quantization = report["quantization"]
+    if edge.kind == "gpu" and quantization.get("activations") == "u8":
+        raise SparseCompileError(
+            f"'{path}' is a --target {report['target']['name']} INT8 build with uint8 activations (for ONNX Runtime), "
+            f"which TensorRT on {edge.name} cannot run; rebuild with --target {edge.name} --precision int8 --calib C, "
+            "or package this build for a cpu-* edge")
+    if not (path / INT8_WEIGHTS).is_file():
+        raise SparseCompileError(f"'{path}' is an INT8 build without {INT8_WEIGHTS} (made by an older sparsecompile); "
+                                 "rebuild it to package it")
+    return INT8_ONNX, INT8_WEIGHTS
 
 
 @dataclass
@@ -136,13 +159,14 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
     except (OSError, ValueError) as exc:
         raise SparseCompileError(f"cannot read '{path / 'report.json'}': {exc}") from None
     build_target = report["target"]["name"]
-    if report.get("quantization"):
-        raise SparseCompileError(
-            f"'{path}' is a --precision int8 build: packages do not carry INT8 weights yet (the compressed "
-            "format holds fp16/fp32 values); package a build made without --precision int8, or ship the build "
-            "directory (model.int8.onnx) as it is")
     edge = get_edge(edge_name or default_edge(build_target))
+    quantization = report.get("quantization")
+    onnx_file, weights_file = _int8_sources(path, report, edge) if quantization else ("model.onnx",
+                                                                                       "weights.safetensors")
     notes = []
+    if quantization and edge.kind == "cpu" and quantization.get("activations") == "s8":
+        notes.append(f"INT8 model with int8 activations (built for {build_target}, TensorRT's form): ONNX Runtime's "
+                     "x86 kernels fuse only part of it; for a fast CPU bundle build with --target cpu --precision int8")
     if edge.kind == "gpu" and not report.get("sparsified"):
         notes.append(f"the build has no sparse layers (target {build_target}): the {edge.name} engine runs dense")
     if edge.kind == "gpu" and build_target in TARGETS and not TARGETS[build_target].sparse_tensor_cores \
@@ -150,11 +174,13 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         notes.append(f"built for {build_target}, which has no sparse tensor cores; rebuild with --target {edge.name} "
                      "for masks and precision chosen for it")
 
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    sparse, dense, weights_meta = load_weights(path / "weights.safetensors")
+    model = onnx.load(str(path / onnx_file), load_external_data=False)
+    sparse, dense, weights_meta = load_weights(path / weights_file)
+    if quantization:
+        check_matches_graph(model, sparse, dense, str(path / weights_file))
     specs, sparse_kept, dense_kept = strip_weights(model, sparse, dense)
     _drop_exporter_traces(model)
-    precision = (weights_meta or {}).get("dtype", report["options"].get("weights_dtype"))
+    precision = "int8" if quantization else (weights_meta or {}).get("dtype", report["options"].get("weights_dtype"))
     graph_bytes = model.SerializeToString()
     weights_bytes = weights_file_bytes(sparse_kept, dense_kept, {"pattern": report["pattern"], "dtype": precision})
 
@@ -170,11 +196,12 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         onnx.save(restored, f"{tmp}/restored.onnx")
         with OrtRunner(f"{tmp}/restored.onnx", threads=1) as runner:
             got = runner.infer(feed)
-    with OrtRunner(path / "model.onnx", threads=1) as runner:
+    with OrtRunner(path / onnx_file, threads=1) as runner:
         want = runner.infer(feed)
-    check = {**_compare(want, got), "inputs": "seeded random, batch 4" if build_manifest.get("dynamic_batch") else "seeded random"}
-    if precision == "fp32" and check["max_abs_diff"] != 0.0:
-        raise SparseCompileError(f"internal error: the fp32 bundle does not reproduce the build's ONNX "
+    check = {**_compare(want, got), "inputs": "seeded random, batch 4" if build_manifest.get("dynamic_batch") else "seeded random",
+             "build_onnx": onnx_file}
+    if precision in ("fp32", "int8") and check["max_abs_diff"] != 0.0:
+        raise SparseCompileError(f"internal error: the {precision} bundle does not reproduce the build's {onnx_file} "
                                  f"(max abs diff {check['max_abs_diff']:.3g})")
 
     sizes = size_summary(sparse_kept) if sparse_kept else {}
@@ -207,7 +234,12 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
                         "zero_fraction": r.get("zero_fraction"), "reason": r.get("reason")} for r in layers],
         },
         "accuracy": {"sparse_vs_dense": report["verification"]["sparse_vs_dense"],
-                     "bundle_vs_build_onnx": check},
+                     "bundle_vs_build_onnx": check,
+                     **({"int8_damage": quantization.get("damage")} if quantization else {})},
+        "quantization": ({key: quantization.get(key) for key in
+                          ("format", "activations", "calibration", "calibration_samples", "per_channel_weights",
+                           "quantized", "kept_float")} | {"onnx": INT8_ONNX, "weights": INT8_WEIGHTS}
+                         if quantization else None),
         "engine": ({"kind": "recipe", "members": sorted(m for m in members if m.startswith(f"{ENGINE_DIR}/")),
                     "note": "no engine inside: build it on the target (sparsecompile unpack PACKAGE -o DIR, then "
                             "python DIR/engine/build_engine.py or sh DIR/engine/trtexec.sh)"}
@@ -217,6 +249,8 @@ def package_build(build_dir: str | Path, output: str | Path, edge_name: str | No
         "sizes": {
             "sparse_layers": sizes,
             "format_floor_vs_dense_fp16": format_floor_fp16(report["pattern"]),
+            **({"format_floor_vs_dense_int8": format_floor_fp16(report["pattern"], 8),
+                "int8_onnx_bytes": (path / INT8_ONNX).stat().st_size} if quantization else {}),
             "dense_onnx_bytes": dense_onnx_bytes,
             "graph_bytes": len(graph_bytes), "weights_bytes": len(weights_bytes),
         },
@@ -245,7 +279,12 @@ def size_lines(result: PackResult) -> list[str]:
     for name, entry in result.manifest["members"].items():
         lines.append(f"  {name:<24} {entry['bytes'] / kb:9.1f} KiB")
     sparse = sizes["sparse_layers"]
-    if sparse:
+    if sparse and result.manifest["precision"] == "int8":
+        lines.append(f"  sparse layers: {sparse['compressed_bytes'] / kb:.1f} KiB compressed (int8 values, indices, "
+                     f"scales) vs {sparse['dense_bytes'] / kb:.1f} KiB dense int8 = {sparse['ratio_vs_dense']:.4f}x "
+                     f"(format floor {sizes['format_floor_vs_dense_int8']:.4f}x for {result.manifest['pattern']} at "
+                     "int8, scales aside)")
+    elif sparse:
         lines.append(f"  sparse layers: {sparse['compressed_bytes'] / kb:.1f} KiB compressed vs "
                      f"{sparse['dense_fp16_bytes'] / kb:.1f} KiB dense fp16 = {sparse['ratio_vs_dense_fp16']:.4f}x "
                      f"(format floor {sizes['format_floor_vs_dense_fp16']:.4f}x for {result.manifest['pattern']} at fp16; "
@@ -253,7 +292,7 @@ def size_lines(result: PackResult) -> list[str]:
     else:
         lines.append("  no sparse layers in this build: weights are stored dense")
     check = result.manifest["accuracy"]["bundle_vs_build_onnx"]
-    lines.append(f"  bundle vs build ONNX: max abs diff {check['max_abs_diff']:.3g} "
+    lines.append(f"  bundle vs build {check.get('build_onnx', 'ONNX')}: max abs diff {check['max_abs_diff']:.3g} "
                  f"(relative {check['relative_diff']:.2g}; {result.manifest['precision']} weights)")
     lines.append(f"  signed: {SIGNATURE}, Ed25519 key {result.signed_by} (check with --verify-key KEY.pub)"
                  if result.signed_by else "  unsigned (sign with --sign-key KEY; make a key with sparsecompile keygen)")
