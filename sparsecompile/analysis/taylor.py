@@ -408,6 +408,24 @@ class TaylorModel:
             w = lip * m
         center = s * c
         radius = s.abs() * r + w
+        # the chord / tangent linear relaxations (analysis/crown.py): y = alpha t + [beta_l, beta_h] gives the
+        # box alpha c +- |alpha| r + [beta_l, beta_h]; keep the tighter slope per element, intersect (both hold)
+        from sparsecompile.analysis.crown import unary_relaxation
+        relax = unary_relaxation(node, d, box)
+        if relax is not None:
+            candidates, finite, _ = relax
+            best_lo = best_hi = None
+            for alpha, b_lo, b_hi in candidates:
+                lo_k = alpha * c - alpha.abs() * r + b_lo
+                hi_k = alpha * c + alpha.abs() * r + b_hi
+                lo_k = lo_k - 1e-12 * (lo_k.abs() + 1)
+                hi_k = hi_k + 1e-12 * (hi_k.abs() + 1)
+                best_lo = lo_k if best_lo is None else torch.maximum(best_lo, lo_k)
+                best_hi = hi_k if best_hi is None else torch.minimum(best_hi, hi_k)
+            inf = torch.full_like(d, math.inf)
+            best_lo = torch.where(finite, best_lo, -inf)
+            best_hi = torch.where(finite, best_hi, inf)
+            center, radius = intersect(center, _finite(radius), best_lo, best_hi)
         value_range = _range_of(target, node.args)
         if value_range is not None:
             base = sigma(d)
