@@ -226,3 +226,39 @@ def test_a_hand_made_int8_entry_is_a_compressed_tensor():
     ct = CompressedTensor(values=reference.values, indices=reference.indices, shape=(4, 8), reduction_axis=1, n=2,
                           m=4, scale=reference.scale, zero_point=reference.zero_point, quant_axis=-2)
     assert ct.quant_axis == 0 and torch.equal(decompress(ct), weight)
+
+
+def test_documented_int8_example_bytes(tmp_path):
+    """docs/format.md section 8, worked example."""
+    import struct
+
+    weight = torch.tensor([[0, 3, 0, -5, 0, 0, 127, 0]], dtype=torch.int8)
+    ct = compress_int8(weight, 1, torch.tensor([0.0078125]), torch.tensor([0], dtype=torch.int8), 0)
+    assert ct.values.numpy().tobytes() == bytes.fromhex("03fb007f") and ct.indices.numpy().tobytes() == b"\x8d"
+    assert ct.scale.numpy().tobytes() == bytes.fromhex("0000003c")
+    assert dequantize(ct).tolist() == [[0, 0.0234375, 0, -0.0390625, 0, 0, 0.9921875, 0]]
+    path = tmp_path / "example.safetensors"
+    save_weights(path, {"fc.weight_quantized": ct}, {"fc.bias_quantized": torch.tensor([-3], dtype=torch.int32)},
+                 {"model": "tiny"})
+    data = path.read_bytes()
+    header_length = struct.unpack("<Q", data[:8])[0]
+    assert len(data) == 790 and data[8 + header_length:] == bytes.fromhex("0000003c" "fdffffff" "03fb007f" "00" "8d")
+    assert json.loads(json.loads(data[8:8 + header_length])["__metadata__"]["sparsecompile"])["version"] == 2
+
+
+
+def test_the_documented_numpy_decoder_reads_int8_entries(tmp_path):
+    """docs/format.md section 7's decoder (numpy + safetensors only) gives back the int8 weight of an INT8 file."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "format.md").read_text()
+    section = text.split("## 7. Decoding with numpy + safetensors only", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "docs/format.md", "exec"), namespace)  # the repository's own documentation
+    weight = int8_nm((8, 8, 3, 3), 1, 5)
+    ct = compress_int8(weight, 1, *scales_for((8, 8, 3, 3), 0, 5), 0)
+    path = tmp_path / "w.safetensors"
+    save_weights(path, {"conv.weight_quantized": ct}, {})
+    decoded = namespace["decode"](str(path), "conv.weight_quantized")
+    assert decoded.dtype == np.int8 and np.array_equal(decoded, weight.numpy())

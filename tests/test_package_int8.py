@@ -261,7 +261,10 @@ def test_a_bundle_with_a_bad_int8_scale_is_refused_in_one_line(cpu_int8, tmp_pat
 
 
 def test_the_documented_commands_work(cpu_int8, tmp_path):
-    """docs/int8.md "Shipping it": package, inspect, run; the runner's output is model.int8.onnx's."""
+    """docs/int8.md "Shipping it": package, inspect, run; the runner's output is model.int8.onnx's.
+
+    (The build is the fixture's: the documented flags plus --min-weights 0 and magnitude masks, so that the
+    tests' small CNN has sparse layers and builds in seconds.)"""
     bundle = tmp_path / "model.scpkg"
     packaged = cli("package", cpu_int8.output, "-o", bundle)
     assert packaged.exit_code == 0, packaged.output

@@ -28,7 +28,9 @@ RECIPE_VERSION = 1
 ENGINE_DIR = "engine"
 _PRECISION_FLAGS = {"fp16": " --fp16", "bf16": " --bf16", "fp32": "", "int8": " --int8 --fp16", "fp8": " --fp8 --fp16"}
 PRECISIONS = tuple(_PRECISION_FLAGS)
-# int8/fp8 engines come from explicitly quantized models (Q/DQ nodes in the ONNX, e.g. from nvidia-modelopt);
+# int8/fp8 engines come from explicitly quantized models (Q/DQ nodes in the ONNX): the build's own model.int8.onnx
+# (--precision int8 --calib; the recipe's "onnx" then points at it, and a package's graph is that model), or a
+# model quantized elsewhere (e.g. nvidia-modelopt). int8 keeps --sparsity=enable: the int8 weights stay 2:4.
 # fp8 tensor cores exist from Ada (sm_89) on.
 QUANTIZED = ("int8", "fp8")
 FP8_MIN_CAPABILITY = (8, 9)
