@@ -277,3 +277,32 @@ def test_the_documented_commands_work(cpu_int8, tmp_path):
     ran = cli("run", bundle, "--input", tmp_path / "x.npy", "--output", tmp_path / "y.npy")
     assert ran.exit_code == 0, ran.output
     assert np.array_equal(np.load(tmp_path / "y.npy"), _int8_onnx_outputs(cpu_int8.output, x)[0])
+
+
+def test_a_sparse_layer_kept_float_is_a_float_entry_and_restores(cpu_int8, tmp_path):
+    """int8_weight_entries on a Q/DQ model with one sparse layer kept float; the bundle's strip/restore round trip."""
+    from sparsecompile import quantize
+    from sparsecompile.package.weights import check_matches_graph, restore_weights, strip_weights
+
+    fp32 = cpu_int8.output / "model.onnx"
+    q = tmp_path / "q.onnx"
+    quantize.quantize_onnx(fp32, q, [{"x": _x(16, 1)}], exclude_nodes=["conv2"], activations="u8")
+    sparse_layers = [r["weight"] for r in cpu_int8.report["layers"] if r["status"] == "sparse"]
+    sparse, dense = quantize.int8_weight_entries(q, sparse_layers)
+    assert "conv2.weight" in sparse and not sparse["conv2.weight"].quantized
+    assert sparse["conv2.weight"].dtype == torch.float32
+    assert {k for k, v in sparse.items() if v.quantized} == {f"{w}_quantized" for w in sparse_layers if w != "conv2.weight"}
+    path = tmp_path / "w.safetensors"
+    save_weights(path, sparse, dense, None)
+    sparse, dense, _ = load_weights(path)
+    model = onnx.load(str(q))
+    check_matches_graph(model, sparse, dense, "test")
+    specs, sparse_kept, dense_kept = strip_weights(model, sparse, dense)
+    assert "conv2.weight" in {s["name"] for s in specs}
+    restore_weights(model, specs, sparse_kept, dense_kept, "test")
+    x = _x(3)
+    with OrtRunner(q, threads=1) as want:
+        expected = want.infer([x])[0]
+    onnx.save(model, tmp_path / "restored.onnx")
+    with OrtRunner(tmp_path / "restored.onnx", threads=1) as got:
+        assert np.array_equal(got.infer([x])[0], expected)
