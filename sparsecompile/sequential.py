@@ -17,6 +17,17 @@ Hooks run before a layer (seeing both streams' environments) and after it
 (seeing both streams' outputs; it may replace the working outputs). Constant
 subgraphs (``get_attr`` and views of weights such as ``permute(W)``) are
 evaluated on demand, so a weight a hook just changed is what the layer uses.
+
+Memory. A layer's statistics need all of its input's chunks before it runs, so
+a node's value is held for every chunk until its last user has run: what is
+live is the graph's frontier times the number of chunks, not the whole graph.
+Within a node the chunks stream: chunk ``i`` of an input whose last user is this
+node is released as soon as chunk ``i`` of the output exists, so a chain of
+layers holds ``chunks + 1`` values per stream, not two full lists. The
+reference stream runs only when asked (``reference=True``): a caller whose
+hooks never read it (sequential statistics without correction) pays for one
+stream. Graph outputs are kept only with ``outputs=True``. ``peak_live_chunks``
+counts the most chunk values held at once (both streams), for tests.
 """
 
 from __future__ import annotations
@@ -92,35 +103,66 @@ class LockstepRunner:
         before: BeforeHook | None = None,
         after: AfterHook | None = None,
         show_progress: Callable[[list], "Iterable"] | None = None,
+        *,
+        reference: bool = True,
+        outputs: bool = True,
     ) -> tuple[list, list]:
-        """Run every chunk; returns the (reference, working) graph outputs, one entry per chunk."""
-        reference_env: dict[torch.fx.Node, Values] = {}
-        working_env: dict[torch.fx.Node, Values] = {}
+        """Run every chunk; returns the (reference, working) graph outputs, one entry per chunk.
+
+        ``reference=False``: only the working stream runs; hooks get an empty reference environment and
+        an empty reference list. ``outputs=False``: no graph outputs are kept (both lists come back empty).
+        """
+        streams = [(True, {}), (False, {})] if reference else [(False, {})]
+        reference_env: Env = streams[0][1] if reference else {}
+        working_env: Env = streams[-1][1]
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        count = len(chunks)
+        self.live_chunks = self.peak_live_chunks = 0
         for position, node in enumerate(placeholders):
             column = [chunk[position] for chunk in chunks]
-            reference_env[node] = column
-            working_env[node] = list(column)
-        outputs: tuple[list, list] = ([], [])
+            for _, env in streams:
+                env[node] = list(column)
+                self._count(count)
+        results: tuple[list, list] = ([], [])
         nodes = list(self.gm.graph.nodes)
         for node in show_progress(nodes) if show_progress else nodes:
             if node.op == "output":
-                for env, out, reference in ((reference_env, outputs[0], True), (working_env, outputs[1], False)):
-                    out.extend(self._gather(node.args[0], env, i, reference) for i in range(len(chunks)))
+                for is_reference, env in streams:
+                    if outputs:
+                        out = results[0] if is_reference else results[1]
+                        out.extend(self._gather(node.args[0], env, i, is_reference) for i in range(count))
+                    for inp in node.all_input_nodes:
+                        self._count(-sum(v is not None for v in env.pop(inp, [])))
                 continue
             if node.op == "placeholder" or node in self.constant:
                 continue
             watched = node.name in watched_nodes
             if watched and before is not None:
                 before(node, reference_env, working_env)
-            reference_env[node] = [self._execute(node, reference_env, i, True) for i in range(len(chunks))]
-            working_env[node] = [self._execute(node, working_env, i, False) for i in range(len(chunks))]
+            finished = [inp for inp in dict.fromkeys(node.all_input_nodes)
+                        if self.last_use.get(inp) is node and inp not in self.constant]
+            for _, env in streams:
+                env[node] = [None] * count
+            for i in range(count):
+                for is_reference, env in streams:
+                    value = env[node][i] = self._execute(node, env, i, is_reference)
+                    self._count(value is not None)
+                    for inp in finished:  # streamed: this chunk of the input has had its last use
+                        if env[inp][i] is not None:
+                            env[inp][i] = None
+                            self._count(-1)
+            for _, env in streams:
+                for inp in finished:
+                    del env[inp]
             if watched and after is not None:
-                replaced = after(node, reference_env[node], working_env[node])
+                replaced = after(node, reference_env.get(node, []), working_env[node])
                 if replaced is not None:
                     working_env[node] = replaced
-            for inp in node.all_input_nodes:
-                if self.last_use.get(inp) is node:
-                    reference_env.pop(inp, None)
-                    working_env.pop(inp, None)
-        return outputs
+            if not node.users:  # a value nothing reads (not even the output): release it now
+                for _, env in streams:
+                    self._count(-sum(v is not None for v in env.pop(node, [])))
+        return results
+
+    def _count(self, change: int) -> None:
+        self.live_chunks += change
+        self.peak_live_chunks = max(self.peak_live_chunks, self.live_chunks)

@@ -69,7 +69,10 @@ def sparsify(
     if correct != "none":
         corrector = StatisticsCorrector(gm, correct, all_layers, folded_batchnorm or {},
                                         {layer.weight_target for layer in eligible})
-    reference_state = snapshot(gm)
+    # The dense (reference) stream is read by the correction (dense statistics, errors), by one-shot
+    # statistics and by the Hessian's dense target; sequential statistics alone never read it.
+    need_reference = corrector is not None or (bool(method.needs) and (not sequential or "hessian" in method.needs))
+    reference_state = snapshot(gm) if need_reference else {}
     if corrector is not None:
         corrector.prepare(reference_state)
     by_node = {layer.node_name: layer for layer in eligible}
@@ -121,6 +124,7 @@ def sparsify(
     LockstepRunner(gm, reference_state).run(
         chunks, watched, before=before, after=corrector.after if corrector else None,
         show_progress=(lambda nodes: progress.bar(nodes, "calibration")) if progress is not None else None,
+        reference=need_reference, outputs=False,
     )
     gm.graph.lint()
     gm.recompile()
