@@ -79,20 +79,42 @@ def channel_scale(var: torch.Tensor, reference_var: torch.Tensor | None = None,
 
 
 def _channel_moments(values: list[torch.Tensor], axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    total = count = squares = 0
+    """Per-channel mean and (biased) variance over all other axes of all ``values``, in float64.
+
+    Each value (a calibration chunk) gets ``torch.var_mean`` in its own dtype: one pass, Welford's
+    update, no float64 copy of the activation (a layer1-sized activation took 10x longer through
+    float64). The chunks' (count, mean, M2) are then merged in float64 (Chan et al.'s pairwise
+    update), so nothing cancels as ``E[x^2] - E[x]^2`` would for a channel whose mean is large against
+    its spread. The same inputs give the same bytes (checked for 1, 2 and 4 threads).
+    """
+    count, mean, m2 = 0, None, None
     for value in values:
-        v = value.detach().double().movedim(axis, -1)
-        v = v.reshape(-1, v.shape[-1])
-        total = total + v.sum(0)
-        squares = squares + (v * v).sum(0)
-        count += v.shape[0]
-    mean = total / count
-    return mean, (squares / count - mean * mean).clamp_min(0.0)
+        v = value.detach()
+        if not v.is_floating_point():
+            v = v.float()
+        dims = [d for d in range(v.dim()) if d != axis % v.dim()]
+        var_k, mean_k = torch.var_mean(v, dim=dims, correction=0)
+        k = v.numel() // max(v.shape[axis], 1)
+        mean_k, m2_k = mean_k.double(), var_k.double() * k
+        if mean is None:
+            count, mean, m2 = k, mean_k, m2_k
+            continue
+        total = count + k
+        delta = mean_k - mean
+        mean = mean + delta * (k / total)
+        m2 = m2 + m2_k + delta * delta * (count * k / total)
+        count = total
+    return mean, (m2 / count).clamp_min(0.0)
 
 
 def _relative_error(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
-    num = sum(float(((c.double() - r.double()) ** 2).sum()) for r, c in zip(reference, candidate))
-    den = sum(float((r.double() ** 2).sum()) for r in reference)
+    """``||candidate - reference|| / ||reference||`` over all chunks, from float32 norms (a reported number:
+    float64 copies of every activation cost ~10x for the same leading digits)."""
+    num = den = 0.0
+    for r, c in zip(reference, candidate):
+        r32 = r.detach().float()
+        num += float(torch.linalg.vector_norm(c.detach().float() - r32)) ** 2
+        den += float(torch.linalg.vector_norm(r32)) ** 2
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -197,9 +219,10 @@ class StatisticsCorrector:
         self._fold_into_layer(node, layer, slot, scale, shift)
         shape = [1] * working[0].dim()
         shape[axis] = -1
-        corrected = [
-            (w.double() * scale.reshape(shape) + shift.reshape(shape)).to(w.dtype) for w in working
-        ]
+        # o' = t * o + c in float32 (float64 for float64 models): what the folded layer computes.
+        compute = torch.promote_types(working[0].dtype, torch.float32)
+        scale_c, shift_c = scale.reshape(shape).to(compute), shift.reshape(shape).to(compute)
+        corrected = [torch.addcmul(shift_c, w.to(compute), scale_c).to(w.dtype) for w in working]
         self.records[layer.name] = {
             "mode": self.mode, "error_before": before, "error_after": _relative_error(reference, corrected),
             "scale_min": float(scale.min()), "scale_max": float(scale.max()),

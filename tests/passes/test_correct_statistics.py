@@ -178,3 +178,41 @@ def test_bn_mode_reestimates_batchnorm_the_fold_left_in_place():
         n = 32 * 6 * 6
         eager.bn.running_var.mul_((n - 1) / n)
         torch.testing.assert_close(gm(calib), eager(calib), rtol=2e-4, atol=2e-4)
+
+
+def _moments_float64(values, axis):
+    """The float64 reference: every value converted to float64 and summed there."""
+    v = torch.cat([x.double().movedim(axis, -1).reshape(-1, x.shape[axis]) for x in values])
+    return v.mean(0), v.var(0, unbiased=False)
+
+
+def test_channel_moments_in_float32_match_float64_even_with_a_large_mean():
+    from sparsecompile.passes.correct_statistics import _channel_moments
+
+    generator = torch.Generator().manual_seed(5)
+    # A channel whose mean is 1000x its spread: E[x^2] - E[x]^2 in float32 would lose every digit here.
+    offsets = torch.tensor([0.0, 3.0, -2000.0, 50.0]).reshape(1, 4, 1, 1)
+    values = [torch.randn(n, 4, 30, 30, generator=generator) + offsets for n in (7, 3, 5)]
+    mean, var = _channel_moments(values, 1)
+    ref_mean, ref_var = _moments_float64(values, 1)
+    assert mean.dtype == var.dtype == torch.float64
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, ref_var, rtol=1e-5, atol=0)
+    linear = [torch.randn(6, 11, 9, generator=generator) for _ in range(2)]
+    for got, want in zip(_channel_moments(linear, -1), _moments_float64(linear, -1)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # Same inputs, same bytes.
+    again = _channel_moments(values, 1)
+    assert torch.equal(again[0], mean) and torch.equal(again[1], var)
+
+
+def test_relative_error_in_float32_matches_float64():
+    from sparsecompile.passes.correct_statistics import _relative_error
+
+    generator = torch.Generator().manual_seed(6)
+    reference = [torch.randn(4, 16, 20, 20, generator=generator) for _ in range(3)]
+    candidate = [r + 0.01 * torch.randn(r.shape, generator=generator) for r in reference]
+    num = sum(float(((c.double() - r.double()) ** 2).sum()) for r, c in zip(reference, candidate))
+    den = sum(float((r.double() ** 2).sum()) for r in reference)
+    assert abs(_relative_error(reference, candidate) - (num / den) ** 0.5) < 1e-5 * (num / den) ** 0.5
+    assert _relative_error([torch.zeros(3)], [torch.ones(3)]) == 0.0
