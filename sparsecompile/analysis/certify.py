@@ -1601,6 +1601,9 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
         if classifier:
             result["samples"].update(margin=margin.tolist(), certified=certified.tolist(),
                                      prediction_unchanged=unchanged.tolist())
+            if collected["crown_margin"] and len(torch.cat(collected["crown_margin"])) == samples:
+                # per sample: min over j != top of z_top - z_j + (lower bound on dz_top - dz_j)
+                result["samples"]["crown_margin"] = torch.cat(collected["crown_margin"]).tolist()
     return result
 
 
