@@ -29,7 +29,10 @@ Models (all weights come from the installed wheels; nothing is downloaded at run
 Rows per model: dense (the wheel's ONNX in ONNX Runtime), ``--method magnitude|activation|hessian``
 x ``--correct bias|none`` (with ``--max-drop none`` unless ``--guard-methods``, so each row shows
 what the method does with every eligible layer sparse), and the build default (``sparsecompile
-build MODEL --calib C -o OUT``: no --method, no --correct, no --max-drop). Builds run through the
+build MODEL --calib C -o OUT``: no --method, no --correct, no --max-drop), and ``int8``: the build
+default plus ``--precision int8`` (issue 20), scored with the build's ``model.int8.onnx`` (the Q/DQ
+model, int8 symmetric activations for TensorRT, run here in ONNX Runtime); the same build's fp32
+``model.onnx`` is scored too, to split sparsity from quantization. Builds run through the
 CLI in a subprocess with ``OMP_NUM_THREADS=--threads``; each ``model.onnx`` is scored with ONNX
 Runtime. Build records are cached in ``benchmarks/.cache/pretrained_models/results`` keyed by the
 model, the data, the flags and a hash of the ``sparsecompile/`` sources (``--fresh`` ignores it).
@@ -235,10 +238,17 @@ MODELS: dict[str, Model] = {m.name: m for m in [
 ]}
 
 SEED_CALIB, SEED_EVAL = 0, 1
+INT8 = "int8"  # the row "default build + --precision int8", scored with model.int8.onnx
+
+
+def row_label(method, correct, sep="+") -> str:
+    if method == INT8:
+        return f"default{sep}int8"
+    return f"{method or 'default'}{sep + correct if correct else ''}"
 
 # The build default second: it matters most and may be slow (--method auto builds several candidates).
 ROWS_FULL = [("magnitude", "bias"), (None, None), ("hessian", "bias"), ("magnitude", "none"), ("hessian", "none"),
-             ("activation", "bias"), ("activation", "none")]
+             ("activation", "bias"), ("activation", "none"), (INT8, None)]
 ROWS_QUICK = [("magnitude", "bias"), ("hessian", "bias"), (None, None)]
 
 
@@ -334,7 +344,9 @@ def report_fields(report: dict) -> dict:
 def build_and_score(model: Model, pt2: Path, calib: Path, method, correct, guard_methods: bool,
                     x_eval, truth, dense_pred, threads: int, fresh: bool, cached_only: bool = False) -> dict:
     flags = []
-    if method:
+    if method == INT8:
+        flags += ["--precision", "int8"]
+    elif method:
         flags += ["--method", method, "--correct", correct]
         if not guard_methods:
             flags += ["--max-drop", "none"]
@@ -373,7 +385,15 @@ def build_and_score(model: Model, pt2: Path, calib: Path, method, correct, guard
             return got
         report = json.loads((out / "report.json").read_text())
         got.update(report_fields(report))
-        outputs = run_onnx(out / "model.onnx", x_eval, threads)
+        if method == INT8:
+            q = report.get("quantization") or {}
+            got["quantization"] = {k: q.get(k) for k in ("format", "calibration", "calibration_samples", "quantized",
+                                                         "kept_float", "damage", "weights")}
+            got["metrics_fp32"] = model.score(model.post(run_onnx(out / "model.onnx", x_eval, threads)), truth,
+                                              dense_pred)
+            outputs = run_onnx(out / "model.int8.onnx", x_eval, threads)
+        else:
+            outputs = run_onnx(out / "model.onnx", x_eval, threads)
         pred = model.post(outputs)
         got["metrics"] = model.score(pred, truth, dense_pred)
         return got
@@ -413,7 +433,7 @@ def evaluate_model(model: Model, args) -> dict:
         rec = build_and_score(model, pt2, calib, method, correct, args.guard_methods, x_eval, truth, dense_pred,
                               args.threads, args.fresh, args.cached_only)
         rows.append(rec)
-        label = f"{method or 'default'}/{correct or '-'}"
+        label = row_label(method, correct or "-", "/")
         if rec.get("error") or rec.get("failed"):
             print(f"   {label:18s} FAILED: {rec.get('error') or rec.get('failed')}", flush=True)
         else:
@@ -462,7 +482,11 @@ def markdown(results: list[dict], args) -> str:
               "- Builds: `sparsecompile build MODEL.pt2 --calib CALIB.npy -o OUT` + the row's flags (target a100, "
               "so 2:4 masks; channel permutation on by default). Method rows add `--method M --correct C`"
               + ("" if args.guard_methods else " `--max-drop none` (accuracy guard off, every eligible layer sparse)")
-              + "; the **default** row adds nothing. Each build's `model.onnx` is scored in ONNX Runtime; dense = the "
+              + "; the **default** row adds nothing; the **default+int8** row adds `--precision int8` (the build "
+              "quantizes the sparse model: per-channel symmetric int8 weights, int8 activations with percentile ranges, "
+              "badly quantizing layers kept float under the same accuracy budget) and is scored with its "
+              "`model.int8.onnx` (in the summary, after the sparse-MAC share: the same build's fp32 `model.onnx` "
+              "on the same metric and the number of layers kept float). Each build's `model.onnx` is scored in ONNX Runtime; dense = the "
               "wheel's own ONNX file in ONNX Runtime.",
               "- Sparse MACs = `summary.sparse_layer_macs / summary.gemm_macs` from the build's `report.json` "
               "(share of the conv/linear multiply-accumulates whose layer went 2:4; half of those are then skipped). "
@@ -480,7 +504,7 @@ def markdown(results: list[dict], args) -> str:
               "Headline metric per model (change vs dense in points; for CER lower is better). "
               "`mag` = magnitude. Sparse-MAC share in brackets.", ""]
     cols = [r for r in (ROWS_QUICK if args.quick else ROWS_FULL)]
-    header = "| model | metric | dense | " + " | ".join(f"{m or 'default'}{'+' + c if c else ''}" for m, c in cols) + " |"
+    header = "| model | metric | dense | " + " | ".join(row_label(m, c) for m, c in cols) + " |"
     lines += [header, "|" + " --- |" * 3 + " ---: |" * len(cols)]
     for res in results:
         model = MODELS[res["model"]]
@@ -498,7 +522,11 @@ def markdown(results: list[dict], args) -> str:
             else:
                 v = rec["metrics"][model.metric]
                 share = rec.get("sparse_mac_share")
-                cells.append(f"{v:.2f} ({v - d:+.2f}) [{'-' if share is None else f'{100 * share:.0f}%'}]")
+                cell = f"{v:.2f} ({v - d:+.2f}) [{'-' if share is None else f'{100 * share:.0f}%'}]"
+                if m == INT8:
+                    kept = len((rec.get("quantization") or {}).get("kept_float") or {})
+                    cell += f" (fp32 {fmt((rec.get('metrics_fp32') or {}).get(model.metric))}, {kept} kept float)"
+                cells.append(cell)
         lines.append(f"| {model.name} | {model.metric_label} | {d:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
     for res in results:
@@ -524,7 +552,8 @@ def markdown(results: list[dict], args) -> str:
         lines.append(f"| dense (wheel ONNX) | {dense[model.metric]:.2f} | 0.00 | "
                      + " | ".join(fmt(dense.get(k)) for k in extra) + " | | | 0% | 0 | | |")
         for rec in res["rows"]:
-            label = f"{rec['method']} / {rec['correct']}" if rec["method"] else "**default**"
+            label = ("**default+int8**" if rec["method"] == INT8 else
+                     f"{rec['method']} / {rec['correct']}" if rec["method"] else "**default**")
             if rec.get("error") or rec.get("failed"):
                 lines.append(f"| {label} | failed | | " + " | " * len(extra) + f" | | | | {fmt(rec.get('build_s'), 0)} | "
                              f"`{(rec.get('error') or rec.get('failed'))[:200]}` |")
@@ -539,6 +568,12 @@ def markdown(results: list[dict], args) -> str:
                     method_text += f" (auto picked {json.dumps(picked) if not isinstance(picked, str) else picked})"
             if rec.get("other_sources"):
                 label += " &dagger;"
+            if rec["method"] == INT8:
+                q = rec.get("quantization") or {}
+                kept = q.get("kept_float") or {}
+                method_text += (f"; INT8 {q.get('format')}, {len(q.get('quantized') or [])} layers int8, "
+                                f"{len(kept)} kept float{' (' + ', '.join(sorted(kept)[:4]) + ')' if kept else ''}; "
+                                f"same build's fp32 model.onnx: {fmt((rec.get('metrics_fp32') or {}).get(model.metric))}")
             lines.append(
                 f"| {label} | {m[model.metric]:.2f} | {m[model.metric] - dense[model.metric]:+.2f} | "
                 + " | ".join(fmt(m.get(k)) for k in extra)
@@ -549,7 +584,7 @@ def markdown(results: list[dict], args) -> str:
         if warned:
             lines += ["", "Warnings the builds printed:", ""]
             for r, w in warned[:14]:
-                lines.append(f"- {r['method'] or 'default'}/{r['correct'] or '-'}: `{w.strip()[:300]}`")
+                lines.append(f"- {row_label(r['method'], r['correct'] or '-', '/')}: `{w.strip()[:300]}`")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -578,8 +613,9 @@ DATA_NOTES = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=list(MODELS), help="run only these (repeatable)")
-    parser.add_argument("--rows", nargs="+", choices=["magnitude", "activation", "hessian", "default"],
-                        help="only these rows")
+    parser.add_argument("--rows", nargs="+", choices=["magnitude", "activation", "hessian", "default", INT8],
+                        help="only these rows (int8: the default build with --precision int8, scored with its "
+                             "model.int8.onnx)")
     parser.add_argument("--quick", action="store_true",
                         help="half the calibration and a quarter of the evaluation samples; "
                              "rows magnitude+bias, hessian+bias, default")
