@@ -379,6 +379,8 @@ def load_model(
     explicit_inputs = _random_inputs(input_shapes) if input_shapes else None
     notes: list[str] = []
     sha = None
+    program = None  # the loaded ExportedProgram of a .pt2
+    inputs_from_archive = False
 
     if factory is not None:
         if path is not None:
@@ -427,10 +429,11 @@ def load_model(
             )
         module = None
         if kind == "pt2":
-            ep = load_pt2(path, trust_pickle)
+            program = load_pt2(path, trust_pickle)
             if explicit_inputs is None:
-                explicit_inputs = _example_inputs_of(ep)
-            module = ep.module()
+                explicit_inputs = _example_inputs_of(program)
+                inputs_from_archive = explicit_inputs is not None
+            module = program.module()
         elif kind == "torchscript":
             module = _load_torchscript(path, explicit_inputs if explicit_inputs is not None else calib_example)
         elif kind == "pickle":
@@ -443,11 +446,17 @@ def load_model(
             "cannot tell the model's input shapes: pass --input-shape (e.g. --input-shape 1,3,224,224) or --calib"
         )
     example_inputs = tuple(explicit_inputs)
-    _check_runs(module, example_inputs)
-    ep, dynamic = export_module(module, example_inputs)
+    if not inputs_from_archive:  # the archive's own example inputs ran when it was exported
+        _check_runs(module, example_inputs)
+    if program is not None and _batch_dims(example_inputs) is not None and _has_dynamic_batch(program):
+        # Already an ATen graph with a dynamic batch: exporting ep.module() again gives the same graph
+        # (same nodes, names and parameters) at the cost of a full trace.
+        ep, dynamic, graph_module = program, True, module
+    else:
+        ep, dynamic = export_module(module, example_inputs)
+        graph_module = ep.module()
     if not dynamic:
         notes.append(f"batch size is static ({int(example_inputs[0].shape[0])}): the model did not export with a dynamic batch")
-    graph_module = ep.module()
     for parameter in graph_module.parameters():
         parameter.requires_grad_(False)  # an inference compiler never trains
     return LoadedModel(
