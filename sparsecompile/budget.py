@@ -123,7 +123,8 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
                    max_drop: float, max_error: float, signal: str = "measured",
                    priors: dict[str, float] | None = None, benefit: dict[str, float] | None = None,
                    reason: str = "the accuracy guard", progress=None,
-                   refit: Callable[[set[str]], tuple] | None = None) -> BudgetResult:
+                   refit: Callable[[set[str]], tuple] | None = None,
+                   initial_outputs: list[torch.Tensor] | None = None) -> BudgetResult:
     """Restore masked layers of ``sparse_gm`` to their ``dense_gm`` values until ``assess`` is within budget.
 
     ``assess(dense_outputs, outputs)`` gives the per-output damage; ``check_*`` are the held-back
@@ -132,9 +133,12 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
     layers' entries. ``refit(names)``
     (given when statistics correction is on) returns ``(graph, outcome)``: the dense model with the
     other masked layers masked and corrected again; the search then bisects on the ranking.
+    ``initial_outputs``: ``sparse_gm``'s outputs on the check samples, when the caller has them already.
     """
     masked_layers = [layer for layer in layers if layer.weight_target in masks]
-    damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
+    if initial_outputs is None:
+        initial_outputs = run_batches(sparse_gm, check_batches())
+    damage = assess(check_dense, initial_outputs)
     result = BudgetResult(max_drop, max_error, damage, damage, signal=signal)
     if damage.within or not masked_layers:
         return result

@@ -541,7 +541,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             progress.warn(f"{name}: {why}")
             notes.append(f"{name}: {why}")
 
-    budget = None
+    budget = check_sparse = None
     if guard["on"] and not masks:
         progress.total -= 1
     if guard["on"] and masks:
@@ -560,9 +560,13 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                                           sequential=options.sequential, correct=correct,
                                           update_weights=outcome.updated_weights,
                                           folded_batchnorm=fold_pass.folded_params)
+            check_sparse = run_batches(sparse_gm, batches(check_calib))
             budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess,
                                      lambda: list(batches(check_calib)), check_dense,
-                                     lambda: list(batches(fit_calib)), options, guard, progress, refit)
+                                     lambda: list(batches(fit_calib)), options, guard, progress, refit,
+                                     check_sparse=check_sparse)
+            if not ((budget.initial.within or budget.signal == "none") and budget.graph is None and not budget.reverted):
+                check_sparse = None  # the guard changed the model: those outputs are stale
             if budget.graph is not None:  # the refitted model replaces the sparse one, with its corrections
                 sparse_gm = budget.graph
                 outcome.corrections = budget.refit_outcome.corrections
@@ -589,14 +593,22 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             for record in layer_records:
                 if record["name"] in permute_pass.layer_stats:
                     record["permutation"] = permute_pass.layer_stats[record["name"]]
-        sparse_outputs = run_batches(sparse_gm, batches(calib)) if masks else dense_outputs
+        # One forward of the sparse model over the calibration set serves agreement, the damage check (when
+        # nothing was held back) and the ONNX Runtime check (when it covers the whole set).
+        if not masks:
+            sparse_outputs = dense_outputs
+        elif check_sparse is not None and check_calib is calib:  # the guard measured this very model
+            sparse_outputs = check_sparse
+        else:
+            sparse_outputs = run_batches(sparse_gm, batches(calib))
         agreement = compare_outputs(dense_outputs, sparse_outputs)
         # A model that outputs NaN/Inf is broken whatever the agreement says: fail before anything is written.
         check_outputs_finite(dense_outputs, sparse_outputs, "the sparse model")
         if budget is not None:  # the guard measured this very model on the held-back samples
             final_damage = budget.final
         else:
-            final_damage = assess(check_dense, run_batches(sparse_gm, batches(check_calib)) if masks else check_dense)
+            final_damage = assess(check_dense, (sparse_outputs if check_calib is calib else
+                                                run_batches(sparse_gm, batches(check_calib))) if masks else check_dense)
         if not final_damage.within:
             message = (f"WARNING: the sparse model is over the accuracy budget on {final_damage.samples} "
                        f"{'held-back ' if check_calib is not calib else ''}samples: {final_damage.worst.describe()}"
@@ -626,7 +638,7 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         # 5. ONNX
         with progress.stage("exporting ONNX"), _timed(timings, "onnx"):
             onnx_info = export_onnx(sparse_gm, loaded.example_inputs, staging / "model.onnx", loaded.input_names,
-                                    program_path=staging / "model.pt2")
+                                    program_path=staging / "model.pt2", output_count=len(sparse_outputs))
 
         # 6. ONNX Runtime check
         with progress.stage("checking ONNX Runtime against torch"), _timed(timings, "onnxruntime"):
@@ -637,7 +649,8 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                     for bucket, array in zip(ort_outputs, runner.infer([t.numpy() for t in batch])):
                         bucket.append(torch.from_numpy(np.asarray(array)))
             ort_outputs = [torch.cat([b.reshape(1) if b.dim() == 0 else b for b in bucket]) for bucket in ort_outputs]
-            torch_outputs = run_batches(sparse_gm, batches(check_data))
+            torch_outputs = (sparse_outputs if masks and check_data.num_samples == calib.num_samples
+                             else run_batches(sparse_gm, batches(check_data)))
             ort_check = compare_outputs(torch_outputs, ort_outputs)
             ort_worst = max((o["relative_error"] for o in ort_check), default=0.0)
             if ort_worst > ORT_TOLERANCE:
@@ -892,10 +905,14 @@ def _guard_settings(options: BuildOptions) -> dict:
 
 
 def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches, check_dense, fit_batches,
-                    options, guard, progress, refit=None):
-    """The accuracy guard: restore layers to dense (``--on-damage restore``), or measure and fail/warn."""
+                    options, guard, progress, refit=None, check_sparse=None):
+    """The accuracy guard: restore layers to dense (``--on-damage restore``), or measure and fail/warn.
+
+    ``check_sparse``: ``sparse_gm``'s outputs on the check samples (computed once by the caller)."""
+    if check_sparse is None:
+        check_sparse = run_batches(sparse_gm, check_batches())
     if guard["on_damage"] != "restore":
-        damage = assess(check_dense, run_batches(sparse_gm, check_batches()))
+        damage = assess(check_dense, check_sparse)
         result = BudgetResult(guard["max_drop"], guard["max_error"], damage, damage, signal="none")
         if not damage.within and guard["on_damage"] == "fail":
             errors = layer_output_errors(dense_gm, eligible, masks, fit_batches()[:2])
@@ -920,7 +937,8 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches,
     return enforce_budget(sparse_gm, dense_gm, eligible, masks, assess=assess, check_batches=check_batches,
                           check_dense=check_dense, fit_batches=fit_batches,
                           max_drop=guard["max_drop"], max_error=guard["max_error"], signal=options.budget_signal,
-                          priors=priors, benefit=benefit, reason=reason, progress=progress, refit=refit)
+                          priors=priors, benefit=benefit, reason=reason, progress=progress, refit=refit,
+                          initial_outputs=check_sparse)
 
 
 def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense, assess, options, folded_batchnorm,
@@ -1288,19 +1306,21 @@ def _verify_layers(layers, outcome, dense_gm, sparse_gm, n: int, m: int) -> list
                     f"internal error: layer '{layer.name}' is not {n}:{m} along axis {layer.reduction_axis} "
                     f"({violations} bad groups); please report this"
                 )
-            kept = torch.equal(sparse_weight[mask], dense_weight[mask])
+            # Elementwise, no gathers: a kept weight that differs (NaN included, as torch.equal had it).
+            kept = not bool(((sparse_weight != dense_weight) & mask).any())
             if not kept and not weights_changed:
                 raise SparseCompileError(f"internal error: kept weights of '{layer.name}' changed value")
             # float32 values summed into a float64 accumulator: no float64 copy of the weight (25M weights on
             # ResNet-50 made that the slowest part of verification).
             magnitude = dense_weight.abs()
             total = float(magnitude.sum(dtype=torch.float64))
+            kept_magnitude = float(torch.where(mask, magnitude, 0).sum(dtype=torch.float64))
             record.update(
                 status="sparse", reason=None,
                 kept_weights="unchanged" if kept else (
                     "updated (--update-weights)" if outcome.updated_weights else "rescaled per output row (--correct)"),
-                retained_magnitude=float(magnitude[mask].sum(dtype=torch.float64)) / total if total else 1.0,
-                zero_fraction=int(torch.count_nonzero(sparse_weight == 0)) / max(sparse_weight.numel(), 1),
+                retained_magnitude=kept_magnitude / total if total else 1.0,
+                zero_fraction=(sparse_weight.numel() - int(torch.count_nonzero(sparse_weight))) / max(sparse_weight.numel(), 1),
             )
         if layer.name in outcome.fallbacks:
             record["mask_note"] = outcome.fallbacks[layer.name]

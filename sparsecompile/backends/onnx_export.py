@@ -125,13 +125,17 @@ def export_onnx(
     input_names: list[str],
     opset: int | None = None,
     program_path: str | Path | None = None,
+    output_count: int | None = None,
 ) -> dict:
     """Write ``module`` as ONNX to ``path``; returns input/output metadata.
 
     ``program_path``: also save the ``torch.export`` program the ONNX was made from (for torch backends).
+    ``output_count``: the number of tensor outputs, when the caller already knows it (saves a forward pass).
     """
-    with torch.no_grad():
-        count = len(flat_outputs(module(*example_inputs)))
+    count = output_count
+    if count is None:
+        with torch.no_grad():
+            count = len(flat_outputs(module(*example_inputs)))
     output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     try:
         with _quiet():
