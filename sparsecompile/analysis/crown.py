@@ -383,7 +383,14 @@ class CrownModel:
         excess = (top_hi - top - lo_am)
         excess = torch.nan_to_num(excess, nan=math.inf).clamp_min(0)
         excess = excess + _ROUND * (1 + top.abs() + top_hi.abs() + lo_am.abs())
-        return ("max", act.name, vjp_fn, excess, tuple_out)
+        # or, max being nondecreasing in every input, the constant bounds [max(d + lo), max(d + hi)] - max(d):
+        # kept per element where they are narrower than the argmax line's excess (e.g. a point box)
+        top_lo = first(fn(d + lo))
+        rounding = _ROUND * (1 + top.abs() + top_lo.abs() + top_hi.abs())
+        mono_lo = torch.nan_to_num(top_lo - top, nan=-math.inf) - rounding
+        mono_hi = torch.nan_to_num(top_hi - top, nan=math.inf) + rounding
+        constant = (mono_hi - mono_lo) <= excess
+        return ("max", act.name, vjp_fn, excess, tuple_out, constant, mono_lo, mono_hi)
 
     # -- backward sweep ----------------------------------------------------------------------------
     def margins(self, out_name: str, z_dense: torch.Tensor):
@@ -468,14 +475,16 @@ class CrownModel:
                 const += _lower_of(lam, low, high)
                 magnitude += _absdot(lam, low.abs() + high.abs())
             elif kind == "max":
-                _, name, vjp_fn, excess, tuple_out = rec
+                _, name, vjp_fn, excess, tuple_out, constant, mono_lo, mono_hi = rec
                 first = lam_list[0]
                 if first is None:
                     return
-                (grad,) = _batched(vjp_fn, first)
+                line = torch.where(constant, torch.zeros((), dtype=torch.float64), first)
+                flat = first - line
+                (grad,) = _batched(vjp_fn, line)
                 add(name, grad)
-                const += _lower_of(first, torch.zeros_like(excess), excess)
-                magnitude += _absdot(first, excess)
+                const += _lower_of(line, torch.zeros_like(excess), excess) + _lower_of(flat, mono_lo, mono_hi)
+                magnitude += _absdot(line, excess) + _absdot(flat, mono_lo.abs() + mono_hi.abs())
 
         for node in reversed(runner.sparse_nodes):
             lam = lams.pop(node.name, None)

@@ -121,6 +121,8 @@ _SMOOTH = {
 # gelu: exact form K = 2 phi(0) = 0.7979, slope in [-0.1290, 1.1290]; the tanh form is within 1e-3 of it.
 _GELU = (0.8100, -0.1300, 1.1300)
 
+_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int}
+
 # Value ranges of ops whose outputs are bounded: the difference is within [lo - sigma(d), hi - sigma(d)].
 def _range_of(target, args):
     if target in (aten.sigmoid.default, aten.sigmoid_.default, aten.hardsigmoid.default, aten.hardsigmoid_.default):
@@ -277,6 +279,9 @@ class TaylorModel:
                 boxes = [self._product(node, acts, in_boxes, outs[0])]
             elif target in _MAX_POOL or target in _ADAPTIVE_MAX_POOL or target in (aten.amax.default, aten.max.dim):
                 boxes = self._max_like(node, acts[0], in_boxes[0], tuple_out, len(outs))
+            elif target in _SOFTMAX and len(acts) == 1 and node.args[0] is acts[0] and not tuple_out:
+                opaque = self._opaque(acts, in_boxes, per_output_gains, outs, unbounded_marker)[0]
+                boxes = [self._softmax(node, acts[0], in_boxes[0], opaque)]
             else:
                 boxes = self._opaque(acts, in_boxes, per_output_gains, outs, unbounded_marker)
         except Exception:  # noqa: BLE001 - a rule that cannot run here falls back to the l2 box (sound)
@@ -440,8 +445,19 @@ class TaylorModel:
         xd, yd = self._dense64(x), self._dense64(y)
         cx, rx = bx if bx is not None else (torch.zeros_like(xd), torch.zeros_like(xd))
         cy, ry = by if by is not None else (torch.zeros_like(yd), torch.zeros_like(yd))
-        center = yd * cx + xd * cy
-        radius = yd.abs() * rx + xd.abs() * ry + (cx.abs() + rx) * (cy.abs() + ry)
+        # the cross term dx dy lies between the products of the boxes' ends: its midpoint moves the centre,
+        # its half-width is the remainder (exact when both boxes are points)
+        lx, hx, ly, hy = cx - rx, cx + rx, cy - ry, cy + ry
+        corners = torch.stack(torch.broadcast_tensors(lx * ly, lx * hy, hx * ly, hx * hy))
+        low, high = corners.amin(0), corners.amax(0)
+        mid, half = (low + high) / 2, (high - low) / 2
+        half = half + 1e-12 * (low.abs() + high.abs())
+        center = yd * cx + xd * cy + mid
+        radius = yd.abs() * rx + xd.abs() * ry + half
+        radius = radius + 1e-12 * ((yd * cx).abs() + (xd * cy).abs() + mid.abs())  # rounding of the centre's sum
+        bad = ~torch.isfinite(center)
+        center = torch.where(bad, torch.zeros_like(center), center)
+        radius = torch.where(bad, torch.full_like(radius, math.inf), radius)
         return center.expand(out.shape), _finite(radius).expand(out.shape)
 
     def _max_like(self, node, act, box, tuple_out, count):
@@ -460,7 +476,45 @@ class TaylorModel:
         # max(d + t) - max(d) - t_am in [0, R], R = max(d + hi) - (max d + lo_am), lo_am = c_am - r_am
         big = (top_hi - top - c_am + r_am).clamp_min(0)
         box_out = (c_am + big / 2, _finite(r_am + big / 2))
+        # max is nondecreasing in every input: max(d + t) - max(d) lies in [max(d + lo), max(d + hi)] - max(d)
+        # (exact for a point box, also where the argmax switches)
+        with torch.no_grad():
+            top_lo = first(fn(d + lo))
+        slack = 1e-12 * (top.abs() + top_lo.abs() + top_hi.abs() + 1)
+        box_out = intersect(box_out[0], box_out[1], top_lo - top - slack, top_hi - top + slack)
         return [box_out] + [None] * (count - 1) if tuple_out else [box_out]
+
+    def _softmax(self, node, act, box, opaque):
+        """softmax_i grows with z_i and falls with every other z_j, so over the box
+        ``p_i in [e^lo_i / (e^lo_i + sum_j!=i e^hi_j), e^hi_i / (e^hi_i + sum_j!=i e^lo_j)]``; intersected with
+        the l2-gain box (log-softmax: the logarithms)."""
+        d = self._dense64(act)
+        c, r = box
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if not isinstance(dim, int) or opaque is None:
+            return opaque
+        lo, hi = d + c - r, d + c + r
+        if not bool((torch.isfinite(lo) & torch.isfinite(hi)).all()):
+            return opaque
+        shift = hi.amax(dim, keepdim=True)
+        e_lo, e_hi = torch.exp(lo - shift), torch.exp(hi - shift)
+        s_lo, s_hi = e_lo.sum(dim, keepdim=True), e_hi.sum(dim, keepdim=True)
+        count = d.shape[dim]
+        tol = 4e-16 * (count + 2)
+        others_hi = (s_hi - e_hi) + tol * s_hi  # an upper bound on sum_j!=i e^hi_j despite cancellation
+        others_lo = ((s_lo - e_lo) - tol * s_lo).clamp_min(0)
+        p_min = e_lo / (e_lo + others_hi) * (1 - tol)
+        p_max = (e_hi / (e_hi + others_lo) * (1 + tol)).clamp_max(1.0)
+        p_min, p_max = torch.nan_to_num(p_min, nan=0.0), torch.nan_to_num(p_max, nan=1.0)
+        base = torch.softmax(d, dim)
+        if node.target in (aten._log_softmax.default, aten.log_softmax.int):
+            low, high = torch.log(p_min) - torch.log(base), torch.log(p_max) - torch.log(base)
+        else:
+            low, high = p_min - base, p_max - base
+        slack = 1e-12 * (1 + low.abs() + high.abs())
+        low = torch.nan_to_num(low - slack, nan=-math.inf)
+        high = torch.nan_to_num(high + slack, nan=math.inf)
+        return intersect(opaque[0], opaque[1], low, high)
 
     def _opaque(self, acts, in_boxes, per_output_gains, outs, unbounded_marker):
         """No local rule: every element within the op's l2 gain times the l2 norm of its input boxes."""

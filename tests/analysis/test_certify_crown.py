@@ -172,3 +172,29 @@ def test_in_place_activations_are_relaxed_around_their_input():
         assert_sound(result, dense, sparse, batches)
         margins.append(torch.tensor(result["samples"]["crown_margin"]))
     assert torch.allclose(margins[0], margins[1], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("target", [aten._softmax.default, aten._log_softmax.default], ids=str)
+def test_softmax_box_encloses_the_difference(target):
+    from sparsecompile.analysis.taylor import TaylorModel
+
+    g = seeded(2)
+    act = types.SimpleNamespace(name="x")
+    node = types.SimpleNamespace(target=target, args=(act, 1, False), kwargs={})
+    for scale in (0.0, 1e-3, 0.3, 3.0, 30.0):
+        d = torch.randn(500, 5, dtype=torch.float64, generator=g) * 4
+        c = torch.randn(500, 5, dtype=torch.float64, generator=g) * scale
+        r = torch.rand(500, 5, dtype=torch.float64, generator=g) * scale
+        model = TaylorModel(types.SimpleNamespace(dense_env={}, keep=None))
+        model._dense64 = lambda _node: d
+        opaque = (torch.zeros_like(d), torch.full_like(d, float("inf")))
+        center, radius = model._softmax(node, act, (c, r), opaque)
+        assert bool(torch.isfinite(radius).all()) or target == aten._log_softmax.default
+        for _ in range(6):
+            t = c + (2 * torch.rand(500, 5, dtype=torch.float64, generator=g) - 1) * r
+            pick = torch.rand(500, 5, generator=g, dtype=torch.float64)
+            t = torch.where(pick < 0.2, c + r, torch.where(pick < 0.4, c - r, t))
+            actual = target(d + t, 1, False) - target(d, 1, False)
+            assert float(((actual - center).abs() - radius).max()) <= 1e-12
+        if scale == 0.0:  # a point box: exact
+            assert float(radius.max()) <= 1e-9
