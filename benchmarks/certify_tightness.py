@@ -4,8 +4,9 @@
 
 Each BUILD is a directory made by ``sparsecompile build ... --certify``; CALIB the calibration file to
 certify on (normally the one the build used). Prints certified %, observed-unchanged %, certified /
-observed-unchanged, median looseness (bound / actual output change), the medians of the two bounds
-(global l2 chain and elementwise Taylor box), the self-check counters and the seconds spent.
+observed-unchanged, the share each bound certifies on its own (global l2 chain, elementwise Taylor box,
+back-substituted class margins), median looseness (bound / actual output change), the medians of the two
+l2 bounds, the median certified margin, the self-check counters and the seconds spent.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def main() -> None:
             "median_looseness": s.get("median_looseness"), "median_actual_change": s.get("median_actual_change"),
             "median_global_bound": (s.get("bounds") or {}).get("median_global_l2"),
             "median_taylor_bound": (s.get("bounds") or {}).get("median_taylor_l2"),
+            "certified_by": {k: v for k, v in (s.get("certified_by") or {}).items() if k != "note"},
+            "median_margin": s.get("median_margin"), "median_certified_margin": s.get("median_certified_margin"),
+            "crown_concretised": s.get("crown_concretised"), "crown_errors": s.get("crown_errors"),
             "violations": check.get("violations"), "box_violations": check.get("box_violations"),
             "seconds": seconds, "not_certifiable": s.get("not_certifiable"),
         }

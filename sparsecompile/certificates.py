@@ -28,9 +28,10 @@ CERTIFY_DIR = "certify"
 
 def certificate_summary(result: dict, top: int = 5) -> dict:
     """What report.json keeps: the summary and the riskiest layers."""
-    keys = ("layer", "node", "op", "share_of_bound", "risk_rank", "local_term", "downstream_gain")
+    keys = ("layer", "node", "op", "share_of_bound", "risk_rank", "local_term", "downstream_gain", "margin_used")
     return {"summary": result["summary"],
-            "riskiest_layers": [{k: row[k] for k in keys if k in row} for row in result.get("layers", [])[:top]]}
+            "riskiest_layers": [{k: row[k] for k in keys if k in row} for row in result.get("layers", [])[:top]],
+            "margin_ranking": result.get("margin_ranking", [])[:top]}
 
 
 def write_certificate(directory: Path, result: dict, dense_values: dict[str, torch.Tensor]) -> None:
@@ -59,6 +60,19 @@ def certificate_lines(result: dict, top: int = 5) -> list[str]:
         if summary.get("median_looseness") is not None:
             lines.append(f"bound vs actual output change: median {summary['median_looseness']:.3g}x looser "
                          f"(median bound {summary['median_bound']:.3g}, median change {summary['median_actual_change']:.3g})")
+    by = summary.get("certified_by")
+    if by:
+        lines.append(f"certified by: class-margin back-substitution {100 * by.get('crown_margins', 0):.1f}%, "
+                     f"elementwise boxes {100 * by.get('taylor_box', 0):.1f}%, "
+                     f"global l2 chain {100 * by.get('global_l2', 0):.1f}%")
+    used = summary.get("margin_used")
+    ranking = result.get("margin_ranking") or []
+    if used and ranking:
+        lines.append(f"margin the bound takes (median over samples, closest class pair): total "
+                     f"{used['median_total']:.3g}, of which nonlinear ops {used['median_by_nonlinear_ops']:.3g}; "
+                     "by layer:")
+        for row in ranking[:top]:
+            lines.append(f"  {row['layer']:<28} median {row['median']:.3g}  max {row['max']:.3g}")
     rows = result.get("layers") or result.get("riskiest_layers") or []
     if rows:
         lines.append("riskiest layers (share of the bound):")
@@ -68,8 +82,8 @@ def certificate_lines(result: dict, top: int = 5) -> list[str]:
             local = local.get("median", 0) if isinstance(local, dict) else local
             lines.append(f"  {name:<28} {100 * row.get('share_of_bound', 0):5.1f}%  "
                          f"local term {local:.3g} (median) x downstream gain {row.get('downstream_gain', 0):.3g}")
-    lines.append("bounds are sound but loose (operator norms multiply through depth); an uncertified sample has "
-                 "usually not changed either")
+    lines.append("bounds are sound; the global l2 chain is loose (operator norms multiply through depth), the "
+                 "elementwise boxes and margin back-substitution follow each sample's activations")
     return lines
 
 

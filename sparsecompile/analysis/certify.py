@@ -139,7 +139,7 @@ import torch
 import torch.fx
 from torch.fx.node import map_aggregate
 
-from sparsecompile.analysis.crown import CrownModel, crown_certificate, worst_margin_change
+from sparsecompile.analysis.crown import CrownModel, certified_margins, crown_certificate
 from sparsecompile.analysis.taylor import TaylorModel, output_certificate
 from sparsecompile.graph import conv_params, get_tensor
 from sparsecompile.verify import flat_outputs
@@ -1450,6 +1450,8 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
                  "crown_certified": [], "crown_margin": []}
     crown_errors: list[str] = []
     crown_concretised: dict[str, str] = {}
+    crown_space: set[str] = set()
+    crown_layers: dict[str, list] = {}  # node -> per batch [n] margin used; "" -> the total
     samples = 0
     chosen = output
     for batch, keep in _rebatch(_limit(batches, max_samples), static_batch_size(sparse_gm)):
@@ -1481,14 +1483,27 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
             collected["crown_certified"].append(torch.zeros(n, dtype=torch.bool))
             try:
                 out_name = runner.output_names[chosen]
-                lower, magnitude = runner.crown.margins(out_name, runner.dense_env[out_name])
-                lower, magnitude = lower[:n], magnitude[:n]
-                collected["crown_certified"][-1] = crown_certificate(lower, magnitude, z_d,
-                                                                     FP_SLACK * (1 + z_inf_batch))
-                collected["crown_margin"].append(worst_margin_change(lower, z_d))
+                lower, magnitude, z_ref, start = runner.crown.margins(out_name, runner.dense_env[out_name])
+                lower, magnitude, z_ref = lower[:n], magnitude[:n], z_ref[:n]
+                top = z_d.detach().double().argmax(1)
+                slack_ref = FP_SLACK * (1 + z_ref.abs().amax(1))
+                collected["crown_certified"][-1] = crown_certificate(lower, magnitude, z_ref, top, slack_ref)
+                margins = certified_margins(lower, z_ref, top)
+                binding = margins.argmin(1)  # the class that comes closest to overtaking
+                collected["crown_margin"].append(margins.gather(1, binding[:, None])[:, 0])
+                crown_space.add("output" if start == out_name else f"logits '{start}' (the output is their softmax)")
+                batch_layers = {"": -lower.gather(1, binding[:, None])[:, 0]}
+                for name in runner.sources:
+                    # margin this layer's change takes from the binding class pair (negative: it adds margin)
+                    term = runner.crown.local_terms.get(name)
+                    batch_layers[name] = (-term.t()[:n].gather(1, binding[:, None])[:, 0] if term is not None
+                                          else torch.zeros(n, dtype=torch.float64))
+                for name, used in batch_layers.items():
+                    crown_layers.setdefault(name, []).append(used)
+                crown_concretised.update({k: v for k, v in runner.crown.concretised.items()
+                                          if start == out_name or k not in runner.crown.softmax_inputs})
             except Exception as exc:  # noqa: BLE001 - the other bounds still stand; say why this one is missing
                 crown_errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
-            crown_concretised.update(runner.crown.concretised)
         collected["actual"].append(_diff_norm(z_s, z_d, n))
         z_inf = z_d.detach().double().reshape(n, -1).abs().amax(1)
         collected["z_inf"].append(z_inf)
@@ -1583,6 +1598,24 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
                                             for k, v in list(crown_concretised.items())[:10]]
         if collected["crown_margin"]:
             summary["median_certified_margin"] = _median(torch.cat(collected["crown_margin"]))
+            summary["certified_margin_of"] = sorted(crown_space)
+        if crown_layers and len(torch.cat(crown_layers[""])) == len(certified):
+            total_used = torch.cat(crown_layers[""])
+            per_layer = {name: torch.cat(parts) for name, parts in crown_layers.items() if name}
+            layer_sum = sum(per_layer.values()) if per_layer else torch.zeros_like(total_used)
+            summary["margin_used"] = {
+                "median_total": _median(total_used),
+                "median_by_layers": _median(layer_sum),
+                "median_by_nonlinear_ops": _median(total_used - layer_sum),
+                "note": "per sample, the margin of the class pair closest to flipping that the bound takes: the "
+                        "sum over changed layers of their local term carried linearly to that margin, plus what the "
+                        "relaxations of the nonlinear ops (and boxes of ops without one) add (their exact "
+                        "curvature where the boxes are tight, so it can be negative)",
+            }
+            margin_rows = sorted(({"layer": names.get(name, name), "node": name, "median": _median(v),
+                                   "max": float(v.max()) if v.numel() else None} for name, v in per_layer.items()),
+                                 key=lambda row: -(row["median"] or 0.0))
+            result["margin_ranking"] = margin_rows
         summary["certified_fraction"] = float(certified.double().mean())
         summary["certified_but_changed"] = int((certified & ~unchanged).sum())
         summary["median_margin"] = _median(margin)
@@ -1592,7 +1625,9 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
     # (the shares split certify's global bound, whose columns follow each changed node through the graph)
     global_finite = torch.isfinite(global_bound)
     total = float(global_bound[global_finite].sum())
-    result["layers"] = _layer_table(runner, stats, contrib, total, names, global_finite)
+    margin_used = ({name: torch.cat(parts) for name, parts in crown_layers.items() if name}
+                   if "margin_ranking" in result else None)
+    result["layers"] = _layer_table(runner, stats, contrib, total, names, global_finite, margin_used)
     result["graph"] = {"chain": runner.chain, "changed_nodes": len(runner.sources),
                        "gemm_nodes": len(runner.gemm_nodes), "max_activation_lipschitz": runner.max_unary_lip,
                        "gumbel_note": GUMBEL_NOTE}
@@ -1608,7 +1643,7 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
 
 
 def _layer_table(runner: _Certifier, stats: dict[str, _LayerStats], contrib: torch.Tensor, total: float,
-                 names: dict[str, str], finite: torch.Tensor) -> list[dict]:
+                 names: dict[str, str], finite: torch.Tensor, margin_used: dict | None = None) -> list[dict]:
     # unchanged layers have the same operator in both graphs: reuse the bound the propagation computed
     dense_norms = {name: (_gemm_norm(runner, name, dense=True) if name in runner.changed
                           else _gemm_norm(runner, name, dense=False)) for name in runner.gemm_nodes}
@@ -1631,6 +1666,9 @@ def _layer_table(runner: _Certifier, stats: dict[str, _LayerStats], contrib: tor
         }
         if unbounded:
             row["unbounded_samples"] = unbounded
+        used = margin_used.get(name) if margin_used else None
+        if used is not None:
+            row["margin_used"] = {"median": _median(used), "max": float(used.max()) if used.numel() else None}
         if s.weight_term:
             row["weight_term"] = {"median": _median(torch.cat(s.weight_term))}
             row["bias_term"] = {"median": _median(torch.cat(s.bias_term))}

