@@ -1,6 +1,8 @@
 """Build-time benchmark: a ResNet-50-sized model through the whole sparsecompile build.
 
-    python benchmarks/build_time.py [--runs 3] [--batch 1] [--keep DIR] [--threads 2] [--wait-idle SECONDS]
+    python benchmarks/build_time.py [--runs 3] [--threads 2] [--correct bias] [--calib-samples 8]
+                                    [--baseline-src DIR] [--keep DIR] [--wait-idle SECONDS] [--permute]
+    python benchmarks/build_time.py --sweep 8,32,64 [--threads 1]   # time against calibration samples
 
 What it does:
 
@@ -9,14 +11,28 @@ What it does:
    1000-class Linear head; ~25.5M parameters) with seeded random weights and
    randomised BatchNorm running statistics, so folding BN is not a no-op.
 2. Exports it once with ``torch.export`` (dynamic batch dimension) to
-   ``model.pt2`` and writes an 8-sample calibration file ``calib.npy``.
-   None of this is timed.
+   ``model.pt2`` and writes a ``--calib-samples`` (default 8) calibration file
+   ``calib.npy``. None of this is timed.
 3. Runs ``sparsecompile.build.build`` ``--runs`` times (magnitude 2:4 masks,
-   target a100, ONNX export and the ONNX Runtime check included), each into
-   a fresh output directory, with ``torch.set_num_threads(2)``, and prints the
-   wall time and per-stage timings of every run, the median total, and
-   PASS/MISS against the 30 s target. The exit status never depends on timing.
-4. Prints the compressed size of the sparse layers relative to their dense
+   ``--correct`` (default bias, the CLI's default with calibration data), target
+   a100, ONNX export and the ONNX Runtime check included), each in a fresh Python
+   process (so every build pays the imports and one-off set-up, as the CLI does)
+   with ``--threads`` torch threads and ``OMP_NUM_THREADS`` set to match.
+   With ``--baseline-src DIR`` (a checkout of another commit, e.g. a ``git
+   worktree``) the same builds also run from DIR's sources, alternating
+   baseline and current run by run (the order flips every run), so a machine
+   load that changes over time hits both alike.
+4. Prints per run the wall time, the build process's CPU time, ``other`` (CPU
+   seconds other processes used meanwhile: contention) and peak RSS; per variant
+   a table of the report's per-stage timings with medians; the median against
+   the 30 s target (PASS/MISS, informational: the exit status never depends on
+   timing); with a baseline, the ratios current/baseline of the median wall
+   time, of the median CPU time and per stage, and whether ``model.onnx``,
+   ``weights.safetensors`` and ``model.pt2`` are byte-identical between the two.
+5. ``--sweep 8,32,64`` instead runs one build (current sources) per calibration
+   set size and prints the stage table and the added seconds per sample
+   between consecutive sizes: linear growth shows as a flat per-sample cost.
+6. Prints the compressed size of the sparse layers relative to their dense
    fp16 size (the 2:4 format's floor is 0.5625), the number of sparse and
    dense layers, and the size of ``model.onnx``.
 
@@ -26,8 +42,11 @@ This needs no torchvision: the model is defined below in plain torch.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,12 +60,13 @@ import numpy as np
 import torch
 from torch import nn
 
-# Make `import sparsecompile` work when run from a checkout without installing.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Make `import sparsecompile` work when run from a checkout without installing; a --worker imports the
+# sources it was told to time (--src) instead.
+_SRC = (sys.argv[sys.argv.index("--src") + 1] if "--worker" in sys.argv and "--src" in sys.argv[:-1]
+        else str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, _SRC)
 
 import sparsecompile  # noqa: E402
-from sparsecompile.build import BuildOptions, build  # noqa: E402
-from sparsecompile.progress import Progress  # noqa: E402
 
 TARGET_SECONDS = 30.0
 FORMAT_FLOOR = 0.5625  # (2 * 16 + 4) / (4 * 16): 2:4 values in fp16 plus 2-bit indices
@@ -208,9 +228,115 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
+def build_once(args) -> dict:
+    """One timed build in this process (``--worker``): the sparsecompile on ``sys.path`` builds; returns a summary."""
+    from sparsecompile.build import BuildOptions, build
+    from sparsecompile.progress import Progress
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    seed_everything()
+    options = BuildOptions(
+        model=args.model, output=args.out, target="a100", method="magnitude", calib=args.calib,
+        error_samples=8, seed=SEED, correct=args.correct, permute=args.permute,
+    )
+    busy_start = busy_cpu_seconds()
+    cpu_start, start = time.process_time(), time.perf_counter()
+    result = build(options, Progress(quiet=True))
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
+    busy_end = busy_cpu_seconds()
+    other = max(0.0, busy_end - busy_start - cpu) if busy_start is not None and busy_end is not None else None
+    report = result.report
+    out = Path(args.out)
+    return {
+        "wall": wall, "cpu": cpu, "other": other, "timings": report["timings"],
+        "peak_rss_mib": report.get("resources", {}).get("peak_rss_mib")
+        or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "revision": source_revision(),
+        "hashes": {name: file_sha256(out / name) for name in ("model.onnx", "weights.safetensors", "model.pt2")
+                   if (out / name).is_file()},
+        "summary": report["summary"], "compression": report.get("compression", {}),
+        "onnx_bytes": (out / "model.onnx").stat().st_size,
+        "sidecars": {p.name: p.stat().st_size for p in out.iterdir()
+                     if p.name.startswith("model.onnx") and p.name != "model.onnx"},
+        "options": report.get("options", {}), "method": report.get("method"),
+        "agreement": report["verification"]["sparse_vs_dense"][0]["relative_error"],
+        "ort": report["verification"]["onnxruntime_vs_torch"][0]["relative_error"],
+    }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_worker(src: Path, model: Path, calib: Path, out: Path, args) -> dict:
+    """One build in a fresh Python process (imports and one-off set-up included, as the CLI pays them)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--src", str(src), "--model", str(model),
+               "--calib", str(calib), "--out", str(out), "--threads", str(args.threads), "--correct", args.correct]
+    if args.permute:
+        command.append("--permute")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(src))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"error: the build with sources {src} failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def stage_table(label: str, results: list[dict], stages: list[str]) -> list[float]:
+    """Print one variant's per-run stage timings and medians; returns the median row (stages, total, wall)."""
+    rows = []
+    for index, r in enumerate(results, 1):
+        rows.append([f"run {index}"] + [f"{r['timings'].get(s, 0.0):.2f}" for s in stages]
+                    + [f"{r['timings']['total']:.2f}", f"{r['wall']:.2f}", f"{r['cpu']:.1f}",
+                       "n/a" if r["other"] is None else f"{r['other']:.1f}", f"{r['peak_rss_mib']:.0f}"])
+    medians = [statistics.median(r["timings"].get(s, 0.0) for r in results) for s in stages]
+    medians += [statistics.median(r["timings"]["total"] for r in results), statistics.median(r["wall"] for r in results)]
+    rows.append(["median"] + [f"{v:.2f}" for v in medians]
+                + [f"{statistics.median(r['cpu'] for r in results):.1f}",
+                   f"{statistics.median(r['other'] or 0.0 for r in results):.1f}",
+                   f"{statistics.median(r['peak_rss_mib'] for r in results):.0f}"])
+    print(f"{label} ({results[0]['revision']}):")
+    print_table(["run"] + stages + ["total", "wall", "cpu", "other", "rss MiB"], rows)
+    print()
+    return medians
+
+
+def run_sweep(args, work: Path, model_path: Path, here: Path) -> None:
+    """Build time against calibration set size (current sources, one build per size): time should grow
+    linearly, so the per-sample cost between consecutive sizes should stay flat."""
+    sizes = sorted({int(v) for v in args.sweep.split(",")})
+    generator = torch.Generator().manual_seed(SEED + 1)
+    pool = torch.randn(max(sizes), 3, 224, 224, generator=generator).numpy().astype(np.float32)
+    rows, points = [], []
+    for size in sizes:
+        calib_path = work / f"calib-{size}.npy"
+        np.save(calib_path, pool[:size])
+        r = run_worker(here, model_path, calib_path, work / f"sweep-{size}", args)
+        if not args.keep:
+            shutil.rmtree(work / f"sweep-{size}", ignore_errors=True)
+        points.append((size, r["wall"], r["cpu"]))
+        rows.append([str(size)] + [f"{r['timings'].get(s, 0.0):.2f}" for s in STAGES]
+                    + [f"{r['timings'].get('budget', 0.0):.2f}", f"{r['wall']:.2f}", f"{r['cpu']:.1f}",
+                       "n/a" if r["other"] is None else f"{r['other']:.1f}", f"{r['peak_rss_mib']:.0f}"])
+        print(f"sweep {size} samples: {r['wall']:.2f} s wall, {r['cpu']:.1f} s CPU, peak RSS {r['peak_rss_mib']:.0f} MiB",
+              flush=True)
+    print()
+    print("build time against calibration samples (current sources, one build each):")
+    print_table(["samples"] + STAGES + ["budget", "wall", "cpu", "other", "rss MiB"], rows)
+    for (n0, w0, c0), (n1, w1, c1) in zip(points, points[1:]):
+        print(f"  {n0} -> {n1} samples: +{(w1 - w0) / (n1 - n0):.3f} s wall, +{(c1 - c0) / (n1 - n0):.3f} s CPU per sample")
+    print()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="timed builds (default 3)")
+    parser.add_argument("--runs", type=int, default=3, help="timed builds per variant (default 3)")
     parser.add_argument("--batch", type=int, default=1, help="example batch size for torch.export (default 1)")
     parser.add_argument("--keep", metavar="DIR", help="keep model.pt2, calib.npy and every build directory in DIR")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
@@ -220,12 +346,33 @@ def main() -> int:
     parser.add_argument("--permute", action="store_true",
                         help="include the channel-permutation search (off by default so the numbers compare with "
                              "earlier runs; benchmarks/permutation.py measures it on its own)")
-    parser.add_argument("--correct", default="none", choices=["none", "bn", "bias"],
-                        help="statistics correction (default none: magnitude masks alone; the CLI's default "
-                             "with --calib is bias)")
+    parser.add_argument("--correct", default="bias", choices=["none", "bn", "bias"],
+                        help="statistics correction (default bias, the CLI's default with --calib)")
+    parser.add_argument("--baseline-src", metavar="DIR",
+                        help="also time the sparsecompile sources in DIR (a checkout, e.g. a git worktree of an "
+                             "older commit), alternating baseline and current builds run by run, and print the "
+                             "ratio current/baseline")
+    parser.add_argument("--sweep", metavar="N,N,...",
+                        help="instead of the timed runs: one build (current sources) per calibration set size, "
+                             "e.g. 8,32,64, and the added time per sample between sizes (linear growth: flat)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--calib", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(build_once(args)))
+        return 0
     if args.runs < 1 or args.batch < 1 or args.calib_samples < 1:
         parser.error("--runs, --batch and --calib-samples must be >= 1")
+    here = Path(__file__).resolve().parent.parent
+    variants = [("current", here)]
+    if args.baseline_src:
+        base = Path(args.baseline_src).resolve()
+        if not (base / "sparsecompile" / "build.py").is_file():
+            parser.error(f"--baseline-src '{base}' holds no sparsecompile/build.py")
+        variants.insert(0, ("baseline", base))
 
     warnings.filterwarnings("ignore")  # the exporter is chatty about internals
     torch.set_num_threads(args.threads)
@@ -242,9 +389,11 @@ def main() -> int:
     try:
         model = make_model()
         params = sum(p.numel() for p in model.parameters())
-        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads {args.threads}, "
               f"sparsecompile {sparsecompile.__version__} ({source_revision()})")
         print(f"model:   ResNet-50-shaped, {params:,} parameters ({params / 1e6:.1f}M), random weights, seed {SEED}")
+        print(f"build:   magnitude 2:4, target a100, --correct {args.correct}, {args.calib_samples} calibration samples"
+              f"{', --permute' if args.permute else ''}; each build in a fresh process")
 
         start = time.perf_counter()
         model_path = work / "model.pt2"
@@ -257,68 +406,64 @@ def main() -> int:
         print(f"setup:   exported {model_path.name} (example batch {example_batch}, dynamic batch dim) "
               f"and {calib_path.name} {list(calib.shape)} in {time.perf_counter() - start:.1f}s (not timed)")
         print()
+        if args.sweep:
+            run_sweep(args, work, model_path, here)
+            return 0
 
-        rows, totals, others, last = [], [], [], None
+        results: dict[str, list[dict]] = {name: [] for name, _ in variants}
         for run in range(1, args.runs + 1):
-            out = work / f"build-run{run}"
-            seed_everything()
-            options = BuildOptions(
-                model=str(model_path), output=str(out), target="a100", method="magnitude",
-                calib=str(calib_path), error_samples=8, seed=SEED, correct=args.correct,
-                permute=args.permute,
-            )
-            if args.wait_idle > 0 and not wait_until_idle(args.wait_idle):
-                print(f"note: the machine was still busy after waiting {args.wait_idle:.0f} s; running anyway")
-            busy_start = busy_cpu_seconds()
-            cpu_start, start = time.process_time(), time.perf_counter()
-            result = build(options, Progress(quiet=True))
-            wall = time.perf_counter() - start
-            cpu = time.process_time() - cpu_start
-            busy_end = busy_cpu_seconds()
-            # CPU time other processes took from the machine while this build ran.
-            other = max(0.0, busy_end - busy_start - cpu) if busy_start is not None and busy_end is not None else None
-            totals.append(wall)
-            others.append(other or 0.0)
-            timings = result.report["timings"]
-            rows.append([f"run {run}"] + [f"{timings.get(s, 0.0):.2f}" for s in STAGES]
-                        + [f"{timings['total']:.2f}", f"{wall:.2f}", f"{cpu:.1f}", "n/a" if other is None else f"{other:.1f}"])
-            print(f"run {run}/{args.runs}: {wall:.2f} s wall, {cpu:.1f} s CPU"
-                  + ("" if other is None else f", other processes used {other:.1f} CPU-s meanwhile"), flush=True)
-            last = result
-            if not args.keep and run < args.runs:
-                shutil.rmtree(out, ignore_errors=True)
+            # Alternate which variant goes first, so a load that rises or falls hits both alike.
+            order = variants if run % 2 else variants[::-1]
+            for name, src in order:
+                out = work / f"{name}-run{run}"
+                if args.wait_idle > 0 and not wait_until_idle(args.wait_idle):
+                    print(f"note: the machine was still busy after waiting {args.wait_idle:.0f} s; running anyway")
+                r = run_worker(src, model_path, calib_path, out, args)
+                results[name].append(r)
+                print(f"run {run}/{args.runs} {name}: {r['wall']:.2f} s wall, {r['cpu']:.1f} s CPU, "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+                      + ("" if r["other"] is None else f", other processes used {r['other']:.1f} CPU-s meanwhile"),
+                      flush=True)
+                if not args.keep and run < args.runs:
+                    shutil.rmtree(out, ignore_errors=True)
         print()
-
-        median = statistics.median(totals)
-        stage_medians = [statistics.median(float(r[1 + i]) for r in rows) for i in range(len(STAGES))]
-        rows.append(["median"] + [f"{v:.2f}" for v in stage_medians]
-                    + [f"{statistics.median(float(r[-4]) for r in rows):.2f}", f"{median:.2f}",
-                       f"{statistics.median(float(r[-2]) for r in rows):.1f}", ""])
         print("per-stage timings in seconds (stages and total from report['timings']; wall = time.perf_counter")
-        print("around build(); cpu = this process's CPU time, up to threads x wall; other = CPU seconds that")
-        print("other processes used on this machine during the run: contention, which inflates wall)")
-        print_table(["run"] + STAGES + ["total", "wall", "cpu", "other"], rows)
+        print("around build(); cpu = the build process's CPU time, up to threads x wall; other = CPU seconds that")
+        print("other processes used on this machine during the run: contention, which inflates wall; rss = peak")
+        print("resident memory of the build process)")
         print()
+        stages = STAGES + sorted({s for rs in results.values() for r in rs for s in r["timings"]}
+                                 - set(STAGES) - {"total"})
+        medians = {name: stage_table(name, results[name], stages) for name, _ in variants}
+        current = medians["current"]
+        median = current[-1]
         verdict = "PASS" if median < TARGET_SECONDS else "MISS"
         print(f"median build wall time: {median:.2f} s  (target < {TARGET_SECONDS:.0f} s on "
               f"{os.cpu_count()} cores, torch threads {args.threads}): {verdict}")
-        if max(o / w for o, w in zip(others, totals)) > 0.1:
-            print(f"  warning: other processes used up to {max(others):.0f} CPU-s during a run on {os.cpu_count()} CPUs: "
-                  "the cores were shared, so these wall times are inflated (rerun on an idle machine)")
-        if verdict == "MISS":
-            slowest = max(zip(stage_medians, STAGES))
-            print(f"  slowest stage: {slowest[1]} ({slowest[0]:.2f} s median, "
-                  f"{100 * slowest[0] / median:.0f}% of the build)")
+        others = [(r["other"] or 0.0) / r["wall"] for rs in results.values() for r in rs]
+        if max(others) > 0.1:
+            print(f"  warning: other processes used up to {100 * max(others):.0f}% of a core-second per wall second "
+                  "during a run: the cores were shared, so wall times are inflated; judge by the ratio")
+        if "baseline" in medians:
+            base = medians["baseline"]
+            cpu_ratio = (statistics.median(r["cpu"] for r in results["current"])
+                         / statistics.median(r["cpu"] for r in results["baseline"]))
+            print(f"ratio current / baseline (medians of {args.runs} alternating runs): wall {median / base[-1]:.3f}, "
+                  f"total {current[-2] / base[-2]:.3f}, cpu {cpu_ratio:.3f}  (goal: wall <= 0.5)")
+            print("  per stage (current/baseline s): " + ", ".join(f"{s} {c:.2f}/{b:.2f}" for s, c, b in zip(stages, current, base)))
+            same = {f: results["baseline"][-1]["hashes"].get(f) == results["current"][-1]["hashes"].get(f)
+                    for f in results["current"][-1]["hashes"]}
+            print("  same bytes as the baseline build: "
+                  + ", ".join(f"{f} {'yes' if ok else 'NO'}" for f, ok in same.items()))
+        for name, rs in results.items():
+            distinct = {tuple(sorted(r["hashes"].items())) for r in rs}
+            if len(distinct) > 1:
+                print(f"  warning: the {name} builds differ from run to run (not deterministic)")
         print()
 
-        report = last.report
-        compression = report.get("compression", {})
-        summary = report["summary"]
-        onnx_path = last.output / "model.onnx"
-        onnx_bytes = onnx_path.stat().st_size
-        sidecars = [p for p in last.output.iterdir() if p.name.startswith("model.onnx") and p != onnx_path]
-        options = report.get("options", {})
-        print(f"artifact (last run; method {report.get('method')}, correct={options.get('correct', 'n/a')}, "
+        last = results["current"][-1]
+        compression, summary, options = last["compression"], last["summary"], last["options"]
+        print(f"artifact (last run; method {last['method']}, correct={options.get('correct', 'n/a')}, "
               f"sequential={options.get('sequential', 'n/a')})")
         ratio = compression.get("ratio_vs_dense_fp16")
         size_rows = [
@@ -329,18 +474,16 @@ def main() -> int:
             ["sparse layers, dense fp16", fmt_bytes(compression.get("dense_fp16_bytes", 0))],
             ["compressed / dense fp16", f"{ratio:.4f}  (format floor {FORMAT_FLOOR})" if ratio is not None else "n/a"],
             ["weights.safetensors", fmt_bytes(compression.get("file_bytes", 0)) + f"  ({compression.get('weights_dtype')})"],
-            ["model.onnx", fmt_bytes(onnx_bytes)],
+            ["model.onnx", fmt_bytes(last["onnx_bytes"])],
         ]
-        for sidecar in sidecars:
-            size_rows.append([sidecar.name, fmt_bytes(sidecar.stat().st_size)])
+        for sidecar, size in last["sidecars"].items():
+            size_rows.append([sidecar, fmt_bytes(size)])
         print_table(["quantity", "value"], size_rows)
-        ort = report["verification"]["onnxruntime_vs_torch"][0]
-        agree = report["verification"]["sparse_vs_dense"][0]
         print()
-        print(f"sparse vs dense relative error {agree['relative_error']:.3f}, "
-              f"ONNX Runtime vs torch relative error {ort['relative_error']:.2e}")
+        print(f"sparse vs dense relative error {last['agreement']:.3f}, "
+              f"ONNX Runtime vs torch relative error {last['ort']:.2e}")
         if args.keep:
-            print(f"kept: {work}/ (model.pt2, calib.npy, build-run1..{args.runs})")
+            print(f"kept: {work}/ (model.pt2, calib.npy, <variant>-run1..{args.runs})")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
