@@ -1483,7 +1483,12 @@ def certify(dense_gm: torch.fx.GraphModule, sparse_gm: torch.fx.GraphModule, lay
             collected["crown_certified"].append(torch.zeros(n, dtype=torch.bool))
             try:
                 out_name = runner.output_names[chosen]
-                lower, magnitude, z_ref, start = runner.crown.margins(out_name, runner.dense_env[out_name])
+                z_full = runner.dense_env[out_name]
+                full_box = runner.taylor.boxes.get(out_name)
+                if not isinstance(full_box, tuple):
+                    full_box = None
+                lower, magnitude, z_ref, start = runner.crown.margins(
+                    out_name, z_full, full_box, FP_SLACK * (1 + z_full.detach().double().abs().amax(1)))
                 lower, magnitude, z_ref = lower[:n], magnitude[:n], z_ref[:n]
                 top = z_d.detach().double().argmax(1)
                 slack_ref = FP_SLACK * (1 + z_ref.abs().amax(1))

@@ -196,12 +196,17 @@ def _dot(lam: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """sum over every axis but (margin, sample) of lam * value; 0 * inf counts 0."""
     k, n = lam.shape[0], lam.shape[1]
     value = value.expand(lam.shape[1:]) if value.shape != lam.shape[1:] else value
+    flat = value.reshape(n, -1)
+    if bool(torch.isfinite(flat).all()):
+        return torch.einsum("knd,nd->kn", lam.reshape(k, n, -1), flat)
     prod = torch.where(lam == 0, torch.zeros((), dtype=torch.float64), lam * value.unsqueeze(0))
     return prod.reshape(k, n, -1).sum(-1)
 
 
 def _lower_of(lam: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """min over v in [low, high] of lam . v, per (margin, sample)."""
+    if bool(torch.isfinite(low).all()) and bool(torch.isfinite(high).all()):
+        return _dot(lam, (low + high) / 2) - _dot(lam.abs(), (high - low) / 2) * (1 + 1e-12)
     pos, neg = lam.clamp_min(0), lam.clamp_max(0)
     return _dot(pos, low) + _dot(neg, high)
 
@@ -429,31 +434,60 @@ class CrownModel:
             self._by_name = {node.name: node for node in self.runner.sparse_nodes}
         return self._by_name
 
-    def margins(self, out_name: str, z_dense: torch.Tensor):
+    def margins(self, out_name: str, z_dense: torch.Tensor, box=None, slack=None):
         """Per sample (rows) and class j (columns): a lower bound on dr_top - dr_j, the sum of the magnitudes
         of the terms (for the rounding allowance), and the dense reference r these margins are of: the
-        output ``z`` or, behind a softmax, its logits (see :meth:`start`); ``top`` is the dense top-1 of z."""
+        output ``z`` or, behind a softmax, its logits (see :meth:`start`); ``top`` is the dense top-1 of z.
+
+        With the output's elementwise ``box`` (and the margin test's ``slack``), class pairs the box already
+        certifies on every sample of the batch are not back-substituted (their bound is the box's,
+        ``(c_top - r_top) - (c_j + r_j)``), except each sample's closest pair, kept for the per-layer
+        attribution; elsewhere the larger of the two lower bounds is used."""
         top = z_dense.detach().double().argmax(1)
         start, z_ref = self.start(out_name, z_dense)
-        lower, magnitude = self._margins(start, z_ref, top)
+        n, classes = z_ref.shape
+        columns = torch.arange(classes)
+        box_lower = None
+        if start == out_name and box is not None and slack is not None:
+            c, r = (b.reshape(n, classes) for b in box)
+            if bool(torch.isfinite(c).all()) and bool(torch.isfinite(r).all()):
+                box_lower = (c - r).gather(1, top[:, None]) - (c + r)
+                box_lower = box_lower - 1e-12 * ((c.abs() + r).gather(1, top[:, None]) + c.abs() + r)
+                margin = certified_margins(box_lower, z_ref, top)
+                needed = (margin <= slack.reshape(n, 1)).any(0)
+                needed[margin.argmin(1)] = True
+                columns = needed.nonzero()[:, 0]
+        lower_part, magnitude_part = self._margins(start, z_ref, top, columns)
+        if box_lower is None:
+            return lower_part, magnitude_part, z_ref, start
+        lower = box_lower.clone()
+        magnitude = (box_lower.abs() + 1).clone()
+        if len(columns):
+            lower[:, columns] = torch.maximum(lower_part, box_lower[:, columns])
+            magnitude[:, columns] = torch.maximum(magnitude_part, magnitude[:, columns])
         return lower, magnitude, z_ref, start
 
-    def _margins(self, out_name: str, z_dense: torch.Tensor, top: torch.Tensor):
+    def _margins(self, out_name: str, z_dense: torch.Tensor, top: torch.Tensor, columns: torch.Tensor):
         runner = self.runner
         n, classes = z_dense.shape
-        spec = torch.zeros(classes, n, classes, dtype=torch.float64)
-        index = torch.arange(classes)
+        count = len(columns)
+        spec = torch.zeros(count, n, classes, dtype=torch.float64)
         spec[:, torch.arange(n), top] += 1.0
-        spec[index, :, index] -= 1.0
-        const = torch.zeros(classes, n, dtype=torch.float64)
-        magnitude = torch.zeros(classes, n, dtype=torch.float64)
-        if out_name not in self.records:
+        spec[torch.arange(count), :, columns] -= 1.0
+        const = torch.zeros(count, n, dtype=torch.float64)
+        magnitude = torch.zeros(count, n, dtype=torch.float64)
+        self.local_terms = {}
+
+        def full(rows: torch.Tensor) -> torch.Tensor:  # [count, n] -> [classes, n], zeros elsewhere
+            out = torch.zeros(classes, n, dtype=torch.float64)
+            out[columns] = rows
+            return out
+        if out_name not in self.records or count == 0:
             # unchanged output (no record: no difference), or only a local term
-            if out_name in self.locals:
+            if out_name in self.locals and count:
                 u = self.locals[out_name][0]
-                self.local_terms = {out_name: _dot(spec, u)}
+                self.local_terms = {out_name: full(_dot(spec, u))}
                 return _dot(spec, u).t(), _absdot(spec, u).t()
-            self.local_terms = {}
             return const.t(), magnitude.t()
         lams: dict[str, object] = {out_name: spec}
 
@@ -469,7 +503,6 @@ class CrownModel:
             if rec[0] == "getitem":
                 counts[rec[1]] = max(counts.get(rec[1], 0), rec[2] + 1 if isinstance(rec[2], int) else 0)
         self.contributions = {}
-        self.local_terms = {}
 
         def step(node, lam):
             nonlocal const, magnitude
@@ -544,6 +577,7 @@ class CrownModel:
             if bool((moved != 0).any()):
                 self.contributions[node.name] = moved
         const = torch.nan_to_num(const, nan=-math.inf)
+        self.local_terms = {name: full(term) for name, term in self.local_terms.items()}
         return const.t(), magnitude.t()
 
     def _vjp_linear(self, fn, shapes, tuple_out, selected, lams):
