@@ -91,6 +91,30 @@ sqrt(2) ||dz||_2 <= sqrt(2) delta``. (The MP paper's Corollary 5.2 states
 with an l2 bound is the tighter sound version here; since
 ``||dz||_inf <= ||dz||_2``, ``2 * delta`` would also be sound, only looser.)
 
+Elementwise boxes and class-margin back-substitution
+----------------------------------------------------
+Two tighter bounds run in the same forward pass, and a sample is certified
+when any of the three certifies it:
+
+* :mod:`sparsecompile.analysis.taylor` keeps per sample and ELEMENT a box
+  ``c +- r`` around each node's difference; linear ops move the centre
+  exactly (``J c``) and the radius by ``|J| r``; each nonlinearity is relaxed
+  by lines around the sample's dense pre-activation (chord or tangent,
+  offsets at the exact extremes), whose offset moves the centre and whose
+  width alone widens the radius. Since every local term is an exact vector,
+  the boxes stay points wherever every op on the way has such a rule: the
+  box then IS the sparse-minus-dense difference recomputed in float64 from
+  the dense activations, up to rounding allowances.
+* :mod:`sparsecompile.analysis.crown` bounds each class margin's change
+  ``dz_top - dz_j`` by back-substitution from the output (VJPs through the
+  real sparse layers, CROWN relaxations on the boxes as intermediate bounds),
+  so that signs cancel where the boxes are wide (ops without a tight rule,
+  e.g. layer norm, whose box is l2-based). A classifier whose output is a
+  softmax is bounded on its logits (same top-1 class).
+
+The in-place forms of ops (``relu_`` ...) run on copies here, so every rule
+relaxes around the op's real input.
+
 Risky layers
 ------------
 All gains enter linearly, so ``delta(output) = sum over changed nodes k of
@@ -100,19 +124,25 @@ depend on ``delta`` -- products, LayerNorm -- are evaluated with the total
 ``delta``, which keeps the sum an upper bound). ``c_k`` is the part of the
 final bound caused by layer ``k``; ``c_k / local_k`` is its downstream gain
 (the graph version of ``L^(d-j) prod_{i>j} ||W_i||``). Layers are ranked by
-their share of the bound.
+their share of the bound. The margin back-substitution gives a second,
+much tighter attribution (``margin_ranking``, ``margin_used`` per layer): per
+sample, for the class pair closest to flipping, each changed layer's local
+term carried linearly (through the relaxed downstream network) to that
+margin; the rest is what the nonlinear ops add.
 
 Limits (honest)
 ---------------
-* Such bounds are loose, typically by one to several orders of magnitude on
-  deep networks: operator norms multiply along the depth while real errors
-  do not align with every layer's top singular direction. A certified sample
-  is guaranteed; an uncertified one usually did not change either. The value
-  is the guarantee where it holds, and the per-layer ranking.
-* On the calibration samples themselves, running the sparse model shows
-  what happened; the certificate explains how much room there was and who
-  used it. The bound is computed from dense activations plus constants, but
-  it is only stated for the samples it was computed on.
+* The global l2 chain is loose, typically by one to several orders of
+  magnitude on deep networks: operator norms multiply along the depth while
+  real errors do not align with every layer's top singular direction.
+* The elementwise boxes are nearly exact on the calibration samples (see
+  above): a certified sample is one whose sparse prediction provably equals
+  the dense one in exact arithmetic, with a float32 allowance, which is
+  little more than running the sparse model shows. What they add is the
+  rounding-aware guarantee and the per-layer margin attribution; the bound
+  is only stated for the samples it was computed on (certifying a
+  neighbourhood of inputs would make the boxes wide and the back-substitution
+  and intermediate bounds matter, and is not done).
 * Exact arithmetic: the two models run in floating point. Norms are
   computed in float64 and operator norms get a relative margin of 1e-6, and
   the margin test keeps a slack of ``1e-5 (1 + ||z_d||_inf)`` for float32

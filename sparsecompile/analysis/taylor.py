@@ -34,16 +34,25 @@ rigorous remainder:
     ``|sigma''|``; other activations ``s = 0, w = L m`` (their Lipschitz
     constant). Then ``c' = s c``, ``r' = |s| r + w``, intersected with what
     the op's value range allows (a hard-sigmoid output moves by at most
-    ``[0 - sigma(d), 1 - sigma(d)]``);
+    ``[0 - sigma(d), 1 - sigma(d)]``) and with the box of the linear
+    relaxations of :func:`sparsecompile.analysis.crown.unary_relaxation`
+    (``alpha t + [beta_l, beta_h]`` with the chord or tangent slope: the
+    offsets' midpoint moves the centre, so a point box maps to a point box,
+    e.g. a ReLU that flips is exact, not a remainder);
   - a product of two activations ``x y``:
-    ``dx y_d + x_d dy + dx dy``, so ``c' = y_d c_x + x_d c_y`` and
-    ``r' = |y_d| r_x + |x_d| r_y + (|c_x| + r_x)(|c_y| + r_y)``: the gate's
+    ``dx y_d + x_d dy + dx dy``; the cross term lies in ``[p_lo, p_hi]``
+    (the extreme products of the two boxes' ends), so
+    ``c' = y_d c_x + x_d c_y + (p_lo + p_hi) / 2`` and
+    ``r' = |y_d| r_x + |x_d| r_y + (p_hi - p_lo) / 2``: the gate's
     bound is its own interval, capped by its range, never a squared norm;
   - max pooling / amax: ``max(d + t) - max(d) - t_am`` lies in
     ``[0, max(d + hi) - (max d + lo_am)]`` where ``am`` is the dense argmax
     (the JVP picks it): exact when the dense argmax wins by more than the
-    interval widths;
-  - any other op (softmax, LayerNorm, ops without a rule): ``c' = 0`` and
+    interval widths; intersected with ``[max(d + lo), max(d + hi)] - max(d)``
+    (max is nondecreasing in every input; exact on a point box);
+  - softmax / log-softmax over an axis: ``p_i`` grows with ``z_i`` and falls
+    with every other ``z_j``, so the extreme corners of the box bound it;
+  - any other op (LayerNorm, ops without a rule): ``c' = 0`` and
     every element bounded by the op's l2 gain (certify's rule) times the l2
     norm of its inputs' boxes; infinite where certify has no rule.
 
