@@ -36,7 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 _RELAXED = [aten.relu.default, aten.relu6.default, aten.hardtanh.default, aten.leaky_relu.default,
             aten.hardsigmoid.default, aten.abs.default, aten.hardswish.default, aten.sigmoid.default,
-            aten.tanh.default, aten.silu.default, aten.gelu.default, aten.softplus.default, aten.erf.default]
+            aten.tanh.default, aten.silu.default, aten.gelu.default, aten.softplus.default, aten.erf.default,
+            aten.mish.default]
 
 
 @pytest.mark.parametrize("target", _RELAXED, ids=str)
