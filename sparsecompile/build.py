@@ -534,6 +534,10 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                 gm, eligible, layers, method, list(batches(fit_calib)) if uses_calibration else [],
                 sequential=options.sequential, correct=correct, update_weights=bool(options.update_weights),
                 folded_batchnorm=fold_pass.folded_params, progress=progress,
+                # verify's per-layer errors, measured on the dense activations the lockstep run has anyway,
+                # when they are the very samples verify would use
+                layer_errors=fit_calib is calib and _sample_count(options.error_samples, calib.num_samples, loaded,
+                                                                  batch_size) == calib.num_samples,
             )
         masks = outcome.masks
         sparse_gm = gm
@@ -616,8 +620,13 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             progress.warn(message)
             notes.append(message)
         if masks:
-            subset = calib.subset(_sample_count(options.error_samples, calib.num_samples, loaded, batch_size))
-            errors = layer_output_errors(dense_gm, layers, masks, batches(subset))
+            masked_names = [layer.name for layer in layers if layer.weight_target in masks]
+            measured = outcome.layer_errors or {}
+            if all(name in measured for name in masked_names):  # sparsify measured them on these samples
+                errors = {name: measured[name] for name in masked_names}
+            else:
+                subset = calib.subset(_sample_count(options.error_samples, calib.num_samples, loaded, batch_size))
+                errors = layer_output_errors(dense_gm, layers, masks, batches(subset))
             for record in layer_records:
                 if record["name"] in errors:
                     record["output_error"] = errors[record["name"]]

@@ -78,6 +78,18 @@ class LockstepRunner:
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: self._constant(n, reference))
         return node.target(*args, **kwargs)
 
+    def execute_with(self, node: torch.fx.Node, env: Env, index: int, weights: dict[str, torch.Tensor]):
+        """``node`` on chunk ``index`` of the reference ``env`` with some reference weights replaced by
+        ``weights`` (e.g. a layer's dense weight masked): what the layer alone does to the dense activations."""
+        saved = {name: self.reference_weights[name] for name in weights if name in self.reference_weights}
+        self.reference_weights.update(weights)
+        try:
+            return self._execute(node, env, index, True)
+        finally:
+            for name in weights:
+                self.reference_weights.pop(name, None)
+            self.reference_weights.update(saved)
+
     def _gather(self, arguments, env, index: int, reference: bool):
         """``arguments`` with every node replaced by its value for chunk ``index``."""
         return torch.fx.node.map_arg(

@@ -42,6 +42,9 @@ class SparsifyResult:
     fallbacks: dict[str, str] = field(default_factory=dict)  # layer name -> why it got another method
     updated_weights: bool = False
     updated: dict[str, torch.Tensor] = field(default_factory=dict)  # weight target -> updated weight (pre-correction)
+    # layer name -> ||layer(x; W*mask) - layer(x; W)|| / ||layer(x; W)|| on the dense activations x of every chunk
+    # (verify.layer_output_errors' number), when asked for (layer_errors=True) and a reference stream ran
+    layer_errors: dict[str, float] | None = None
 
 
 def sparsify(
@@ -56,8 +59,14 @@ def sparsify(
     update_weights: bool = False,
     folded_batchnorm: dict | None = None,
     progress=None,
+    layer_errors: bool = False,
 ) -> SparsifyResult:
-    """Mask ``eligible`` layers of ``gm`` in place; returns the masks and correction records."""
+    """Mask ``eligible`` layers of ``gm`` in place; returns the masks and correction records.
+
+    ``layer_errors``: also measure each masked layer's output error on the dense activations of ``chunks``
+    while the reference stream has them (saves the dense forward of ``verify.layer_output_errors``); only
+    where a reference stream runs anyway (statistics correction, one-shot or Hessian statistics).
+    """
     result = SparsifyResult(masks={}, updated_weights=update_weights and method.can_update_weights)
     if not method.needs and correct == "none":
         for layer in eligible:
@@ -121,8 +130,12 @@ def sparsify(
             progress.detail(f"masked {layer.name}")
 
     watched = set(by_node) | (corrector.node_names if corrector else set())
-    LockstepRunner(gm, reference_state).run(
-        chunks, watched, before=before, after=corrector.after if corrector else None,
+    runner = LockstepRunner(gm, reference_state)
+    hooks = (before, corrector.after if corrector else None)
+    if layer_errors and need_reference:
+        hooks = _measuring_layer_errors(runner, result, by_node, reference_state, len(chunks), *hooks)
+    runner.run(
+        chunks, watched, before=hooks[0], after=hooks[1],
         show_progress=(lambda nodes: progress.bar(nodes, "calibration")) if progress is not None else None,
         reference=need_reference, outputs=False,
     )
@@ -132,3 +145,35 @@ def sparsify(
         result.corrections = corrector.records
         result.batchnorm_reestimated = corrector.batchnorm_records
     return result
+
+
+def _measuring_layer_errors(runner, result: SparsifyResult, by_node: dict, reference_state: dict, count: int,
+                            before, after):
+    """``before``/``after`` hooks that also fill ``result.layer_errors``: once a layer's mask is chosen, the
+    layer runs on the reference stream's (dense) inputs with its dense weight masked, and its dense output
+    (the reference stream's own) is compared with that; float32 norms summed over chunks in order, as
+    ``verify.layer_output_errors`` does on the same chunks."""
+    result.layer_errors = {}
+    pending: dict[str, list[torch.Tensor]] = {}
+
+    def measuring_before(node, reference_env, working_env):
+        before(node, reference_env, working_env)
+        layer = by_node.get(node.name)
+        if layer is None or layer.weight_target not in result.masks or layer.weight_target not in reference_state:
+            return
+        dense = reference_state[layer.weight_target]
+        masked_dense = torch.where(result.masks[layer.weight_target], dense, torch.zeros((), dtype=dense.dtype))
+        pending[node.name] = [runner.execute_with(node, reference_env, i, {layer.weight_target: masked_dense})
+                              for i in range(count)]
+
+    def measuring_after(node, reference, working):
+        sparse = pending.pop(node.name, None)
+        if sparse is not None:
+            num = den = 0.0
+            for dense_out, sparse_out in zip(reference, sparse):
+                num += float(torch.linalg.vector_norm((dense_out - sparse_out).float())) ** 2
+                den += float(torch.linalg.vector_norm(dense_out.float())) ** 2
+            result.layer_errors[by_node[node.name].name] = (num / den) ** 0.5 if den > 0 else 0.0
+        return after(node, reference, working) if after is not None else None
+
+    return measuring_before, measuring_after

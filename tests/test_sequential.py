@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,3 +86,45 @@ def test_hooks_see_all_chunks_of_the_input_and_without_reference_an_empty_one():
     assert seen["reference_env"] == {} and seen["reference"] == [] and seen["working"] == 3
     assert (reference_and_working := LockstepRunner(gm, snapshot(gm)).run(chunks, set(), outputs=False)) == ([], [])
     del reference_and_working
+
+
+class ConvChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def test_layer_errors_measured_in_the_lockstep_run_equal_verify_s():
+    import copy
+
+    from sparsecompile.layers import find_layers
+    from sparsecompile.masks import get_method
+    from sparsecompile.sparsify import sparsify
+    from sparsecompile.verify import layer_output_errors
+
+    torch.manual_seed(3)
+    model = ConvChain().eval()
+    calib = torch.randn(12, 8, 8, 8) * 1.3 + 0.2
+    gm = export_graph(model, calib[:4], dynamic_batch=True)
+    chunks = [(calib[:5],), (calib[5:],)]
+    for correct in ("bias", "bn"):
+        work, dense = copy.deepcopy(gm), copy.deepcopy(gm)
+        layers = find_layers(work)
+        eligible = [layer for layer in layers if layer.reason is None]
+        outcome = sparsify(work, eligible, layers, get_method("magnitude"), chunks, correct=correct, layer_errors=True)
+        expected = layer_output_errors(dense, layers, outcome.masks, chunks)
+        assert set(outcome.layer_errors) == set(expected) == {layer.name for layer in eligible}
+        for name, error in expected.items():
+            assert outcome.layer_errors[name] == pytest.approx(error, rel=1e-6), name
+    # No reference stream (sequential statistics, no correction): nothing measured, verify measures itself.
+    work = copy.deepcopy(gm)
+    layers = find_layers(work)
+    outcome = sparsify(work, [l for l in layers if l.reason is None], layers, get_method("activation"), chunks,
+                       layer_errors=True)
+    assert outcome.layer_errors is None
