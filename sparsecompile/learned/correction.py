@@ -51,10 +51,20 @@ def _other_dims(out: torch.Tensor, axis: int) -> tuple[list[int], list[int]]:
     return [d for d in range(out.dim()) if d != axis], shape
 
 
+def _centred_moments(out: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, ``out - mean``) over ``dims``, keepdim. Two passes (the centred form, as stable
+    as ``Tensor.var``), written out because ``Tensor.var`` over several non-contiguous dims runs 3-4x
+    slower on CPU than a mean plus an elementwise square; the centred tensor is reused by the caller."""
+    mean = out.mean(dims, keepdim=True)
+    centred = out - mean
+    return mean, (centred * centred).mean(dims, keepdim=True), centred
+
+
 def channel_moments(out: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of ``out`` over everything but ``axis``."""
     dims, _ = _other_dims(out, axis)
-    return out.mean(dims), out.var(dims, unbiased=False)
+    mean, var, _ = _centred_moments(out, dims)
+    return mean.reshape(-1), var.reshape(-1)
 
 
 def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None,
@@ -66,9 +76,9 @@ def match_batch_statistics(out: torch.Tensor, target_mean: torch.Tensor | None,
     if target_mean is None:
         return out
     dims, shape = _other_dims(out, axis)
-    mean, var = out.mean(dims), out.var(dims, unbiased=False)
-    scale = channel_scale(var, reference_var, folded)
-    return (out - mean.reshape(shape)) * scale.reshape(shape) + target_mean.reshape(shape)
+    _, var, centred = _centred_moments(out, dims)
+    scale = channel_scale(var.reshape(-1), reference_var, folded)
+    return centred * scale.reshape(shape) + target_mean.reshape(shape)
 
 
 class InLoopCorrection:

@@ -114,6 +114,9 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adam", "sgd")
 # Teacher outputs are kept in memory up to this size; above it they are recomputed per batch.
 TEACHER_CACHE_BYTES = 1 << 30
+# The dense layer outputs (the layer-output term's targets and the in-loop correction's statistics) are kept
+# in memory up to this size; above it the dense model runs again on every batch (one more forward pass per step).
+FEATURE_CACHE_BYTES = 1 << 30
 _EPS = 1e-12
 
 # callback(step, loss, agreement, held-out metric, method numbers): called after every step; the last three are
@@ -443,6 +446,7 @@ class MaskTrainer:
         self._probe_names = ({name for name, _ in self._probe.named_parameters(remove_duplicate=False)}
                              | {name for name, _ in self._probe.named_buffers(remove_duplicate=False)}
                              if self._probe is not None else set())
+        self._feature_cache = self._prepare_features()
         params = learner.trainable()
         self._param_names = list(params)
         tensors = [params[name] for name in self._param_names]
@@ -527,9 +531,12 @@ class MaskTrainer:
             teacher = self._teacher(index)
             student = self._forward(overrides, inputs)
             return student, teacher, self._loss(student, teacher, index)
-        with torch.no_grad():  # one dense pass gives the layer outputs and, when not cached, the model outputs
-            dense_outputs, teacher_features = self._run_probe({}, inputs)
-        teacher = self._teacher(index) if self._teacher_cache is not None else dense_outputs
+        if self._feature_cache is not None:
+            teacher, teacher_features = self._teacher(index), [f[index] for f in self._feature_cache]
+        else:
+            with torch.no_grad():  # one dense pass gives the layer outputs and, when not cached, the model outputs
+                dense_outputs, teacher_features = self._run_probe({}, inputs)
+            teacher = self._teacher(index) if self._teacher_cache is not None else dense_outputs
         targets = self.correction.targets(teacher_features) if self.correction is not None else None
         student, student_features = self._run_probe(overrides, inputs, targets)
         loss = self._loss(student, teacher, index)
@@ -604,6 +611,30 @@ class MaskTrainer:
         if kinds[0] == "ce" and not (len(shapes[0]) == 2 and shapes[0][1] > 1):
             raise SparseCompileError("objective 'ce' needs 2-D logits as the first output")
         self.objective_kinds = kinds
+
+    @torch.no_grad()
+    def _prepare_features(self) -> list[torch.Tensor] | None:
+        """The dense layer outputs of every sample in use, if they (and the teacher outputs) fit in memory.
+
+        They do not change during training, so one dense pass over the calibration set replaces the dense
+        pass of every step (a quarter to a third of a step's work). Filled chunk by chunk in the evaluation
+        batch size; None when there is no probe, no teacher cache, or they would exceed
+        ``FEATURE_CACHE_BYTES``.
+        """
+        if self._probe is None or self._teacher_cache is None:
+            return None
+        cache: list[torch.Tensor] | None = None
+        for part in [self.train_index] + ([self.eval_index] if self.held_out else []):
+            for index in self._eval_chunks(part):
+                _, features = self._run_probe({}, self._select(index))
+                if cache is None:
+                    per_sample = sum(f[:1].numel() * f.element_size() for f in features)
+                    if per_sample * self.num_samples > FEATURE_CACHE_BYTES:
+                        return None
+                    cache = [f.new_zeros((self.num_samples,) + tuple(f.shape[1:])) for f in features]
+                for stored, feature in zip(cache, features):
+                    stored[index.to(feature.device)] = feature
+        return cache
 
     def _float_output(self, i: int) -> bool:
         return self._teacher_cache is None or self._teacher_cache[i].is_floating_point()
