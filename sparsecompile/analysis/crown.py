@@ -341,7 +341,11 @@ class CrownModel:
 
     # -- relaxations -------------------------------------------------------------------------------
     def _relax_unary(self, node, act, box):
-        relax = unary_relaxation(node, _to64(self.runner.dense_env[act.name]), box)
+        cached = self.runner.taylor.relaxations.pop(node.name, None)
+        if cached is not None and cached[0] is box:
+            relax = cached[1]
+        else:
+            relax = unary_relaxation(node, _to64(self.runner.dense_env[act.name]), box)
         if relax is None:
             return None
         candidates, finite, base = relax

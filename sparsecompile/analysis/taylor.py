@@ -195,6 +195,7 @@ class TaylorModel:
     def __init__(self, runner):
         self.runner = runner
         self.boxes: dict[str, object] = {}
+        self.relaxations: dict[str, tuple] = {}  # node -> (input box, unary_relaxation result), this node only
         self.violations = 0
         self.worst = 0.0
         self.worst_node = None
@@ -429,6 +430,7 @@ class TaylorModel:
         # box alpha c +- |alpha| r + [beta_l, beta_h]; keep the tighter slope per element, intersect (both hold)
         from sparsecompile.analysis.crown import unary_relaxation
         relax = unary_relaxation(node, d, box)
+        self.relaxations[node.name] = (box, relax)  # reused by the margin back-substitution (same box)
         if relax is not None:
             candidates, finite, _ = relax
             best_lo = best_hi = None
