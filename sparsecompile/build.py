@@ -538,6 +538,9 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                 # when they are the very samples verify would use
                 layer_errors=fit_calib is calib and _sample_count(options.error_samples, calib.num_samples, loaded,
                                                                   batch_size) == calib.num_samples,
+                # the dense copy made above is the reference stream's weights: no second copy of every tensor
+                reference_state=None if learned else dict(list(dense_gm.named_parameters())
+                                                          + list(dense_gm.named_buffers())),
             )
         masks = outcome.masks
         sparse_gm = gm

@@ -60,12 +60,15 @@ def sparsify(
     folded_batchnorm: dict | None = None,
     progress=None,
     layer_errors: bool = False,
+    reference_state: dict[str, torch.Tensor] | None = None,
 ) -> SparsifyResult:
     """Mask ``eligible`` layers of ``gm`` in place; returns the masks and correction records.
 
     ``layer_errors``: also measure each masked layer's output error on the dense activations of ``chunks``
     while the reference stream has them (saves the dense forward of ``verify.layer_output_errors``); only
     where a reference stream runs anyway (statistics correction, one-shot or Hessian statistics).
+    ``reference_state``: the dense parameters and buffers of ``gm`` (by name), when the caller already holds
+    an untouched copy (the build's dense model); otherwise they are cloned here.
     """
     result = SparsifyResult(masks={}, updated_weights=update_weights and method.can_update_weights)
     if not method.needs and correct == "none":
@@ -81,7 +84,10 @@ def sparsify(
     # The dense (reference) stream is read by the correction (dense statistics, errors), by one-shot
     # statistics and by the Hessian's dense target; sequential statistics alone never read it.
     need_reference = corrector is not None or (bool(method.needs) and (not sequential or "hessian" in method.needs))
-    reference_state = snapshot(gm) if need_reference else {}
+    if not need_reference:
+        reference_state = {}
+    else:  # a new dict: prepare() adds the zero biases it gives layers to it
+        reference_state = dict(reference_state) if reference_state is not None else snapshot(gm)
     if corrector is not None:
         corrector.prepare(reference_state)
     by_node = {layer.node_name: layer for layer in eligible}
