@@ -106,8 +106,9 @@ from sparsecompile.analysis.taylor import _GELU, _PIECEWISE_LINEAR, _SMOOTH, _SO
 aten = torch.ops.aten
 
 _HARDSWISH = {aten.hardswish.default, getattr(getattr(aten, "hardswish_", None), "default", None)} - {None}
-# relative allowance for float64 rounding of the relaxation offsets (values of size |d| + |t|)
-_ROUND = 1e-12
+# relative allowance for float64 rounding of the relaxation offsets (values of size |d| + |t|): ~100 ulps, for
+# a few operations and library functions (exp, tanh, erf) accurate to a few ulps
+_ROUND = 1e-14
 
 
 def has_relaxation(target) -> bool:
@@ -152,7 +153,7 @@ def unary_relaxation(node, d: torch.Tensor, box):
     tangent = slope_at(d)
     width = hi - lo
     mid = (lo + hi) / 2
-    scale = 1 + d.abs() + lo.abs() + hi.abs()
+    scale = d.abs() + lo.abs() + hi.abs() + base.abs()
     candidates = []
     if target in _PIECEWISE_LINEAR or target in _HARDSWISH:
         hardswish = target in _HARDSWISH

@@ -169,6 +169,10 @@ def _zeros_like_shape(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros(t.shape, dtype=torch.float64)
 
 
+# Rounding allowance of a few float64 operations, relative to the magnitudes involved (~20 ulps).
+_ULPS = 2e-15
+
+
 def intersect(c: torch.Tensor, r: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
     """The box c +- r intersected with [lo, hi] (tensors or floats broadcastable to c), as a new c +- r."""
     low = torch.maximum(c - r, torch.as_tensor(lo, dtype=torch.float64)) if lo is not None else c - r
@@ -179,9 +183,14 @@ def intersect(c: torch.Tensor, r: torch.Tensor, lo, hi) -> tuple[torch.Tensor, t
     # under rounding keep the larger box
     empty = low > high
     low, high = torch.where(empty, c - r, low), torch.where(empty, c + r, high)
+    # where neither bound cuts the box it is kept exactly as it came (no rounding to pay for: every rounding
+    # allowance would be multiplied by |W| downstream, layer after layer)
+    cut = (low > c - r) | (high < c + r)
     center = (low + high) / 2
     radius = (high - low) / 2
-    radius = radius + 1e-12 * (center.abs() + radius)  # the rounding of the two lines above
+    kept = torch.where(torch.isfinite(r), c.abs() + r, torch.zeros_like(r))  # fl(c -+ r) where a side is kept
+    radius = radius + _ULPS * (low.abs() + high.abs() + kept)  # and the rounding of the two lines above
+    center, radius = torch.where(cut, center, c), torch.where(cut, radius, r)
     bad = ~torch.isfinite(center)
     if bool(bad.any()):
         center = torch.where(bad, torch.zeros_like(center), center)
@@ -430,15 +439,16 @@ class TaylorModel:
         # box alpha c +- |alpha| r + [beta_l, beta_h]; keep the tighter slope per element, intersect (both hold)
         from sparsecompile.analysis.crown import unary_relaxation
         relax = unary_relaxation(node, d, box)
-        self.relaxations[node.name] = (box, relax)  # reused by the margin back-substitution (same box)
+        self.relaxations[getattr(node, "name", None)] = (box, relax)  # reused by the margin back-substitution
         if relax is not None:
             candidates, finite, _ = relax
             best_lo = best_hi = None
             for alpha, b_lo, b_hi in candidates:
                 lo_k = alpha * c - alpha.abs() * r + b_lo
                 hi_k = alpha * c + alpha.abs() * r + b_hi
-                lo_k = lo_k - 1e-12 * (lo_k.abs() + 1)
-                hi_k = hi_k + 1e-12 * (hi_k.abs() + 1)
+                size = (alpha * c).abs() + alpha.abs() * r
+                lo_k = lo_k - _ULPS * (size + b_lo.abs())
+                hi_k = hi_k + _ULPS * (size + b_hi.abs())
                 best_lo = lo_k if best_lo is None else torch.maximum(best_lo, lo_k)
                 best_hi = hi_k if best_hi is None else torch.minimum(best_hi, hi_k)
             inf = torch.full_like(d, math.inf)
@@ -465,10 +475,10 @@ class TaylorModel:
         corners = torch.stack(torch.broadcast_tensors(lx * ly, lx * hy, hx * ly, hx * hy))
         low, high = corners.amin(0), corners.amax(0)
         mid, half = (low + high) / 2, (high - low) / 2
-        half = half + 1e-12 * (low.abs() + high.abs())
+        half = half + _ULPS * (low.abs() + high.abs())
         center = yd * cx + xd * cy + mid
         radius = yd.abs() * rx + xd.abs() * ry + half
-        radius = radius + 1e-12 * ((yd * cx).abs() + (xd * cy).abs() + mid.abs())  # rounding of the centre's sum
+        radius = radius + _ULPS * ((yd * cx).abs() + (xd * cy).abs() + mid.abs())  # rounding of the centre's sum
         bad = ~torch.isfinite(center)
         center = torch.where(bad, torch.zeros_like(center), center)
         radius = torch.where(bad, torch.full_like(radius, math.inf), radius)
