@@ -1167,7 +1167,7 @@ def _learning_config(method, options, loaded):
         raise SparseCompileError(f"--learn-option batch_size: this model takes batches of exactly {loaded.batch_size}")
     config = TrainConfig(max_steps=options.max_steps, time_budget_s=options.time_budget, seed=options.seed,
                          objective=options.objective, static_batch=not loaded.dynamic_batch,
-                         batch_size=64 if loaded.dynamic_batch else loaded.batch_size,
+                         batch_size=None if loaded.dynamic_batch else loaded.batch_size,  # None: the method's
                          checkpoint_every=50 if options.checkpoint else None)
     for key, value in typed_options(TrainConfig, loop_options, "--learn-option").items():
         setattr(config, key, value)

@@ -93,6 +93,9 @@ class GumbelMaskLearner(MaskLearner):
 
     method = "gumbel"
     default_lr = 0.3
+    # 32 samples a step: the same 1,500 steps at half the work of 64, and as accurate on the shipped example
+    # (benchmarks/results/learned_speed.md).
+    default_batch_size = 32
 
     def __init__(self, gm: torch.nn.Module, layers: Sequence, n: int = 2, m: int = 4,
                  options: GumbelOptions | None = None, init_masks: dict[str, torch.Tensor] | None = None,

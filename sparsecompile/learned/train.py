@@ -91,7 +91,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -144,7 +144,7 @@ class TrainConfig:
     """Options of the shared loop. ``lr=None`` takes the method's default."""
 
     max_steps: int = 1500
-    batch_size: int = 64
+    batch_size: int | None = None  # None: the method's default (MaskLearner.default_batch_size)
     lr: float | None = None
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     lr_schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
@@ -168,7 +168,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.max_steps < 0:
             raise SparseCompileError(f"max_steps must be >= 0, got {self.max_steps}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or self.eval_batch_size < 1:
             raise SparseCompileError("batch sizes must be >= 1")
         if self.lr is not None and not self.lr > 0:
             raise SparseCompileError(f"lr must be > 0, got {self.lr}")
@@ -293,6 +293,7 @@ class MaskLearner(ABC):
 
     method: str = ""
     default_lr: float = 1e-3
+    default_batch_size: int = 64  # training samples per step when TrainConfig.batch_size is None
 
     def __init__(self, gm: torch.nn.Module, layers: Sequence, n: int = 2, m: int = 4):
         self.n, self.m = n, m
@@ -420,6 +421,8 @@ class MaskTrainer:
         self.learner, self.gm = learner, gm
         self.config = config or TrainConfig()
         self.config.validate()
+        if self.config.batch_size is None:
+            self.config = replace(self.config, batch_size=learner.default_batch_size)
         self.callback = callback
         self.checkpoint_path = os.fspath(checkpoint_path) if checkpoint_path is not None else None
         self.inputs = _as_inputs(inputs)
