@@ -201,3 +201,24 @@ def test_softmax_box_encloses_the_difference(target):
             assert float(((actual - center).abs() - radius).max()) <= 1e-12
         if scale == 0.0:  # a point box: exact
             assert float(radius.max()) <= 1e-9
+
+
+def test_per_layer_margin_use_is_reported():
+    """Item 4: each changed layer's share of the closest pair's margin, in the table, the summary and the text."""
+    from sparsecompile.certificates import certificate_lines, certificate_summary
+
+    dense, shape = _model("residual-inplace")
+    batches = _inputs(shape, samples=64)
+    sparse = copy.deepcopy(dense)
+    _mild(sparse, 3, size=0.05)
+    result = certify(dense, sparse, find_layers(dense, min_weights=0), batches, per_sample=True)
+    used = result["summary"]["margin_used"]
+    ranking = result["margin_ranking"]
+    assert ranking and all(row["median"] is not None for row in ranking)
+    assert [row["median"] for row in ranking] == sorted((row["median"] for row in ranking), reverse=True)
+    assert {row["node"] for row in ranking} == {row["node"] for row in result["layers"]}
+    assert all("margin_used" in row for row in result["layers"])
+    assert used["median_total"] is not None
+    text = "\n".join(certificate_lines(result))
+    assert "margin the bound takes" in text and "certified by:" in text
+    assert certificate_summary(result)["margin_ranking"] == ranking[:5]
