@@ -442,9 +442,25 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         lower_manager = PassManager(lowering, on_pass=on_pass)
         gm = lower_manager.run(gm, context)
         manager.records.extend(lower_manager.records)
-    dense_outputs = run_batches(gm, batches(calib))
-    normalization = compare_outputs(reference_outputs, dense_outputs)
-    worst = max((o["relative_error"] for o in normalization), default=0.0)
+    def check_normalization(outputs):
+        """Fail (internal error) when normalization changed the model's function; returns the comparison."""
+        compared = compare_outputs(reference_outputs, outputs)
+        worst_error = max((o["relative_error"] for o in compared), default=0.0)
+        if worst_error > NORMALIZATION_TOLERANCE:
+            raise SparseCompileError(
+                f"internal error: graph normalization changed the model's outputs (relative error {worst_error:.2e}); "
+                "please report this with the model"
+            )
+        return compared
+
+    if permute_pass is None and not auto_method and options.calib:
+        # The dense model's outputs on the calibration set come from the masks stage's reference stream when it
+        # runs over every sample (checked there), saving a forward; otherwise they are computed there.
+        dense_outputs = normalization = None
+    else:
+        dense_outputs = run_batches(gm, batches(calib))
+        normalization = compare_outputs(reference_outputs, dense_outputs)
+    worst = max((o["relative_error"] for o in normalization or []), default=0.0)
     if worst > NORMALIZATION_TOLERANCE and permute_pass is not None:
         # never ship a wrong network: undo the permutation and say so
         message = (f"channel permutation changed the model's outputs (relative error {worst:.2e}); "
@@ -458,11 +474,8 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         dense_outputs = run_batches(gm, batches(calib))
         normalization = compare_outputs(reference_outputs, dense_outputs)
         worst = max((o["relative_error"] for o in normalization), default=0.0)
-    if worst > NORMALIZATION_TOLERANCE:
-        raise SparseCompileError(
-            f"internal error: graph normalization changed the model's outputs (relative error {worst:.2e}); "
-            "please report this with the model"
-        )
+    if dense_outputs is not None:
+        check_normalization(dense_outputs)
     unpermuted = None
     if permute_pass is not None:  # folded BN parameters are per output channel: reorder them too
         for weight_target, index in permute_pass.output_orders.items():
@@ -520,11 +533,23 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         if uses_calibration and calib.source == "random":
             progress.warn(f"--method {method.name} / --correct {options.correct} without --calib: statistics come "
                           "from random inputs and will not help accuracy")
-        kinds = output_kinds(dense_outputs, guard["kinds"])
-        assess = lambda dense, sparse: measure_damage(dense, sparse, kinds, guard["max_drop"],  # noqa: E731
-                                                      guard["max_error"])
-        check_dense = run_batches(dense_gm, batches(check_calib)) if check_calib is not calib else dense_outputs
+        from_lockstep = (dense_outputs is None and not learned and uses_calibration and fit_calib is calib
+                         and (correct != "none" or not options.sequential or "hessian" in method.needs))
+        if dense_outputs is None and not from_lockstep:
+            dense_outputs = run_batches(dense_gm, batches(calib))
+            normalization = check_normalization(dense_outputs)
         method_choice = None
+
+        def damage_setup(outputs):
+            """Output kinds, the damage measure and the dense outputs on the check samples."""
+            output_kinds_ = output_kinds(outputs, guard["kinds"])
+            measure = lambda dense, sparse: measure_damage(dense, sparse, output_kinds_,  # noqa: E731
+                                                           guard["max_drop"], guard["max_error"])
+            return output_kinds_, measure, (run_batches(dense_gm, batches(check_calib)) if check_calib is not calib
+                                            else outputs)
+
+        if dense_outputs is not None:
+            kinds, assess, check_dense = damage_setup(dense_outputs)
         if auto_method and eligible:
             gm, method, correct, outcome, method_choice = _choose_method(
                 gm, eligible, layers, lambda: list(batches(fit_calib)), lambda: list(batches(check_calib)),
@@ -541,7 +566,14 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
                 # the dense copy made above is the reference stream's weights: no second copy of every tensor
                 reference_state=None if learned else dict(list(dense_gm.named_parameters())
                                                           + list(dense_gm.named_buffers())),
+                reference_outputs=from_lockstep,
             )
+            if from_lockstep:
+                dense_outputs = outcome.reference_outputs
+                if dense_outputs is None:  # no reference stream ran after all
+                    dense_outputs = run_batches(dense_gm, batches(calib))
+                normalization = check_normalization(dense_outputs)
+                kinds, assess, check_dense = damage_setup(dense_outputs)
         masks = outcome.masks
         sparse_gm = gm
         for name, why in outcome.fallbacks.items():

@@ -27,6 +27,7 @@ from sparsecompile.passes import ApplyMasks, PassContext, PassManager
 from sparsecompile.passes.apply_masks import masked
 from sparsecompile.passes.correct_statistics import StatisticsCorrector
 from sparsecompile.sequential import LockstepRunner, snapshot
+from sparsecompile.verify import concat_outputs
 
 
 # Largest reduction size whose K x K float64 Hessian (plus its Cholesky factors) fits comfortably
@@ -45,6 +46,9 @@ class SparsifyResult:
     # layer name -> ||layer(x; W*mask) - layer(x; W)|| / ||layer(x; W)|| on the dense activations x of every chunk
     # (verify.layer_output_errors' number), when asked for (layer_errors=True) and a reference stream ran
     layer_errors: dict[str, float] | None = None
+    # the dense model's outputs on ``chunks`` (concatenated as verify.run_batches does), from the reference stream,
+    # when asked for (reference_outputs=True) and a reference stream ran
+    reference_outputs: list[torch.Tensor] | None = None
 
 
 def sparsify(
@@ -61,6 +65,7 @@ def sparsify(
     progress=None,
     layer_errors: bool = False,
     reference_state: dict[str, torch.Tensor] | None = None,
+    reference_outputs: bool = False,
 ) -> SparsifyResult:
     """Mask ``eligible`` layers of ``gm`` in place; returns the masks and correction records.
 
@@ -69,6 +74,8 @@ def sparsify(
     where a reference stream runs anyway (statistics correction, one-shot or Hessian statistics).
     ``reference_state``: the dense parameters and buffers of ``gm`` (by name), when the caller already holds
     an untouched copy (the build's dense model); otherwise they are cloned here.
+    ``reference_outputs``: also return the dense model's outputs on ``chunks`` from the reference stream (the
+    same operations on the same chunks as a forward of the dense model), where one runs.
     """
     result = SparsifyResult(masks={}, updated_weights=update_weights and method.can_update_weights)
     if not method.needs and correct == "none":
@@ -140,11 +147,13 @@ def sparsify(
     hooks = (before, corrector.after if corrector else None)
     if layer_errors and need_reference:
         hooks = _measuring_layer_errors(runner, result, by_node, reference_state, len(chunks), *hooks)
-    runner.run(
+    dense_outputs, _ = runner.run(
         chunks, watched, before=hooks[0], after=hooks[1],
         show_progress=(lambda nodes: progress.bar(nodes, "calibration")) if progress is not None else None,
-        reference=need_reference, outputs=False,
+        reference=need_reference, outputs=reference_outputs and need_reference,
     )
+    if reference_outputs and need_reference:
+        result.reference_outputs = concat_outputs(dense_outputs)
     gm.graph.lint()
     gm.recompile()
     if corrector is not None:

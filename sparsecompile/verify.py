@@ -37,9 +37,15 @@ def flat_outputs(output) -> list[torch.Tensor]:
 @torch.no_grad()
 def run_batches(module, batches: Iterable[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
     """Run ``module`` over batches and concatenate each output along axis 0."""
+    return concat_outputs(module(*batch) for batch in batches)
+
+
+def concat_outputs(per_batch: Iterable) -> list[torch.Tensor]:
+    """Each batch's (possibly nested) outputs flattened, then concatenated output by output along axis 0
+    (a 0-d output counts as one entry per batch)."""
     collected: list[list[torch.Tensor]] = []
-    for batch in batches:
-        outputs = flat_outputs(module(*batch))
+    for output in per_batch:
+        outputs = flat_outputs(output)
         if not collected:
             collected = [[] for _ in outputs]
         for bucket, out in zip(collected, outputs):

@@ -217,3 +217,28 @@ def test_build_saves_the_sparse_program_for_torch_backends(sample_build):
         if layer["status"] == "sparse":
             weight = params[layer["weight"]]
             assert (weight == 0).float().mean().item() >= 0.5
+
+
+@pytest.mark.parametrize("with_calib", [True, False])
+def test_a_normalization_that_changes_the_function_fails_the_build(model_files, tmp_path, monkeypatch, with_calib):
+    # With calibration data the dense outputs come from the masks stage's reference stream and the check runs
+    # there; without, right after normalization. Either way a changed function must stop the build.
+    from sparsecompile.graph import get_tensor, set_tensor
+    from sparsecompile.passes import FoldBatchNorm
+
+    original = FoldBatchNorm.__call__
+
+    def breaking(self, gm, context):
+        result = original(self, gm, context)
+        weight = next(n.target for n in result.graph_module.graph.nodes
+                      if n.op == "get_attr" and n.target.endswith("weight"))
+        set_tensor(result.graph_module, weight, get_tensor(result.graph_module, weight) * 2)
+        return result
+
+    monkeypatch.setattr(FoldBatchNorm, "__call__", breaking)
+    options = BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "b"), min_weights=0,
+                           method="magnitude", permute=False,
+                           calib=str(model_files / "calib.npy") if with_calib else None)
+    with pytest.raises(SparseCompileError, match="graph normalization changed the model's outputs"):
+        build(options)
+    assert not (tmp_path / "b").exists()

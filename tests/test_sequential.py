@@ -128,3 +128,28 @@ def test_layer_errors_measured_in_the_lockstep_run_equal_verify_s():
     outcome = sparsify(work, [l for l in layers if l.reason is None], layers, get_method("activation"), chunks,
                        layer_errors=True)
     assert outcome.layer_errors is None
+
+
+def test_reference_outputs_of_the_lockstep_run_are_the_dense_model_s_outputs_exactly():
+    import copy
+
+    from sparsecompile.layers import find_layers
+    from sparsecompile.masks import get_method
+    from sparsecompile.sparsify import sparsify
+    from sparsecompile.verify import run_batches
+
+    torch.manual_seed(4)
+    model = ConvChain().eval()
+    calib = torch.randn(12, 8, 8, 8)
+    gm = export_graph(model, calib[:4], dynamic_batch=True)
+    chunks = [(calib[:5],), (calib[5:],)]
+    dense = copy.deepcopy(gm)
+    layers = find_layers(gm)
+    outcome = sparsify(gm, [l for l in layers if l.reason is None], layers, get_method("magnitude"), chunks,
+                       correct="bias", reference_outputs=True)
+    expected = run_batches(dense, chunks)
+    assert len(outcome.reference_outputs) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(outcome.reference_outputs, expected))  # bit for bit
+    no_reference = sparsify(copy.deepcopy(dense), [l for l in layers if l.reason is None], layers,
+                            get_method("magnitude"), chunks, reference_outputs=True)  # no correction: no stream
+    assert no_reference.reference_outputs is None
