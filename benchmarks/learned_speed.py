@@ -36,20 +36,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_time import busy_cpu_seconds  # noqa: E402
 from common import ROOT, run_header  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "fashion_mnist"
 METHODS = ("magnitude", "auto", "gumbel", "proxsparse")
-
-
-def busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes on the machine have used (Linux /proc/stat), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / ticks  # user + nice + system
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
