@@ -340,14 +340,14 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             raise SparseCompileError("--int8-calibration minmax with the CPU fallback's uint8 activations gave a "
                                      "constant prediction on the shipped example (an open bug): use percentile or entropy")
 
-    for message in _ignored_options(options, target, sparsify_layers, bool(getattr(method, "learned", False)),
+    for message in _ignored_options(options, target, sparsify_layers, method.learned,
                                     options.method if saved is None else "(saved masks)"):
         progress.warn(message)
         notes.append(message)
 
     # Stages that always run (load, normalize, masks, verify, ONNX, ONNX Runtime, compress, report), plus the
     # optional ones asked for; one that turns out to have nothing to do takes itself off the total below.
-    learned = bool(getattr(method, "learned", False))
+    learned = method.learned
     progress.total = 8 + sum([bool(permute), learned, guard["on"], bool(options.certify), quantize_int8])
 
     # 1. load

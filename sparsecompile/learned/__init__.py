@@ -23,8 +23,21 @@ from sparsecompile.learned.train import (
     typed_options,
 )
 
-LEARNED_METHODS = {"gumbel": learn_gumbel_masks, "proxsparse": learn_proxsparse_masks}
-_OPTIONS = {"gumbel": GumbelOptions, "proxsparse": ProxSparseOptions}
+def learned_methods() -> dict:
+    """``{name: MaskMethod class}`` of the learned methods: those of ``sparsecompile.masks.MASK_METHODS``
+    with ``learned = True`` (the one registry; each class names its learn function and options)."""
+    from sparsecompile.masks import MASK_METHODS
+
+    return {name: cls for name, cls in MASK_METHODS.items() if cls.learned}
+
+
+def _learned_method(method: str):
+    from sparsecompile.errors import SparseCompileError
+
+    methods = learned_methods()
+    if method not in methods:
+        raise SparseCompileError(f"unknown learned mask method '{method}'; valid: {', '.join(sorted(methods))}")
+    return methods[method]
 
 
 def method_options(method: str, values: dict | None = None, unknown_hint: str = ""):
@@ -34,9 +47,7 @@ def method_options(method: str, values: dict | None = None, unknown_hint: str = 
 
     from sparsecompile.errors import SparseCompileError
 
-    if method not in _OPTIONS:
-        raise SparseCompileError(f"unknown learned mask method '{method}'; valid: {', '.join(sorted(_OPTIONS))}")
-    cls = _OPTIONS[method]
+    _, cls = _learned_method(method).learner()
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values or {}) - known)
     if unknown:
@@ -48,23 +59,23 @@ def method_options(method: str, values: dict | None = None, unknown_hint: str = 
 
 
 def learn_masks(method: str, gm, inputs, *, options=None, **kwargs) -> TrainResult:
-    """Dispatch to :func:`learn_gumbel_masks` or :func:`learn_proxsparse_masks` by name.
+    """Dispatch to the learn function of ``method`` (:func:`learn_gumbel_masks`, :func:`learn_proxsparse_masks`).
 
     ``options`` is the method's options dataclass or a dict of its fields; ``kwargs`` go to the method
     (``layers``, ``config``, ``labels``, ``callback``, ``checkpoint_path``, ``resume``, and for Gumbel
     ``n``, ``m``, ``init_masks``).
     """
-    if not isinstance(options, (GumbelOptions, ProxSparseOptions)):
+    learn, options_class = _learned_method(method).learner()
+    if options is None or isinstance(options, dict):
         options = method_options(method, options)
-    elif not isinstance(options, _OPTIONS.get(method, ())):
-        method_options(method)  # unknown name -> the error listing the valid ones
+    elif not isinstance(options, options_class):
         raise TypeError(f"{type(options).__name__} given for method '{method}'")
-    return LEARNED_METHODS[method](gm, inputs, options=options, **kwargs)
+    return learn(gm, inputs, options=options, **kwargs)
 
 __all__ = [
-    "GumbelMaskLearner", "GumbelOptions", "LEARNED_METHODS", "MaskLearner", "MaskTrainer", "ProxSparseLearner",
+    "GumbelMaskLearner", "GumbelOptions", "MaskLearner", "MaskTrainer", "ProxSparseLearner",
     "ProxSparseOptions", "TrainConfig", "TrainResult", "TrainingInterrupted", "enum_alm", "enum_pgd",
-    "keep_patterns", "learn_gumbel_masks", "learn_masks", "learn_proxsparse_masks", "mask_to_patterns",
+    "keep_patterns", "learn_gumbel_masks", "learn_masks", "learned_methods", "learn_proxsparse_masks", "mask_to_patterns",
     "masked_weights", "method_options", "typed_options",
     "num_patterns", "patterns_to_mask", "train_masks",
 ]

@@ -37,6 +37,7 @@ class MaskMethod(ABC):
     description: str = ""
     needs: frozenset[str] = frozenset()  # "norms" and/or "hessian": calibration statistics it uses
     can_update_weights: bool = False  # whether select_and_update may change surviving weights
+    learned: bool = False  # True: the build learns the masks first (masks/learned.py, sparsecompile/learned/)
 
     def __init__(self, n: int = 2, m: int = 4):
         self.n, self.m = n, m
