@@ -935,6 +935,7 @@ class _Certifier:
                              and not isinstance(a.meta.get("val"), (int, torch.SymInt))]
             if len(tensor_inputs) > 1:
                 self.chain = False
+        self._check_in_place()
         placeholders_s = [n.name for n in self.sparse_nodes if n.op == "placeholder"]
         placeholders_d = [n.name for n in dense_gm.graph.nodes if n.op == "placeholder"]
         if placeholders_s != placeholders_d:
@@ -951,6 +952,27 @@ class _Certifier:
         self.contrib: dict[str, object] = {}
 
     # -- structure -------------------------------------------------------------------------------------
+    def _check_in_place(self) -> None:
+        """An in-place op runs on copies here (its rules relax around its input's value); that is only the
+        graph's meaning if nothing reads the mutated input afterwards. Refuse the rare graph where something does.
+        """
+        order = {node.name: i for i, node in enumerate(self.sparse_nodes)}
+        for node in self.sparse_nodes:
+            schema = getattr(node.target, "_schema", None)
+            if node.op != "call_function" or schema is None or not schema.is_mutable:
+                continue
+            for index, argument in enumerate(schema.arguments):
+                if argument.alias_info is None or not argument.alias_info.is_write:
+                    continue
+                value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+                if not isinstance(value, torch.fx.Node) or value.name not in self.activation_names:
+                    continue
+                later = [u.name for u in value.users if u is not node and order.get(u.name, -1) > order[node.name]]
+                if later:
+                    raise NotCertifiable(f"node '{node.name}' ({_op_name(node.target)}) writes into '{value.name}', "
+                                         f"which '{later[0]}' reads afterwards: in-place aliasing is not modelled")
+
+
     def _match(self, node: torch.fx.Node) -> None:
         if node.op != "call_function":
             raise NotCertifiable(f"node '{node.name}': {node.op} '{node.target}' is not modelled")

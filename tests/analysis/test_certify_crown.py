@@ -222,3 +222,22 @@ def test_per_layer_margin_use_is_reported():
     text = "\n".join(certificate_lines(result))
     assert "margin the bound takes" in text and "certified by:" in text
     assert certificate_summary(result)["margin_ranking"] == ranking[:5]
+
+
+def test_an_in_place_write_read_again_is_refused_not_mismodelled():
+    dense, _ = _model("residual-inplace")
+    graph = dense.graph
+    relu = next(n for n in graph.nodes if n.target == aten.relu_.default)
+    source = relu.args[0]
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        reread = graph.call_function(aten.add.Tensor, (source, 1.0))
+        total = graph.call_function(aten.sum.default, (reread,))
+    out = output.args[0]
+    output.args = ((out[0] if isinstance(out, (tuple, list)) else out, total),)
+    dense.recompile()
+    sparse = copy.deepcopy(dense)
+    _mild(sparse, 3, size=1e-3)
+    batches = _inputs((4, 8, 8), samples=16)
+    result = certify(dense, sparse, None, batches)
+    assert any("in-place aliasing" in reason for reason in result["summary"]["not_certifiable"])
