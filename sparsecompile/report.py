@@ -178,6 +178,20 @@ def certificate_line(certificate: dict) -> str:
     return "certify: not certifiable: " + ("; ".join(reasons) if reasons else "no bound was computed")
 
 
+def margin_line(certificate: dict, top: int = 5) -> str | None:
+    """Which layers take the class margin (median over samples, closest class pair), from the certificate's
+    ``margin_ranking``; None when the certificate has none."""
+    ranking = certificate.get("margin_ranking") or []
+    if not ranking:
+        return None
+    used = certificate.get("summary", {}).get("margin_used") or {}
+    total = used.get("median_total")
+    return ("         margin taken by layer (median; "
+            + (f"total {total:.3g}" if total is not None else "closest class pair") + "): "
+            + ", ".join(f"{row['layer']} {row['median']:.3g}" for row in ranking[:top])
+            + (f" and {len(ranking) - top} more" if len(ranking) > top else ""))
+
+
 def summary_lines(report: dict) -> list[str]:
     s = report["summary"]
     target = report["target"]
@@ -248,6 +262,9 @@ def summary_lines(report: dict) -> list[str]:
     certificate = report.get("certificate")
     if certificate:
         lines.append(certificate_line(certificate))
+        margins = margin_line(certificate)
+        if margins:
+            lines.append(margins)
     for note in report.get("notes", []):
         lines.append(f"note:    {note}")
     return lines

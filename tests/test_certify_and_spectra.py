@@ -41,6 +41,15 @@ def test_build_certificate(certified):
     assert (certified.output / "certify" / "dense_values.safetensors").exists()
 
 
+def test_inspect_shows_which_layers_take_the_margin(certified):
+    ranking = certified.report["certificate"]["margin_ranking"]
+    assert ranking and all(row["layer"] for row in ranking)
+    result = invoke("inspect", certified.output)
+    assert result.exit_code == 0, result.output
+    (line,) = [line for line in result.output.splitlines() if "margin taken by layer" in line]
+    assert f"{ranking[0]['layer']} {ranking[0]['median']:.3g}" in line
+
+
 def test_certify_command_reproduces_the_build(certified, model_files, tmp_path):
     again = certify_build(str(certified.output), str(model_files / "calib.npy"), samples=48)
     before = certified.report["certificate"]["summary"]
