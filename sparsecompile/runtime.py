@@ -8,10 +8,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from sparsecompile.backends.onnxruntime_runner import OrtRunner
+from sparsecompile.backends import get_backend
 from sparsecompile.builddir import open_build
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.fileio import atomic_write
+
+RUN_BACKENDS = ("ort", "torch-cuda")  # the backends `sparsecompile run` takes for a build directory
 
 
 def _load_array_file(path: Path) -> list[tuple[str, np.ndarray]]:
@@ -104,22 +106,22 @@ def fallback_onnx(build_dir: Path, manifest: dict) -> Path:
 
 def build_runner(path: Path, manifest: dict, backend: str, threads: int | None = None):
     """A runner over a build directory: ``ort`` (model.onnx) or ``torch-cuda`` (model.pt2, 2:4 weights
-    as semi-structured sparse tensors)."""
-    if backend == "ort":
+    as semi-structured sparse tensors). ``backend`` is resolved by :func:`sparsecompile.backends.get_backend`."""
+    entry = get_backend(backend)
+    if entry.name == "ort":
         # A --precision int8 build for a CPU target carries the INT8 model (uint8 activations, ORT's integer
         # kernels) as the fallback to run; a GPU target's INT8 file is TensorRT's input, so ORT runs fp32.
-        return OrtRunner(fallback_onnx(path, manifest), threads=threads)
-    if backend == "torch-cuda":
+        return entry.runner_class()(fallback_onnx(path, manifest), threads=threads)
+    if entry.name == "torch-cuda":
         import json
-
-        from sparsecompile.backends.torch_cuda_runner import TorchCudaRunner
 
         if not (path / "model.pt2").exists():
             raise SparseCompileError(f"build '{path}' has no model.pt2 (made by an older sparsecompile); rebuild it")
         report = json.loads((path / "report.json").read_text())
         sparse = [r["weight"] for r in report["layers"] if r["status"] == "sparse"]
-        return TorchCudaRunner(path / "model.pt2", sparse, example_arrays(manifest["inputs"]))
-    raise SparseCompileError(f"unknown backend '{backend}'; valid: ort, torch-cuda")
+        return entry.runner_class()(path / "model.pt2", sparse, example_arrays(manifest["inputs"]))
+    raise SparseCompileError(f"backend '{entry.name}' does not run a build directory with sparsecompile run; "
+                             f"valid: {', '.join(RUN_BACKENDS)} (sparsecompile profile times the others)")
 
 
 def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads: int | None,
@@ -128,7 +130,7 @@ def run_build_dir(build_dir: str, inputs: list[str], output: str | None, threads
     arrays = read_inputs(inputs, manifest["inputs"])
     with build_runner(path, manifest, backend, threads) as runner:
         outputs = runner.infer(arrays)
-        for layer in getattr(runner, "layers", []):
+        for layer in runner.layers:
             if layer["status"] == "dense":
                 click.echo(f"note: {layer['weight']} runs dense: {layer['reason']}", err=True)
     names = [spec["name"] for spec in manifest["outputs"]]

@@ -167,7 +167,7 @@ def test_fp32_bundle_reproduces_the_build_exactly(cpu_package, fp32_build):
     x = _x()
     with load(cpu_package.path) as runner:
         got = runner(x)
-        assert runner.backend == "onnxruntime-cpu"
+        assert runner.backend == "ort"
     np.testing.assert_array_equal(got, _build_outputs(fp32_build.output, x)[0])
     assert cpu_package.manifest["accuracy"]["bundle_vs_build_onnx"]["max_abs_diff"] == 0.0
 
@@ -362,10 +362,10 @@ def test_backend_choice():
     orin = get_edge("jetson-orin")
     assert choose_backend(orin, HostInfo("aarch64", "Orin", (8, 7), True)) == ("tensorrt", None)
     backend, note = choose_backend(orin, HostInfo("aarch64", "Orin", (8, 7), False))
-    assert backend == "onnxruntime-cpu" and "pip install tensorrt" in note
+    assert backend == "ort" and "pip install tensorrt" in note
     backend, note = choose_backend(orin, HostInfo("x86_64"))
-    assert backend == "onnxruntime-cpu" and "no CUDA GPU" in note
-    assert choose_backend(get_edge("cpu-x86_64"), HostInfo("x86_64", "A100", (8, 0), True)) == ("onnxruntime-cpu", None)
+    assert backend == "ort" and "no CUDA GPU" in note
+    assert choose_backend(get_edge("cpu-x86_64"), HostInfo("x86_64", "A100", (8, 0), True)) == ("ort", None)
 
 
 def test_engine_cache_key(gpu_package, tmp_path, monkeypatch):
@@ -384,7 +384,7 @@ def test_failed_engine_build_falls_back_to_onnxruntime(gpu_package, tmp_path, mo
     # and the runner must fall back to ONNX Runtime, saying why, with the same outputs.
     monkeypatch.setenv("SPARSECOMPILE_CACHE", str(tmp_path))
     runner = PackageRunner(gpu_package.path, host=HostInfo("x86_64", "NVIDIA A100", (8, 0), True))
-    assert runner.backend == "onnxruntime-cpu"
+    assert runner.backend == "ort"
     assert any("TensorRT engine unavailable" in n and "no CUDA device" in n for n in runner.notes), runner.notes
     x = _x()
     with load(gpu_package.path) as plain:

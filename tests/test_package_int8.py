@@ -122,7 +122,7 @@ def test_cpu_int8_package_runs_the_int8_model(cpu_int8, tmp_path):
     # Its runner gives exactly what model.int8.onnx gives (not the fp32 model's outputs)
     x = _x()
     with sparsecompile.load(result.path, threads=1) as runner:
-        assert runner.backend == "onnxruntime-cpu"
+        assert runner.backend == "ort"
         got = runner(x)
     want = _int8_onnx_outputs(cpu_int8.output, x)[0]
     assert np.array_equal(got, want)

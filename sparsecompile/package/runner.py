@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sparsecompile.backends import get_backend
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.fileio import atomic_write
 from sparsecompile.engine import build_engine as library_build_engine
@@ -60,17 +61,18 @@ def reconstitute_onnx(package: Package):
 
 
 def choose_backend(edge, host: HostInfo) -> tuple[str, str | None]:
-    """``("tensorrt" | "onnxruntime-cpu", note)`` for a bundle on this host (the host already accepted)."""
+    """``(backend, note)`` for a bundle on this host (the host already accepted): the canonical name
+    (:func:`sparsecompile.backends.get_backend`) of ``tensorrt`` or of the CPU fallback ``ort``."""
+    fallback, tensorrt = get_backend("ort").name, get_backend("tensorrt").name
     if edge.kind != "gpu":
-        return "onnxruntime-cpu", None
+        return fallback, None
     if host.gpu_capability is None:
-        return "onnxruntime-cpu", f"no CUDA GPU here: running the {edge.name} bundle on the ONNX Runtime CPU fallback"
+        return fallback, f"no CUDA GPU here: running the {edge.name} bundle on the ONNX Runtime CPU fallback"
     if check_host(edge, host) is not None:
-        return "onnxruntime-cpu", None
+        return fallback, None
     if not host.tensorrt:
-        return "onnxruntime-cpu", ("TensorRT is not installed (pip install tensorrt): running the ONNX Runtime "
-                                   "CPU fallback")
-    return "tensorrt", None
+        return fallback, "TensorRT is not installed (pip install tensorrt): running the ONNX Runtime CPU fallback"
+    return tensorrt, None
 
 
 def engine_cache_dir(package: Package, host: HostInfo) -> Path:
@@ -188,11 +190,11 @@ class PackageRunner:
         if note:
             self.notes.append(note)
         self._runner = None
-        if self.backend == "tensorrt":
+        if self.backend == get_backend("tensorrt").name:
             try:
                 self._runner = _tensorrt_runner(self.package, host)
             except SparseCompileError as exc:
-                self.backend = "onnxruntime-cpu"
+                self.backend = get_backend("ort").name
                 self.notes.append(f"TensorRT engine unavailable ({exc}): running the ONNX Runtime CPU fallback")
         if self._runner is None:
             model = reconstitute_onnx(self.package)

@@ -190,7 +190,7 @@ def test_bundled_build_script_never_runs(tmp_path, gpu_package, monkeypatch):
     runner = PackageRunner(bad, host=A100_WITH_TENSORRT)
     runner.close()
     assert not marker.exists()
-    assert runner.backend == "onnxruntime-cpu"
+    assert runner.backend == "ort"
     assert any("no CUDA device" in note for note in runner.notes), runner.notes
     assert len(calls) == 1
     script = Path(library_build_engine.__file__).resolve()
@@ -266,7 +266,7 @@ def test_tampered_recipe_is_refused_before_anything_runs(tmp_path, gpu_package, 
     runner = PackageRunner(bad, host=A100_WITH_TENSORRT)
     runner.close()
     assert calls == []
-    assert runner.backend == "onnxruntime-cpu"
+    assert runner.backend == "ort"
     assert any("TensorRT engine unavailable" in n and "recipe" in n for n in runner.notes), runner.notes
     assert not list(tmp_path.rglob("evil.*"))
 
