@@ -73,7 +73,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -81,12 +81,13 @@ from typing import Any, Callable, Sequence
 import click
 import numpy as np
 
+from sparsecompile.backends import backend_names, get_backend
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.fileio import atomic_write
 from sparsecompile.progress import Progress
 
 SCHEMA = "sparsecompile-profile/1"
-BACKENDS = ("ort", "torch", "torch-cuda", "tensorrt")
+BACKENDS = backend_names()  # every registered backend can be profiled
 DEFAULT_BATCHES = (1, 8, 32)
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
@@ -418,17 +419,11 @@ class Variant:
         self.load_s = time.perf_counter() - start
 
     def prepare(self, arrays: list[np.ndarray]) -> Any:
-        prepare = getattr(self.runner, "prepare", None)
-        return prepare(arrays) if prepare else arrays
+        return self.runner.prepare(arrays)
 
     def time_once(self, prepared: Any) -> float:
         """One inference, in milliseconds."""
-        timed = getattr(self.runner, "timed_infer", None)
-        if timed is not None:
-            return timed(prepared)
-        start = time.perf_counter_ns()
-        self.runner.infer(prepared)
-        return (time.perf_counter_ns() - start) / 1e6
+        return self.runner.timed_infer(prepared)
 
     def pin_threads(self) -> None:
         """Make the process-wide torch thread count this variant's (ORT sessions carry their own)."""
@@ -452,7 +447,7 @@ class Variant:
         return {"runtime": self.runtime, "intra_op_num_threads": self.threads}
 
     def close(self) -> None:
-        if self.runner is not None and hasattr(self.runner, "close"):
+        if self.runner is not None:
             self.runner.close()
         self.runner = None
 
@@ -803,7 +798,7 @@ def torch_layer_profile(variant: Variant, arrays: list[np.ndarray], runs: int, *
                 return super().run_node(node)
 
     cuda = variant.device == "cuda"
-    tensors = runner.prepare(arrays) if hasattr(runner, "prepare") else tuple(torch.from_numpy(a) for a in arrays)
+    tensors = runner.prepare(arrays)
     interpreter = Labelled(module)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
@@ -865,8 +860,7 @@ class ProfileOptions:
 
 def check_backend_available(backend: str) -> None:
     """A one-line error naming what is missing; never imports tensorrt without a CUDA device."""
-    if backend not in BACKENDS:
-        raise SparseCompileError(f"unknown backend '{backend}'; valid backends: {', '.join(BACKENDS)}")
+    backend = get_backend(backend).name
     if backend == "ort":
         from sparsecompile.backends.onnxruntime_runner import import_onnxruntime
 
@@ -995,6 +989,7 @@ def profile(options: ProfileOptions, progress: Progress | None = None) -> dict:
         raise SparseCompileError(f"--compare '{compare}' is not supported; the only comparison is --compare dense")
     if options.dense is not None:
         compare = "dense"
+    options = replace(options, backend=get_backend(options.backend).name)  # an alias runs as its canonical name
     check_backend_available(options.backend)
     if options.plot:
         check_matplotlib()
@@ -1106,7 +1101,9 @@ def _check_batches(variants: list[Variant], batches: list[int] | None) -> list[i
 
 def _make_variants(options, target, is_build, manifest, report, dense_source, threads, scratch, progress):
     from sparsecompile.backends.onnxruntime_runner import OrtRunner
+    from sparsecompile.backends.torch_runner import TorchRunner
 
+    backend = get_backend(options.backend)
     variants = []
     layers_wanted = options.top > 0
 
@@ -1118,7 +1115,7 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
                                          workdir=scratch / "layers")
         return Variant(name=name, artifact=str(onnx_path), specs=specs,
                        loader=lambda: OrtRunner(onnx_path, threads=threads).load(), layer_profiler=profiler,
-                       threads=threads, runtime="onnxruntime")
+                       threads=threads, runtime=get_backend("ort").runtime)
 
     def export_dense(path: Path, manifest_specs):
         from sparsecompile.backends.onnx_export import export_onnx
@@ -1130,14 +1127,14 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
             info = export_onnx(loaded.module, loaded.example_inputs, onnx_path, loaded.input_names)
         return onnx_path, info, time.perf_counter() - start
 
-    cuda = options.backend == "torch-cuda"
-    if is_build and options.backend == "tensorrt":  # NOT RUN here: no GPU
+    cuda = backend.name == "torch-cuda"
+    if is_build and backend.name == "tensorrt":  # NOT RUN here: no GPU
         from sparsecompile.backends.tensorrt_runner import TensorRTRunner
 
         engine = _engine_file(target)
         return [Variant(name="sparse", artifact=str(engine), specs=manifest["inputs"],
-                        loader=lambda: TensorRTRunner(engine).load(), device="cuda", runtime="tensorrt")]
-    if is_build and options.backend in ("torch", "torch-cuda"):
+                        loader=lambda: TensorRTRunner(engine).load(), device=backend.device, runtime=backend.runtime)]
+    if is_build and backend.name in ("torch", "torch-cuda"):
         from sparsecompile.frontend import load_pt2
 
         sparse_weights = [r["weight"] for r in (report or {}).get("layers", []) if r.get("status") == "sparse"]
@@ -1150,14 +1147,14 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
 
                     return TorchCudaRunner(None, sparse_weights if sparse else (), random_inputs(specs, 8),
                                            module=module, sparse=sparse).load()
-                return _TorchCpuRunner(module)
+                return TorchRunner(module)  # not load(): it would set eval mode, and the module is used as loaded
 
             def profiler(variant, arrays, runs):
                 return torch_layer_profile(variant, arrays, runs, param_map=torch_layer_map(variant.runner.module))
 
-            return Variant(name=name, artifact=artifact, specs=specs, loader=load, device="cuda" if cuda else "cpu",
+            return Variant(name=name, artifact=artifact, specs=specs, loader=load, device=backend.device,
                            layer_profiler=profiler if layers_wanted else None, threads=threads,
-                           runtime=options.backend)
+                           runtime=backend.runtime)
 
         variants.append(torch_variant("sparse", str(target / "model.pt2"), manifest["inputs"],
                                       lambda: load_pt2(target / "model.pt2", trust_pickle=False).module(), True))
@@ -1186,7 +1183,7 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
     # A model file: the dense baseline.
     from sparsecompile.frontend import load_model
 
-    if options.backend == "ort":
+    if backend.name == "ort":
         onnx_path, info, seconds = export_dense(target, None)
         variant = ort_variant("dense", onnx_path, info["inputs"], layer_map_from_onnx(onnx_path))
         variant.prepare_s, variant.prepare_note = seconds, f"ONNX exported from {target}"
@@ -1201,42 +1198,17 @@ def _make_variants(options, target, is_build, manifest, report, dense_source, th
             from sparsecompile.backends.torch_cuda_runner import TorchCudaRunner
 
             return TorchCudaRunner(None, module=loaded.module, sparse=False).load()
-        return _TorchCpuRunner(loaded.module)
+        return TorchRunner(loaded.module)
 
     def torch_profiler(variant, arrays, runs):
         return torch_layer_profile(variant, arrays, runs, param_map=torch_layer_map(variant.runner.module))
 
     variant = Variant(name="dense", artifact=str(target), specs=[], loader=load_torch,
-                      layer_profiler=torch_profiler if layers_wanted else None, device="cuda" if cuda else "cpu",
-                      threads=threads, runtime=options.backend)
+                      layer_profiler=torch_profiler if layers_wanted else None, device=backend.device,
+                      threads=threads, runtime=backend.runtime)
     # Loading is part of what is measured (load time and memory), so specs are filled in after loading.
     variant.extra["holder"] = holder
     return [variant]
-
-
-class _TorchCpuRunner:
-    """Eager torch on the CPU, with inputs converted to tensors outside the timed call.
-
-    Like ``TorchRunner``, but ``prepare`` keeps the NumPy-to-tensor copy out
-    of the timed region, as ONNX Runtime's binding of NumPy arrays is cheap.
-    """
-
-    def __init__(self, module):
-        self.module = module
-
-    def prepare(self, arrays):
-        import torch
-
-        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
-
-    def infer(self, tensors):
-        import torch
-
-        with torch.no_grad():
-            return self.module(*tensors)
-
-    def close(self):
-        self.module = None
 
 
 def _prime_runtimes(variants: list[Variant], threads: int, scratch: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from sparsecompile.backends.base import Runner
 from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.profile import (
@@ -128,9 +129,12 @@ def test_inputs_follow_specs_and_fixed_batches_are_refused():
         check_batch(static, 8, "the build")
 
 
-class _Recorder:
+class _Recorder(Runner):
     def __init__(self, name, log):
         self.name, self.log = name, log
+
+    def load(self):
+        return self
 
     def infer(self, inputs):
         self.log.append(self.name)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from sparsecompile.backends.base import Runner
 from sparsecompile.profile import Variant, interleaving_design, measure_interleaved, predecessor_counts
 
 
@@ -26,14 +27,20 @@ class _FakeClock:
     def runner(self, name):
         clock = self
 
-        class Runner:
+        class FakeRunner(Runner):
+            def load(self):
+                return self
+
+            def infer(self, _inputs):
+                raise AssertionError("the profiler times runs through timed_infer")
+
             def timed_infer(self, _prepared):
                 ms = clock.base[name] + (clock.penalty(clock.last, name) if clock.last is not None else 0.0)
                 clock.last = name
                 clock.log.append(name)
                 return ms
 
-        return Runner()
+        return FakeRunner()
 
 
 def _variants(clock: _FakeClock) -> list[Variant]:
@@ -162,16 +169,19 @@ def test_warm_up_runs_each_variant_in_a_row_ending_with_the_first_timed_variant(
 def test_torch_threads_are_set_per_variant_and_reported():
     seen: list[tuple[str, int]] = []
 
-    class Runner:
+    class ThreadRecorder(Runner):
         def __init__(self, name):
             self.name = name
+
+        def load(self):
+            return self
 
         def infer(self, _inputs):
             seen.append((self.name, torch.get_num_threads()))
 
     before = torch.get_num_threads()
-    one = Variant(name="one", artifact="", specs=[], loader=lambda: Runner("one"), threads=1, runtime="torch")
-    two = Variant(name="two", artifact="", specs=[], loader=lambda: Runner("two"), threads=2, runtime="torch")
+    one = Variant(name="one", artifact="", specs=[], loader=lambda: ThreadRecorder("one"), threads=1, runtime="torch")
+    two = Variant(name="two", artifact="", specs=[], loader=lambda: ThreadRecorder("two"), threads=2, runtime="torch")
     for variant in (one, two):
         variant.load()
     try:
@@ -183,7 +193,7 @@ def test_torch_threads_are_set_per_variant_and_reported():
                                        "inter_op_num_threads": torch.get_num_interop_threads()}
     finally:
         torch.set_num_threads(before)
-    ort = Variant(name="ort", artifact="", specs=[], loader=lambda: Runner("ort"), threads=3, runtime="onnxruntime")
+    ort = Variant(name="ort", artifact="", specs=[], loader=lambda: ThreadRecorder("ort"), threads=3, runtime="onnxruntime")
     assert ort.thread_report() == {"runtime": "onnxruntime", "intra_op_num_threads": 3, "inter_op_num_threads": 1,
                                    "spinning": False}
     assert Variant(name="fake", artifact="", specs=[], loader=dict).thread_report()["intra_op_num_threads"] is None
