@@ -18,6 +18,7 @@ from sparsecompile import __version__
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.masks import MASK_METHODS
 from sparsecompile.package.edges import EDGE_TARGETS as EDGE_NAMES
+from sparsecompile.runtime import RUN_BACKENDS
 from sparsecompile.targets import TARGETS
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -326,7 +327,7 @@ def inspect(target, as_json, spectra, plot, no_verify, verify_key):
 @click.option("--threads", type=click.IntRange(min=1), help="ONNX Runtime intra-op threads.")
 @click.option("--allow-other-target", is_flag=True,
               help="Run a package on a machine it was not packaged for (CPU fallback).")
-@click.option("--backend", type=click.Choice(["ort", "torch-cuda"]), default="ort", show_default=True,
+@click.option("--backend", type=click.Choice(list(RUN_BACKENDS)), default="ort", show_default=True,
               help="For a build: ONNX Runtime on the CPU, or torch on a GPU with 2:4 semi-structured sparse weights.")
 @click.option("--no-verify", is_flag=True,
               help="Skip checking the build's files against the SHA-256 hashes in its manifest.")
