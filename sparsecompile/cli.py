@@ -223,12 +223,7 @@ def _pattern(text: str) -> tuple[int, int]:
               help="torch intra-op threads for the whole build (default: torch's own, one per core). On a shared "
                    "machine fewer threads than cores is often much faster; the report records the count.")
 @click.pass_context
-def build(ctx, model, output, target, calib, preprocess, calib_samples, input_shapes, model_factory, weights, trust_pickle,
-          method, correct, sequential, update_weights, pattern, exclude, save_masks, masks_file, max_steps, time_budget,
-          objective, labels, checkpoint, resume, learn_options, certify_, spectra, max_drop,
-          max_error, on_damage, output_kind, auto_time_cap, budget_signal,
-          min_weights, lower_conv, permute, permute_effort,
-          permute_budget, sparsify, batch, precision, engine, sparse_only_if_faster, weights_dtype, force, seed, threads, int8_calibration):
+def build(ctx, **params):
     """Compile MODEL (.pt2, TorchScript, or a pickled module with --trust-pickle) to OUTPUT.
 
     Writes model.onnx (sparse weights, dense layout), weights.safetensors
@@ -242,20 +237,17 @@ def build(ctx, model, output, target, calib, preprocess, calib_samples, input_sh
     from sparsecompile.progress import Progress
     from sparsecompile.report import summary_lines
 
-    options = BuildOptions(
-        model=model, output=output, target=target, model_factory=model_factory, weights=weights,
-        trust_pickle=trust_pickle, calib=calib, preprocess=preprocess, calib_samples=calib_samples,
-        input_shapes=[parse_input_shape(s) for s in input_shapes], method=method, correct=correct,
-        sequential=sequential, update_weights=update_weights, pattern=_pattern(pattern),
-        exclude=list(exclude), min_weights=min_weights, lower_conv=lower_conv, permute=permute,
-        permute_budget=permute_budget, permute_effort=permute_effort, sparsify=sparsify, weights_dtype=weights_dtype, force=force, seed=seed, threads=threads,
-        batch=parse_batch(batch) if batch else None, sparse_only_if_faster=sparse_only_if_faster,
-        precision=precision, int8_calibration=int8_calibration, engine=engine, max_drop=max_drop, max_error=max_error, on_damage=on_damage,
-        output_kind=output_kind, auto_time_cap=auto_time_cap, budget_signal=budget_signal,
-        save_masks=save_masks, masks=masks_file, certify=certify_, spectra=spectra,
-        max_steps=max_steps, time_budget=time_budget, objective=objective, labels=labels, checkpoint=checkpoint,
-        resume=resume, learn_options=_key_values(learn_options, "--learn-option"),
-    )
+    # Each click option's parameter is the BuildOptions field of the same name; these few are renamed or parsed.
+    renamed = {"masks_file": "masks", "certify_": "certify"}
+    parsed = {
+        "input_shapes": lambda shapes: [parse_input_shape(s) for s in shapes],
+        "pattern": _pattern,
+        "exclude": list,
+        "batch": lambda batch: parse_batch(batch) if batch else None,
+        "learn_options": lambda pairs: _key_values(pairs, "--learn-option"),
+    }
+    options = BuildOptions(**{renamed.get(name, name): parsed[name](value) if name in parsed else value
+                              for name, value in params.items()})
     from sparsecompile.build import SecondaryRank
 
     try:
