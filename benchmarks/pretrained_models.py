@@ -32,7 +32,9 @@ what the method does with every eligible layer sparse), and the build default (`
 build MODEL --calib C -o OUT``: no --method, no --correct, no --max-drop), and ``int8``: the build
 default plus ``--precision int8`` (issue 20), scored with the build's ``model.int8.onnx`` (the Q/DQ
 model, int8 symmetric activations for TensorRT, run here in ONNX Runtime); the same build's fp32
-``model.onnx`` is scored too, to split sparsity from quantization. Builds run through the
+``model.onnx`` is scored too, to split sparsity from quantization; ``gumbel``: ``--method gumbel
+--correct bias --max-drop none`` (learned masks, every eligible layer sparse; slow on a CPU, run it
+per model with ``--rows gumbel``). Builds run through the
 CLI in a subprocess with ``OMP_NUM_THREADS=--threads``; each ``model.onnx`` is scored with ONNX
 Runtime. Build records are cached in ``benchmarks/.cache/pretrained_models/results`` keyed by the
 model, the data, the flags and a hash of the ``sparsecompile/`` sources (``--fresh`` ignores it).
@@ -239,6 +241,7 @@ MODELS: dict[str, Model] = {m.name: m for m in [
 
 SEED_CALIB, SEED_EVAL = 0, 1
 INT8 = "int8"  # the row "default build + --precision int8", scored with model.int8.onnx
+GUMBEL_MAX_STEPS: int | None = None  # --gumbel-max-steps (None: the CLI's default)
 
 
 def row_label(method, correct, sep="+") -> str:
@@ -248,7 +251,7 @@ def row_label(method, correct, sep="+") -> str:
 
 # The build default second: it matters most and may be slow (--method auto builds several candidates).
 ROWS_FULL = [("magnitude", "bias"), (None, None), ("hessian", "bias"), ("magnitude", "none"), ("hessian", "none"),
-             ("activation", "bias"), ("activation", "none"), (INT8, None)]
+             ("activation", "bias"), ("activation", "none"), (INT8, None), ("gumbel", "bias")]
 ROWS_QUICK = [("magnitude", "bias"), ("hessian", "bias"), (None, None)]
 
 
@@ -350,6 +353,8 @@ def build_and_score(model: Model, pt2: Path, calib: Path, method, correct, guard
         flags += ["--method", method, "--correct", correct]
         if not guard_methods:
             flags += ["--max-drop", "none"]
+        if method == "gumbel" and GUMBEL_MAX_STEPS is not None:
+            flags += ["--max-steps", str(GUMBEL_MAX_STEPS)]
     key = {"v": RESULT_VERSION, "model": file_hash(pt2), "calib": file_hash(calib),
            "eval": hashlib.sha256(x_eval.tobytes()).hexdigest()[:16], "flags": flags, "src": SOURCE_HASH}
     record = {"model": model.name, "method": method, "correct": correct, "flags": flags, "key": key}
@@ -613,7 +618,8 @@ DATA_NOTES = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", choices=list(MODELS), help="run only these (repeatable)")
-    parser.add_argument("--rows", nargs="+", choices=["magnitude", "activation", "hessian", "default", INT8],
+    parser.add_argument("--gumbel-max-steps", type=int, help="--max-steps of the gumbel row (default: the CLI's)")
+    parser.add_argument("--rows", nargs="+", choices=["magnitude", "activation", "hessian", "default", INT8, "gumbel"],
                         help="only these rows (int8: the default build with --precision int8, scored with its "
                              "model.int8.onnx)")
     parser.add_argument("--quick", action="store_true",
@@ -627,6 +633,8 @@ def main(argv=None) -> int:
                         help="build nothing: rows without a cached result are reported as not run")
     parser.add_argument("--output", default=None, help="Markdown file (default results/pretrained_models[-quick].md)")
     args = parser.parse_args(argv)
+    global GUMBEL_MAX_STEPS
+    GUMBEL_MAX_STEPS = args.gumbel_max_steps
     import torch
 
     torch.set_num_threads(args.threads)
