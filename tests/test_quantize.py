@@ -8,6 +8,8 @@ the three reduction axes (Conv: 1, Gemm transB=1: 1, MatMul B [K, N]: 0).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -18,6 +20,7 @@ from onnx import numpy_helper
 
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.quantize import (
+    calibrate,
     check_qdq_sparsity,
     holdout_feeds,
     keep_float,
@@ -289,3 +292,41 @@ def test_u8_activations_for_the_cpu_keep_int8_symmetric_weights(tmp_path):
                               polygraphy=False)["passed"]
     with pytest.raises(SparseCompileError, match="valid: s8, u8"):
         quantize_onnx(fp32, tmp_path / "x.onnx", fit, activations="fp8")
+
+
+@pytest.mark.parametrize("calibration", ["percentile", "entropy", "minmax"])
+def test_a_calibration_set_over_the_memory_budget_goes_in_several_passes(tmp_path, monkeypatch, calibration):
+    # ORT's calibrators hold every calibrated activation of what they are given (197 MB per sample on the
+    # PP-OCRv4 recognizer: an INT8 build of it was killed for memory). With a tiny budget the samples go in
+    # several collect_data passes, whose ranges / histograms ORT merges.
+    import sparsecompile.quantize as quantize
+
+    fp32 = make_cnn(tmp_path / "cnn.onnx")
+    x = np.random.default_rng(4).normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
+    batches = [{"x": x[i:i + 32]} for i in range(0, 64, 32)]
+    whole = calibrate(fp32, batches, calibration)
+    calls = []
+    original = quantize._collect_in_chunks
+
+    def counting(calibrator, batches, dynamic, reader_class):
+        collect = calibrator.collect_data
+        calibrator.collect_data = lambda reader: (calls.append(1), collect(reader))
+        return original(calibrator, batches, dynamic, reader_class)
+
+    monkeypatch.setattr(quantize, "_collect_in_chunks", counting)
+    monkeypatch.setattr(quantize, "CALIBRATION_MEMORY_BYTES", 8 * 4 * 8 * 8 * 4 * 6)  # a few samples' activations
+    chunked = calibrate(fp32, batches, calibration)
+    # minmax's augmented model outputs only each tensor's per-batch min and max: it fits in one pass
+    assert (len(calls) == 1 if calibration == "minmax" else len(calls) > 2) and chunked.samples == 64
+    def highest(calibration_result):  # ORT's calibration cache: {"data": {tensor: {"highest": ...}}}
+        data = json.loads(calibration_result.ranges_json)["data"]
+        return {k: np.asarray(v["highest"]["data"] if isinstance(v["highest"], dict) else v["highest"], np.float64)
+                for k, v in data.items()}
+
+    ranges, chunked_ranges = highest(whole), highest(chunked)
+    assert ranges.keys() == chunked_ranges.keys()
+    for name, high in ranges.items():
+        if calibration == "minmax":  # ranges merge exactly
+            assert np.array_equal(high, chunked_ranges[name]), name
+        else:  # merged histograms: the same threshold up to the re-binning
+            assert np.allclose(high, chunked_ranges[name], rtol=0.1), (name, high, chunked_ranges[name])
