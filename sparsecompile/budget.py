@@ -37,7 +37,9 @@ ranking whose refitted model is within budget. Each trial costs one correction p
 fitting samples plus one pass on the held-back ones, about ``log2(layers)`` trials in all.
 The cheap one-at-a-time walk runs as well (on a small CNN it kept layers sparse where every
 bisection prefix was over budget), and the result that keeps more of the benefit (time saved
-or MACs) sparse is used; the other is recorded as ``alternative``.
+or MACs) sparse is used; the other is recorded as ``alternative``. Bisection runs first, and the walk stops
+as soon as it keeps less of the benefit sparse than bisection's within-budget result: it only ever restores
+layers, so it could not win from there (``alternative.stopped`` says so).
 The score need not fall monotonically along the ranking; every trial is recorded
 (``trials``), so a non-monotone step is visible, and the result is always a measured model.
 """
@@ -102,6 +104,7 @@ class BudgetResult:
     graph: object = None  # bisection: the refitted model that replaces the sparse one (None: changed in place)
     refit_outcome: object = None  # bisection: the refit's sparsify result (its corrections replace the old ones)
     alternative: dict | None = None  # with correction: the other search's outcome (the one not chosen)
+    stopped: str | None = None  # why the search ended short of the budget (the walk, once it cannot win)
 
     @property
     def met(self) -> bool:
@@ -113,6 +116,7 @@ class BudgetResult:
                 "initial": self.initial.to_json(), "final": self.final.to_json(),
                 "reverted": self.reverted, "kept_sparse_after_trial": self.skipped, "signal": self.signal,
                 "search": self.search, "trials": self.trials, "alternative": self.alternative,
+                **({"stopped": self.stopped} if self.stopped else {}),
                 "sensitivity": {k: (round(v, 4) if math.isfinite(v) else None) for k, v in self.sensitivity.items()}}
 
 
@@ -197,11 +201,17 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
     bisection_reasons = {layer.name: layer.reason for layer in order}
     for layer in order:
         layer.reason = reasons[layer.name]
-    greedy = _greedy(_fresh(result), order, masks, sparse_gm, dense_gm, assess, check_batches, check_dense, damage,
-                     reason, signal, progress)
 
     def kept(chosen_masks) -> float:
         return sum(gain(layer) for layer in order if layer.weight_target in chosen_masks)
+
+    # The walk only ever restores layers, so once it keeps less than bisection's within-budget result it cannot
+    # win (ties go to the walk): it stops there instead of spending more passes.
+    floor = kept(bisection_masks) if bisection.graph is not None else None
+    greedy = _greedy(_fresh(result), order, masks, sparse_gm, dense_gm, assess, check_batches, check_dense, damage,
+                     reason, signal, progress,
+                     below=None if floor is None else (
+                         lambda restoring=None: kept(masks) - (gain(restoring) if restoring is not None else 0.0) < floor))
 
     if bisection.graph is not None and kept(bisection_masks) > kept(masks):
         chosen, other = bisection, greedy
@@ -214,6 +224,7 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         chosen, other = greedy, bisection
         other_sparse = sum(layer.weight_target in bisection_masks for layer in order)
     chosen.alternative = {"search": other.search, "sparse_layers": other_sparse,
+                          **({"stopped": other.stopped} if other.stopped else {}),
                           "final_score": round(other.final.score, 4) if math.isfinite(other.final.score) else None,
                           "trials": other.trials}
     return chosen
@@ -226,11 +237,18 @@ def _fresh(result: BudgetResult) -> BudgetResult:
 
 
 def _greedy(result: BudgetResult, order: list, masks: dict, sparse_gm, dense_gm, assess, check_batches, check_dense,
-            damage: Damage, reason: str, signal: str, progress) -> BudgetResult:
-    """Restore ``order`` one layer at a time in ``sparse_gm`` (see the module docstring)."""
+            damage: Damage, reason: str, signal: str, progress,
+            below: Callable[..., bool] | None = None) -> BudgetResult:
+    """Restore ``order`` one layer at a time in ``sparse_gm`` (see the module docstring). ``below(layer=None)``:
+    whether what stays sparse (less ``layer``, if given) can no longer beat the other search; the walk then
+    stops where it is (``result.stopped`` says so)."""
+    stop = "the walk already kept less of the benefit sparse than bisection's within-budget result"
     previous = damage.score
     kept_sparse = []
     for rank, layer in enumerate(order, start=1):
+        if below is not None and not damage.within and below():
+            result.stopped, result.final = stop, damage
+            return result
         names = layer_params(sparse_gm, layer)
         sparse_values = {p: get_tensor(sparse_gm, p).clone() for p in names}
         for p in names:
@@ -259,7 +277,9 @@ def _greedy(result: BudgetResult, order: list, masks: dict, sparse_gm, dense_gm,
             progress.detail(f"{reason}: {layer.name} back to dense, score now {damage.score:.3f}")
         if damage.within:
             break
-    if not damage.within and kept_sparse:
+    if not damage.within and kept_sparse and below is not None and below(kept_sparse[0]):
+        result.stopped = stop  # the fallback restores at least the first of them: it cannot win either
+    elif not damage.within and kept_sparse:
         # No single further reversion helped: the smallest prefix of the rest (in rank order) that restored
         # together is within budget, by bisection (all of them restored is the dense model: within).
         def restore(count: int) -> None:

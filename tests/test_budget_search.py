@@ -145,3 +145,61 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
     tried = {t["dense_layers"]: t["within"] for t in result.trials}
     assert tried[3] is True and tried[2] is False  # the smallest within-budget prefix, and the one below it fails
     assert len(refits) <= 3  # bisection over 8: log2(8) trials
+
+
+def test_the_walk_stops_once_it_keeps_less_than_bisection():
+    # As above, but restoring in place costs only 0.3 points, so the walk's restorations each help a little:
+    # l0, l1, l2 leave it at 1.3 (over budget) with 5 layers sparse, l3 at 1.2 with 4: fewer than bisection's
+    # 5 within budget. From there it could only lose, so it stops instead of restoring l4 and l5 (two passes).
+    count = 8
+    dense, sparse, layers, masks = _setup(count)
+
+    def refit(dense_names):
+        graph = torch.fx.symbolic_trace(Chain(count))
+        graph.load_state_dict(dense.state_dict())
+        for layer in layers:
+            if layer.name not in dense_names:
+                with torch.no_grad():
+                    graph.get_parameter(layer.weight_target).mul_(masks[layer.weight_target])
+        return graph, "outcome"
+
+    ranking = [f"l{i}" for i in range(count)]
+    check_marker = [torch.zeros(1)]
+    state = {"graph": None}
+    walk_checks = []
+
+    def assess(dense_out, out):
+        if dense_out is not check_marker:
+            sparse_now = _sparse_set(dense, dense_reference, count)
+            return _damage(10.0 - ranking.index(f"l{next(iter(sparse_now))}") if sparse_now else 0.0)
+        graph = state["graph"]
+        sparse_now = _sparse_set(graph, dense, count)
+        points = 0.5 + sum(1.0 if i < 3 else 0.1 for i in sparse_now)
+        if graph is sparse and 0 < count - len(sparse_now) < count:
+            walk_checks.append(len(sparse_now))
+            points += 0.3
+        return _damage(points)
+
+    dense_reference = torch.fx.symbolic_trace(Chain(count))
+    dense_reference.load_state_dict(dense.state_dict())
+
+    def track(graph):
+        graph.register_forward_pre_hook(lambda module, args: state.__setitem__("graph", module))
+        return graph
+
+    def tracked_refit(dense_names):
+        graph, outcome = refit(dense_names)
+        return track(graph), outcome
+
+    track(sparse)
+    track(dense)
+    result = enforce_budget(sparse, dense, layers, masks, assess=assess, check_batches=_batches,
+                            check_dense=check_marker, fit_batches=_batches,
+                            max_drop=1.0, max_error=10.0, refit=tracked_refit)
+    assert result.search == "bisection" and result.met
+    assert set(masks) == {f"layers.{i}.weight" for i in range(3, count)}
+    assert walk_checks == [7, 6, 5, 4]  # l0..l3 restored, each lowering the damage; l4 and l5 never tried
+    alternative = result.alternative
+    assert alternative["search"] == "greedy" and alternative["sparse_layers"] == 4
+    assert "kept less" in alternative["stopped"] and alternative["final_score"] == 1.2
+    assert result.to_json()["alternative"]["stopped"] == alternative["stopped"]
