@@ -87,10 +87,14 @@ def test_greedy_walk_falls_back_to_the_smallest_helping_prefix_when_single_resto
     assert [entry["layer"] for entry in result.skipped] == ["l3"]
 
 
-def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
-    count = 8
+def _planted_refit_search(count: int, in_place_penalty: float):
+    """enforce_budget with a refit on a chain of ``count`` layers: each of the 3 most sensitive layers costs 1
+    point, the rest 0.1 (within budget needs the 3 dense); a model restored in place, not refitted, costs
+    ``in_place_penalty`` more (the later corrections are off, as on real models). Returns (result, dense,
+    masks, refits, walk_checks): the refitted dense-layer sets, and the sparse-layer count of each in-place
+    check of the walk."""
     dense, sparse, layers, masks = _setup(count)
-    refits = []
+    refits, walk_checks = [], []
 
     def refit(dense_names):
         refits.append(set(dense_names))
@@ -100,7 +104,7 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
             if layer.name not in dense_names:
                 with torch.no_grad():
                     graph.get_parameter(layer.weight_target).mul_(masks[layer.weight_target])
-        return graph, "outcome"
+        return track(graph), "outcome"
 
     ranking = [f"l{i}" for i in range(count)]  # l0 most sensitive
     check_marker = [torch.zeros(1)]
@@ -112,10 +116,10 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
             return _damage(10.0 - ranking.index(f"l{next(iter(sparse_now))}") if sparse_now else 0.0)
         graph = state["graph"]
         sparse_now = _sparse_set(graph, dense, count)
-        # Each of the 3 most sensitive layers costs 1 point, the rest 0.1: within budget needs all 3 dense.
         points = 0.5 + sum(1.0 if i < 3 else 0.1 for i in sparse_now)
         if graph is sparse and 0 < count - len(sparse_now) < count:
-            points += 2.0  # restored in place, not refitted: the later corrections are off (as on real models)
+            walk_checks.append(len(sparse_now))
+            points += in_place_penalty
         return _damage(points)
 
     dense_reference = torch.fx.symbolic_trace(Chain(count))
@@ -125,20 +129,21 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
         graph.register_forward_pre_hook(lambda module, args: state.__setitem__("graph", module))
         return graph
 
-    def run_and_track(fn):
-        def wrapped(dense_names):
-            graph, outcome = fn(dense_names)
-            return track(graph), outcome
-        return wrapped
-
     track(sparse)
     track(dense)
     result = enforce_budget(sparse, dense, layers, masks, assess=assess, check_batches=_batches,
                             check_dense=check_marker, fit_batches=_batches,
-                            max_drop=1.0, max_error=10.0, refit=run_and_track(refit))
+                            max_drop=1.0, max_error=10.0, refit=refit)
+    return result, dense, masks, refits, walk_checks
+
+
+def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
+    count = 8
+    result, dense, masks, refits, _ = _planted_refit_search(count, in_place_penalty=2.0)
     # The in-place walk runs too but no restoration helps it, so it ends fully dense; bisection keeps 5 sparse.
     assert result.search == "bisection" and result.met
     assert result.alternative["search"] == "greedy" and result.alternative["sparse_layers"] == 0
+    assert "stopped" not in result.alternative
     assert [entry["layer"] for entry in result.reverted] == ["l0", "l1", "l2"]
     assert set(masks) == {f"layers.{i}.weight" for i in range(3, count)}
     assert _sparse_set(result.graph, dense, count) == frozenset(range(3, count))
@@ -148,54 +153,11 @@ def test_bisection_with_refit_finds_the_smallest_within_budget_prefix():
 
 
 def test_the_walk_stops_once_it_keeps_less_than_bisection():
-    # As above, but restoring in place costs only 0.3 points, so the walk's restorations each help a little:
-    # l0, l1, l2 leave it at 1.3 (over budget) with 5 layers sparse, l3 at 1.2 with 4: fewer than bisection's
-    # 5 within budget. From there it could only lose, so it stops instead of restoring l4 and l5 (two passes).
+    # Restoring in place costs only 0.3 points here, so the walk's restorations each help a little: l0, l1, l2
+    # leave it at 1.3 (over budget) with 5 layers sparse, l3 at 1.2 with 4: fewer than bisection's 5 within
+    # budget. From there it could only lose, so it stops instead of restoring l4 and l5 (two passes).
     count = 8
-    dense, sparse, layers, masks = _setup(count)
-
-    def refit(dense_names):
-        graph = torch.fx.symbolic_trace(Chain(count))
-        graph.load_state_dict(dense.state_dict())
-        for layer in layers:
-            if layer.name not in dense_names:
-                with torch.no_grad():
-                    graph.get_parameter(layer.weight_target).mul_(masks[layer.weight_target])
-        return graph, "outcome"
-
-    ranking = [f"l{i}" for i in range(count)]
-    check_marker = [torch.zeros(1)]
-    state = {"graph": None}
-    walk_checks = []
-
-    def assess(dense_out, out):
-        if dense_out is not check_marker:
-            sparse_now = _sparse_set(dense, dense_reference, count)
-            return _damage(10.0 - ranking.index(f"l{next(iter(sparse_now))}") if sparse_now else 0.0)
-        graph = state["graph"]
-        sparse_now = _sparse_set(graph, dense, count)
-        points = 0.5 + sum(1.0 if i < 3 else 0.1 for i in sparse_now)
-        if graph is sparse and 0 < count - len(sparse_now) < count:
-            walk_checks.append(len(sparse_now))
-            points += 0.3
-        return _damage(points)
-
-    dense_reference = torch.fx.symbolic_trace(Chain(count))
-    dense_reference.load_state_dict(dense.state_dict())
-
-    def track(graph):
-        graph.register_forward_pre_hook(lambda module, args: state.__setitem__("graph", module))
-        return graph
-
-    def tracked_refit(dense_names):
-        graph, outcome = refit(dense_names)
-        return track(graph), outcome
-
-    track(sparse)
-    track(dense)
-    result = enforce_budget(sparse, dense, layers, masks, assess=assess, check_batches=_batches,
-                            check_dense=check_marker, fit_batches=_batches,
-                            max_drop=1.0, max_error=10.0, refit=tracked_refit)
+    result, _, masks, _, walk_checks = _planted_refit_search(count, in_place_penalty=0.3)
     assert result.search == "bisection" and result.met
     assert set(masks) == {f"layers.{i}.weight" for i in range(3, count)}
     assert walk_checks == [7, 6, 5, 4]  # l0..l3 restored, each lowering the damage; l4 and l5 never tried
