@@ -491,7 +491,9 @@ def markdown(results: list[dict], args) -> str:
               "quantizes the sparse model: per-channel symmetric int8 weights, int8 activations with percentile ranges, "
               "badly quantizing layers kept float under the same accuracy budget) and is scored with its "
               "`model.int8.onnx` (in the summary, after the sparse-MAC share: the same build's fp32 `model.onnx` "
-              "on the same metric and the number of layers kept float). Each build's `model.onnx` is scored in ONNX Runtime; dense = the "
+              "on the same metric and the number of layers kept float); the **gumbel** row is a method row with "
+              "learned masks" + (f" and `--max-steps {GUMBEL_MAX_STEPS}`" if GUMBEL_MAX_STEPS is not None else
+                                 " (the CLI's default steps)") + ". Each build's `model.onnx` is scored in ONNX Runtime; dense = the "
               "wheel's own ONNX file in ONNX Runtime.",
               "- Sparse MACs = `summary.sparse_layer_macs / summary.gemm_macs` from the build's `report.json` "
               "(share of the conv/linear multiply-accumulates whose layer went 2:4; half of those are then skipped). "
