@@ -254,15 +254,17 @@ def holdout_feeds(arrays: dict[str, np.ndarray], seed: int = 0, batch_size: int 
     return feeds(fit), feeds(held)
 
 
-def _equal_batches(batches: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """The same samples in batches of one size: ORT's histogram calibrators (entropy, percentile) stack every
-    batch's activations with ``np.asarray`` and fail on a smaller last batch."""
+def _equal_batches(batches: list[dict[str, np.ndarray]], max_size: int | None = None) -> list[dict[str, np.ndarray]]:
+    """The same samples in batches of one size, at most the largest given (and at most ``max_size``): ORT's
+    histogram calibrators (entropy, percentile) stack every batch's activations with ``np.asarray`` and
+    fail on a smaller last batch."""
     sizes = {len(next(iter(b.values()))) for b in batches}
-    if len(sizes) <= 1:
+    limit = max(sizes) if max_size is None else min(max(sizes), max_size)
+    if len(sizes) <= 1 and max(sizes) <= limit:
         return batches
     joined = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
     total = len(next(iter(joined.values())))
-    size = next(s for s in range(max(sizes), 0, -1) if total % s == 0)
+    size = next(s for s in range(limit, 0, -1) if total % s == 0)
     return [{name: a[i:i + size] for name, a in joined.items()} for i in range(0, total, size)]
 
 
@@ -275,8 +277,8 @@ def _dynamic_batch(model) -> bool:
     return True
 
 
-def _collect_in_chunks(calibrator, batches: list[dict[str, np.ndarray]], dynamic: bool, reader_class) -> int:
-    """Feed ``batches`` to ORT's ``calibrator`` a few at a time; returns the samples per ``collect_data`` call.
+def _collect_in_chunks(calibrator, batches: list[dict[str, np.ndarray]], dynamic: bool, reader_class) -> None:
+    """Feed ``batches`` (of one size) to ORT's ``calibrator`` a few at a time.
 
     Its calibrators keep every calibrated activation of every batch they are given in memory before
     reducing them (a histogram, or a range): 197 MB per sample on the PP-OCRv4 recognizer, so a
@@ -289,20 +291,15 @@ def _collect_in_chunks(calibrator, batches: list[dict[str, np.ndarray]], dynamic
     session = calibrator.infer_session
     names = [output.name for output in session.get_outputs()]
     wanted = getattr(calibrator, "tensors_to_calibrate", None) or set(names)
-    first = batches[0]
-    per_batch = sum(value.nbytes for name, value in zip(names, session.run(None, first)) if name in wanted)
-    per_sample = max(1, per_batch // max(_sample_count([first]), 1))
-    per_call = max(1, CALIBRATION_MEMORY_BYTES // per_sample)
-    size = _sample_count([first])
+    size = _sample_count(batches[:1])
+    per_batch = sum(value.nbytes for name, value in zip(names, session.run(None, batches[0])) if name in wanted)
+    per_call = max(1, CALIBRATION_MEMORY_BYTES // max(1, per_batch // max(size, 1)))
     if dynamic and size > per_call:
-        joined = {name: np.concatenate([b[name] for b in batches]) for name in first}
-        total = len(next(iter(joined.values())))
-        size = next(s for s in range(per_call, 0, -1) if total % s == 0)  # equal batches (see _equal_batches)
-        batches = [{name: a[i:i + size] for name, a in joined.items()} for i in range(0, total, size)]
+        batches = _equal_batches(batches, per_call)
+        size = _sample_count(batches[:1])
     per_chunk = max(1, per_call // size)
     for start in range(0, len(batches), per_chunk):
         calibrator.collect_data(reader_class(batches[start:start + per_chunk]))
-    return per_chunk * size
 
 
 def _sample_count(batches) -> int:
