@@ -270,6 +270,13 @@ def layer_output_probe(gm: torch.nn.Module, layers: Sequence, correct: bool = Fa
     return torch.fx.GraphModule(gm, graph)
 
 
+def _sample_cache(values: Sequence[torch.Tensor], samples: int, limit: int) -> list[torch.Tensor] | None:
+    """Zeroed ``[samples, ...]`` tensors shaped like ``values`` (one chunk's), or None above ``limit`` bytes."""
+    if sum(v[:1].numel() * v.element_size() for v in values) * samples > limit:
+        return None
+    return [v.new_zeros((samples,) + tuple(v.shape[1:])) for v in values]
+
+
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Kept entries bit for bit, dropped entries +0.0 (what ``apply_masks`` writes)."""
     return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
@@ -439,8 +446,6 @@ class MaskTrainer:
         # of the module's own tensors, and never writes them.
         self._frozen = {name: t.detach() for name, t in
                         list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))}
-        self._split()
-        self._prepare_teacher()
         self.correction = (InLoopCorrection(gm, learner.layers, self.config.correct, folded_batchnorm, self.device)
                            if self.config.correct != "none" else None)
         self._probe = (layer_output_probe(gm, learner.layers, correct=self.correction is not None)
@@ -449,7 +454,8 @@ class MaskTrainer:
         self._probe_names = ({name for name, _ in self._probe.named_parameters(remove_duplicate=False)}
                              | {name for name, _ in self._probe.named_buffers(remove_duplicate=False)}
                              if self._probe is not None else set())
-        self._feature_cache = self._prepare_features()
+        self._split()
+        self._prepare_teacher()
         params = learner.trainable()
         self._param_names = list(params)
         tensors = [params[name] for name in self._param_names]
@@ -562,10 +568,15 @@ class MaskTrainer:
 
     @torch.no_grad()
     def _prepare_teacher(self) -> None:
-        """One dense pass over the samples in use: the objectives, the MSE scales, and (if small) the outputs."""
+        """One dense pass over the samples in use: the objectives, the MSE scales, and (if small) the outputs.
+
+        With a probe the same pass also gives the dense layer outputs. They do not change during training,
+        so when they fit in ``FEATURE_CACHE_BYTES`` (and the outputs are cached too) they are kept, and no step
+        runs the dense model again (a quarter to a third of a step's work).
+        """
         used = [self.train_index] + ([self.eval_index] if self.held_out else [])
         cache: list[torch.Tensor] | None = None
-        total_bytes = 0
+        feature_cache: list[torch.Tensor] | None = None
         sums: list[float] = []
         counts: list[int] = []
         lows: list[float] = []
@@ -573,25 +584,25 @@ class MaskTrainer:
         shapes: list[tuple[int, ...]] = []
         for part in used:
             for index in self._eval_chunks(part):
-                outs = self._forward({}, self._select(index))
+                inputs = self._select(index)
+                outs, features = self._run_probe({}, inputs) if self._probe is not None else (self._forward({}, inputs), [])
                 if not shapes:
                     if not outs:
                         raise SparseCompileError("the model returned no tensor outputs")
                     shapes = [tuple(o.shape) for o in outs]
                     sums, counts = [0.0] * len(outs), [0] * len(outs)
                     lows, highs = [math.inf] * len(outs), [-math.inf] * len(outs)
-                    per_sample = sum(o[:1].numel() * o.element_size() for o in outs)
-                    if per_sample * self.num_samples <= TEACHER_CACHE_BYTES:
-                        cache = [o.new_zeros((self.num_samples,) + tuple(o.shape[1:])) for o in outs]
+                    cache = _sample_cache(outs, self.num_samples, TEACHER_CACHE_BYTES)
+                    if cache is not None and features:
+                        feature_cache = _sample_cache(features, self.num_samples, FEATURE_CACHE_BYTES)
                 for i, out in enumerate(outs):
                     sums[i] += float(out.double().pow(2).sum())
                     counts[i] += out.numel()
                     if out.is_floating_point() and out.numel():
                         lows[i], highs[i] = min(lows[i], float(out.min())), max(highs[i], float(out.max()))
-                    if cache is not None:
-                        cache[i][index.to(out.device)] = out
-                    total_bytes += out.numel() * out.element_size()
-        self._teacher_cache = cache
+                for stored, value in zip((cache or []) + (feature_cache or []), outs + features):
+                    stored[index.to(value.device)] = value
+        self._teacher_cache, self._feature_cache = cache, feature_cache
         self._mse_scale = [max(total / max(c, 1), 1e-12) for total, c in zip(sums, counts)]
         kinds = []
         for i, shape in enumerate(shapes):
@@ -614,30 +625,6 @@ class MaskTrainer:
         if kinds[0] == "ce" and not (len(shapes[0]) == 2 and shapes[0][1] > 1):
             raise SparseCompileError("objective 'ce' needs 2-D logits as the first output")
         self.objective_kinds = kinds
-
-    @torch.no_grad()
-    def _prepare_features(self) -> list[torch.Tensor] | None:
-        """The dense layer outputs of every sample in use, if they (and the teacher outputs) fit in memory.
-
-        They do not change during training, so one dense pass over the calibration set replaces the dense
-        pass of every step (a quarter to a third of a step's work). Filled chunk by chunk in the evaluation
-        batch size; None when there is no probe, no teacher cache, or they would exceed
-        ``FEATURE_CACHE_BYTES``.
-        """
-        if self._probe is None or self._teacher_cache is None:
-            return None
-        cache: list[torch.Tensor] | None = None
-        for part in [self.train_index] + ([self.eval_index] if self.held_out else []):
-            for index in self._eval_chunks(part):
-                _, features = self._run_probe({}, self._select(index))
-                if cache is None:
-                    per_sample = sum(f[:1].numel() * f.element_size() for f in features)
-                    if per_sample * self.num_samples > FEATURE_CACHE_BYTES:
-                        return None
-                    cache = [f.new_zeros((self.num_samples,) + tuple(f.shape[1:])) for f in features]
-                for stored, feature in zip(cache, features):
-                    stored[index.to(feature.device)] = feature
-        return cache
 
     def _float_output(self, i: int) -> bool:
         return self._teacher_cache is None or self._teacher_cache[i].is_floating_point()
