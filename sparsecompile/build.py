@@ -442,9 +442,10 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         lower_manager = PassManager(lowering, on_pass=on_pass)
         gm = lower_manager.run(gm, context)
         manager.records.extend(lower_manager.records)
-    def check_normalization(outputs):
-        """Fail (internal error) when normalization changed the model's function; returns the comparison."""
-        compared = compare_outputs(reference_outputs, outputs)
+    def check_normalization(outputs, compared=None):
+        """Fail (internal error) when normalization changed the model's function; returns the comparison
+        (``compared``: already made for ``outputs``)."""
+        compared = compare_outputs(reference_outputs, outputs) if compared is None else compared
         worst_error = max((o["relative_error"] for o in compared), default=0.0)
         if worst_error > NORMALIZATION_TOLERANCE:
             raise SparseCompileError(
@@ -473,9 +474,8 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
             gm = PassManager(_lowering_passes(options, target.reduction_alignment)).run(gm, context)
         dense_outputs = run_batches(gm, batches(calib))
         normalization = compare_outputs(reference_outputs, dense_outputs)
-        worst = max((o["relative_error"] for o in normalization), default=0.0)
     if dense_outputs is not None:
-        check_normalization(dense_outputs)
+        check_normalization(dense_outputs, normalization)
     unpermuted = None
     if permute_pass is not None:  # folded BN parameters are per output channel: reorder them too
         for weight_target, index in permute_pass.output_orders.items():
