@@ -122,6 +122,7 @@ def test_run_resolves_backends_through_the_registry(tmp_path, extra_alias):
 def test_profile_resolves_backends_through_the_registry(extra_alias, monkeypatch):
     from sparsecompile import profile
     from sparsecompile.profile import ProfileOptions, check_backend_available
+    from sparsecompile.profile import run as profile_run  # where profile() looks these names up
 
     check_backend_available(extra_alias)
     with pytest.raises(SparseCompileError, match="valid backends: ort, torch, torch-cuda, tensorrt"):
@@ -132,8 +133,8 @@ def test_profile_resolves_backends_through_the_registry(extra_alias, monkeypatch
         seen["backend"] = options.backend
         raise SparseCompileError("stop here")
 
-    monkeypatch.setattr(profile, "_make_variants", stop)
-    monkeypatch.setattr(profile, "default_threads", lambda: 1)
+    monkeypatch.setattr(profile_run, "_make_variants", stop)
+    monkeypatch.setattr(profile_run, "default_threads", lambda: 1)
     with pytest.raises(SparseCompileError, match="stop here"):
         profile.profile(ProfileOptions(target=__file__, backend=extra_alias))
     assert seen["backend"] == "ort"  # the canonical name from there on (and in profile.json)
