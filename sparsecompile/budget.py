@@ -74,7 +74,7 @@ def layer_params(gm, layer) -> list[str]:
     return names
 
 
-def _has_tensor(gm, name: str) -> bool:
+def has_tensor(gm, name: str) -> bool:
     try:
         get_tensor(gm, name)
     except (AttributeError, KeyError):
@@ -84,7 +84,7 @@ def _has_tensor(gm, name: str) -> bool:
 
 def dense_value(dense_gm, sparse_gm, name: str) -> torch.Tensor:
     """``name``'s dense value; zeros for a bias that statistics correction added to a layer that had none."""
-    if _has_tensor(dense_gm, name):
+    if has_tensor(dense_gm, name):
         return get_tensor(dense_gm, name).clone()
     return torch.zeros_like(get_tensor(sparse_gm, name))
 
@@ -166,7 +166,7 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         for layer in items:
             # A bias that statistics correction added to a bias-less layer has no slot in the dense graph:
             # the layer alone is then judged with its sparse weight and no bias (the dense layer's zero bias).
-            own = {p: value for p, value in sparse_values[layer.name].items() if _has_tensor(dense_gm, p)}
+            own = {p: value for p, value in sparse_values[layer.name].items() if has_tensor(dense_gm, p)}
             dense_values = {p: get_tensor(dense_gm, p).clone() for p in own}
             for p, value in own.items():
                 set_tensor(dense_gm, p, value)

@@ -43,7 +43,7 @@ from sparsecompile.engine.speed_model import DEVICES, MIN_CHANNELS, gemm_dims, n
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.fileio import file_sha256
 from sparsecompile.frontend import check_readable, load_model
-from sparsecompile.graph import get_tensor
+from sparsecompile.graph import get_tensor, set_tensor
 from sparsecompile.hardware import torch_threads
 from sparsecompile.layers import find_layers, unmatched_patterns
 from sparsecompile.masks import get_method
@@ -66,6 +66,8 @@ NORMALIZATION_TOLERANCE = 1e-4
 DEFAULT_CORRECTION = "bias"
 # --method auto's candidates, cheapest first (masks x statistics correction, see _choose_method).
 AUTO_METHODS = ("magnitude", "activation", "hessian")
+# --method auto's per-layer choice mixes the masks of this many of the best candidates
+PER_LAYER_CANDIDATES = 3
 ON_DAMAGE = ("restore", "fail", "warn")
 # ONNX Runtime vs torch on the same sparse weights (different kernels, fp32).
 ORT_TOLERANCE = 1e-3
@@ -105,6 +107,7 @@ class BuildOptions:
     on_damage: str = "restore"  # over budget: "restore" layers to dense, "fail" the build, or "warn"
     output_kind: str | None = None  # "0=classes,1=values": how each output's damage is measured
     auto_time_cap: float = 1800.0  # seconds for --method auto's candidates (a safety cap, reported when it binds)
+    per_layer: bool = True  # --method auto over budget: try each layer with the mask of another good candidate
     masks: str | None = None  # apply masks saved by --save-masks (same architecture) instead of choosing
     save_masks: str | None = None  # write the chosen masks (and the weights they were chosen on) here
     certify: bool = False  # margin certificates on the calibration set (analysis/certify.py)
@@ -1006,7 +1009,7 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
                   for update in (updates if name == "hessian" else (False,)) for correct in corrections]
     fit = fit_batches()
     started = time.perf_counter()
-    tried, best = [], None
+    tried, best, ranked = [], None, []
     for name, correct, update in candidates:
         elapsed = time.perf_counter() - started
         entry = {"method": name, "correct": correct, **({"update_weights": True} if update else {})}
@@ -1039,8 +1042,10 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
         # where hessian + bias lost none.
         key = damage.order_key
         record["relative_error"] = round(key[1], 6)
-        if best is None or key < best[0]:
-            best = (key, work, candidate_method, correct, outcome, record)
+        ranked.append((key, work, candidate_method, correct, outcome, record))
+        ranked.sort(key=lambda item: item[0])  # stable: equal keys keep the cheaper, earlier candidate first
+        del ranked[PER_LAYER_CANDIDATES:]  # the graphs of the others are not needed again
+        best = ranked[0]
     skipped = [t for t in tried if "skipped" in t]
     if skipped:
         progress.warn(f"--method auto: {len(skipped)} candidate(s) not tried: --auto-time-cap "
@@ -1052,10 +1057,101 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     runner_up = min((t["score"] for t in tried if t is not record and t.get("score") is not None), default=None)
     choice = {"chosen": {"method": chosen.name, "correct": correct,
                          **({"update_weights": True} if outcome.updated_weights else {})}, "tried": tried,
-              "measured_on": "held-back calibration samples", "seconds": round(time.perf_counter() - started, 2),
+              "measured_on": "held-back calibration samples",
               "margin_to_next": None if runner_up is None or record["score"] is None
               else round(runner_up - record["score"], 4), "skipped": len(skipped)}
+    if options.per_layer and not best[0][0] <= 1.0 and len(ranked) > 1:
+        mixed = _mix_per_layer(gm, eligible, layers, ranked, fit, check_batches, check_dense, assess, options,
+                               folded_batchnorm, n, m, progress)
+        choice["per_layer"] = mixed["record"]
+        if mixed.get("graph") is not None:
+            work, chosen, outcome = mixed["graph"], mixed["method"], mixed["outcome"]
+            choice["chosen"] = {"method": chosen.name, "correct": correct,
+                                **({"update_weights": True} if mixed["updated"] else {}),
+                                "per_layer": mixed["record"]["layers_from"]}
+    choice["seconds"] = round(time.perf_counter() - started, 2)
     return work, chosen, correct, outcome, choice
+
+
+def _mix_per_layer(dense_gm, eligible, layers, ranked, fit, check_batches, check_dense, assess, options,
+                   folded_batchnorm, n, m, progress) -> dict:
+    """Per-layer choice for ``--method auto``: each layer takes the mask of whichever of the best candidates
+    damages the model least *with that layer alone sparse*, and the mix is kept only when it measures less
+    damaging than the best single candidate on the held-back samples.
+
+    Runs only when the best candidate is over the guard's budget (within it, there is no damage to win back).
+    ``ranked``: the best candidates (key, graph, method, correction, outcome, record), best first. Each layer is
+    judged like the guard's sensitivity (budget.py): the dense model with only that layer's sparse weight (and
+    corrected bias) from the candidate, on the first SENSITIVITY_SAMPLES fitting samples, by the guard's score
+    and then the outputs' relative error; ties keep the best candidate's mask. The mix is then rebuilt from the
+    dense model with those masks (and each candidate's OBS-updated weights where it had them) and the best
+    candidate's statistics correction fitted again, so later layers' corrections see the mixed earlier ones.
+    Returns ``{"record": ..., "graph", "method", "outcome", "updated"}`` (all but the record only when the mix
+    won; ``updated``: whether any layer took OBS-updated weights).
+    """
+    from sparsecompile.budget import SENSITIVITY_SAMPLES, has_tensor, layer_params
+
+    began = time.perf_counter()
+    best_key, correct = ranked[0][0], ranked[0][3]
+    names = [_candidate_name(item[5]) for item in ranked]
+    sample, count = [], 0
+    for batch in fit:
+        if count >= SENSITIVITY_SAMPLES:
+            break
+        sample.append(batch)
+        count += int(batch[0].shape[0])
+    reference = run_batches(dense_gm, sample)
+    masked_layers = [layer for layer in eligible if all(layer.weight_target in item[4].masks for item in ranked)]
+    source: dict[str, int] = {}
+    progress.detail(f"--method auto: per-layer choice among {', '.join(names)} ({len(masked_layers)} layers)")
+    for layer in progress.bar(masked_layers, "per-layer choice"):
+        params = [p for p in layer_params(ranked[0][1], layer) if has_tensor(dense_gm, p)]
+        dense_values = {p: get_tensor(dense_gm, p).clone() for p in params}
+        keys = []
+        for _, graph, *_rest in ranked:
+            for p in params:
+                set_tensor(dense_gm, p, get_tensor(graph, p))
+            keys.append(assess(reference, run_batches(dense_gm, sample)).order_key)
+        for p, value in dense_values.items():
+            set_tensor(dense_gm, p, value)
+        source[layer.weight_target] = min(range(len(ranked)), key=lambda i: (keys[i], i))
+    counts = {names[i]: sum(1 for v in source.values() if v == i) for i in range(len(ranked))}
+    record = {"candidates": names, "layers_from": {k: v for k, v in counts.items() if v}}
+    if not any(source.values()):
+        record.update(adopted=False, why="every layer did least damage with the best candidate's mask",
+                      seconds=round(time.perf_counter() - began, 2))
+        progress.info("      auto: per-layer choice: every layer kept the best candidate's mask")
+        return {"record": record}
+    masks, weights = {}, {}
+    for layer in masked_layers:
+        item = ranked[source[layer.weight_target]]
+        outcome_i = item[4]
+        masks[layer.weight_target] = outcome_i.masks[layer.weight_target]
+        weights[layer.weight_target] = (outcome_i.updated[layer.weight_target] if outcome_i.updated_weights
+                                        else get_tensor(dense_gm, layer.weight_target).clone())
+    fixed = FixedMasks(masks, n, m, weights)
+    fixed.name, fixed.description = "per-layer", "per-layer choice among --method auto's best candidates"
+    work = copy.deepcopy(dense_gm)
+    outcome = sparsify(work, [layer for layer in eligible if layer.weight_target in masks], layers, fixed,
+                       fit if (correct != "none") else [], sequential=options.sequential, correct=correct,
+                       update_weights=True, folded_batchnorm=folded_batchnorm)
+    damage = assess(check_dense, run_batches(work, check_batches()))
+    key = damage.order_key
+    record.update(score=round(damage.score, 4) if damage.score < float("inf") else None,
+                  worst=damage.worst.describe() if damage.worst else "", relative_error=round(key[1], 6),
+                  best_single_score=round(best_key[0], 4) if best_key[0] < float("inf") else None,
+                  adopted=key < best_key, seconds=round(time.perf_counter() - began, 2))
+    if not record["adopted"]:
+        record["why"] = "the mix measured no less damaging than the best single candidate on the held-back samples"
+    progress.info(f"      auto: {'per-layer mix':<40}  {record['worst'] or 'no outputs'}"
+                  f"{'' if record['adopted'] else '  (not better: kept the best single candidate)'}")
+    if not record["adopted"]:
+        return {"record": record}
+    updated = any(ranked[index][4].updated_weights for index in source.values())
+    if not updated:  # plain masks of the dense weights, as far as the report and the guard's refit are concerned
+        outcome.updated_weights, outcome.updated = False, {}
+    return {"record": record, "graph": work, "method": fixed, "outcome": outcome, "updated": updated}
+
 
 
 def _candidate_name(entry: dict) -> str:

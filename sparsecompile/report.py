@@ -123,8 +123,14 @@ def _choice_text(choice: dict | None) -> str:
     chosen = choice["chosen"]
     tried = [t for t in choice["tried"] if "skipped" not in t and "failed" not in t]
     update = " --update-weights" if chosen.get("update_weights") else ""
-    text = (f" (chosen by --method auto with{update} --correct {chosen['correct']}: least damage of {len(tried)} candidates "
-            f"on held-back samples, {choice['seconds']:.1f}s")
+    mix = chosen.get("per_layer")
+    if mix:  # per-layer choice: each layer's mask from one of the best candidates
+        sources = ", ".join(f"{count} layer(s) {name}" for name, count in mix.items())
+        text = (f" (chosen by --method auto: per layer among the best of {len(tried)} candidates ({sources}), "
+                f"less damage than any one of them on held-back samples, {choice['seconds']:.1f}s")
+    else:
+        text = (f" (chosen by --method auto with{update} --correct {chosen['correct']}: least damage of {len(tried)} "
+                f"candidates on held-back samples, {choice['seconds']:.1f}s")
     failed = sum("failed" in t for t in choice["tried"])
     if failed:
         text += f"; {failed} failed (see report.json method_choice)"

@@ -80,7 +80,14 @@ def sparsify(
     result = SparsifyResult(masks={}, updated_weights=update_weights and method.can_update_weights)
     if not method.needs and correct == "none":
         for layer in eligible:
-            result.masks[layer.weight_target] = method.select(get_tensor(gm, layer.weight_target), layer, MaskContext())
+            weight = get_tensor(gm, layer.weight_target)
+            if result.updated_weights:  # e.g. FixedMasks carrying OBS-updated weights: apply them before masking
+                mask, new_weight = method.select_and_update(weight, layer, MaskContext())
+                result.updated[layer.weight_target] = masked(new_weight, mask).clone()
+                set_tensor(gm, layer.weight_target, new_weight)
+            else:
+                mask = method.select(weight, layer, MaskContext())
+            result.masks[layer.weight_target] = mask
         PassManager([ApplyMasks(result.masks)]).run(gm, PassContext())
         return result
 

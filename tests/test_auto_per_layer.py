@@ -1,0 +1,106 @@
+"""--method auto's per-layer choice: each layer may take the mask of another good candidate, kept only if it helps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sparsecompile import build as build_module
+from sparsecompile.build import BuildOptions, build
+from sparsecompile.report import summary_lines
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class _TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.ha, self.hb = nn.Linear(64, 10), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.ha(torch.relu(self.a(x[:, :64]))) + self.hb(torch.relu(self.b(x[:, 64:])))
+
+
+@pytest.fixture(scope="module")
+def two_branch(tmp_path_factory):
+    """Two eligible layers that need different methods.
+
+    Branch ``a`` (as in the ``scaled_mlp`` fixture): every other input varies 1000x more and has 2x smaller weights,
+    so magnitude masks drop the weights that carry the output, while activation-aware masks keep them. Branch ``b``:
+    every other input is the constant 1000 with 100x smaller weights; activation-aware masks keep those (large
+    |w| x ||x||) and drop the informative inputs, while magnitude masks drop the constant ones, whose loss the bias
+    correction gives back exactly. So ``magnitude`` breaks ``a`` and ``activation`` breaks ``b``.
+    """
+    root = tmp_path_factory.mktemp("two_branch")
+    generator = torch.Generator().manual_seed(0)
+    even = torch.arange(64) % 2 == 0
+    model = _TwoBranch().eval()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.5, 1.0))
+        model.b.weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.01, 1.0))
+        model.ha.weight.copy_(torch.randn(10, 64, generator=generator) / 240)
+        model.hb.weight.copy_(torch.randn(10, 64, generator=generator) / 8 * 5)
+        for layer in (model.a, model.b, model.ha, model.hb):
+            layer.bias.zero_()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(model, (torch.randn(4, 128),), dynamic_shapes=({0: batch},)),
+                      root / "model.pt2")
+    varied = torch.randn(256, 64, generator=generator) * torch.where(even, 1000.0, 1.0)
+    constant = torch.where(even, torch.full((256, 64), 1000.0), torch.randn(256, 64, generator=generator))
+    np.save(root / "calib.npy", torch.cat([varied, constant], 1).numpy())
+    return root / "model.pt2", root / "calib.npy"
+
+
+def _build(two_branch, tmp_path, name, monkeypatch, methods=("magnitude", "activation"), **kwargs):
+    model, calib = two_branch
+    monkeypatch.setattr(build_module, "AUTO_METHODS", methods)  # the candidates whose masks can be mixed
+    return build(BuildOptions(model=str(model), calib=str(calib), output=str(tmp_path / name), min_weights=1000,
+                              permute=False, correct="bias", **kwargs)).report
+
+
+def test_per_layer_mix_keeps_every_layer_sparse_where_each_single_method_breaks_one(two_branch, tmp_path,
+                                                                                   monkeypatch):
+    report = _build(two_branch, tmp_path, "mix", monkeypatch)
+    choice = report["method_choice"]
+    scores = {t["method"]: t["score"] for t in choice["tried"]}
+    assert scores["magnitude"] > 1 and scores["activation"] > 1  # each single candidate is over budget
+    mix = choice["per_layer"]
+    assert mix["adopted"] and mix["score"] < min(scores.values()) and mix["score"] <= 1.0
+    assert mix["layers_from"] == {"activation --correct bias": 1, "magnitude --correct bias": 1}
+    assert report["method"] == "per-layer" and choice["chosen"]["per_layer"] == mix["layers_from"]
+    assert "update_weights" not in choice["chosen"]  # neither candidate updated weights
+    # Both layers stay sparse: the guard had nothing to restore, and the shipped damage is the mix's.
+    assert report["summary"]["sparse_layers"] == 2 and report["budget"]["reverted"] == []
+    assert report["verification"]["damage"]["within_budget"]
+    layers = {r["name"]: r for r in report["layers"]}
+    assert layers["a"]["status"] == "sparse" and layers["b"]["status"] == "sparse"
+    assert any("per layer among the best of 2 candidates" in line for line in summary_lines(report))
+
+
+def test_without_the_per_layer_choice_the_guard_restores_a_layer(two_branch, tmp_path, monkeypatch):
+    report = _build(two_branch, tmp_path, "single", monkeypatch, per_layer=False)
+    assert "per_layer" not in report["method_choice"] and report["method"] in ("magnitude", "activation")
+    assert len(report["budget"]["reverted"]) >= 1 and report["summary"]["sparse_layers"] <= 1
+
+
+def test_the_mix_is_not_adopted_when_every_layer_prefers_the_best_candidate(scaled_mlp, tmp_path, monkeypatch):
+    """One eligible layer, candidates magnitude with and without correction: both over budget, and the one layer's
+    best mask is the best candidate's own, so there is nothing to mix; the guard then restores the layer."""
+    model, calib = scaled_mlp
+    monkeypatch.setattr(build_module, "AUTO_METHODS", ("magnitude",))
+    report = build(BuildOptions(model=str(model), calib=str(calib), output=str(tmp_path / "one"), min_weights=1000,
+                                permute=False)).report
+    mix = report["method_choice"]["per_layer"]
+    assert not mix["adopted"] and "best candidate's mask" in mix["why"] and report["method"] == "magnitude"
+    assert [entry["layer"] for entry in report["budget"]["reverted"]] == ["0"]
+
+
+def test_no_per_layer_choice_when_the_best_candidate_is_within_budget(two_branch, tmp_path, monkeypatch):
+    report = _build(two_branch, tmp_path, "hessian", monkeypatch, methods=("magnitude", "activation", "hessian"),
+                    update_weights=False)
+    choice = report["method_choice"]
+    assert min(t["score"] for t in choice["tried"]) <= 1.0 and "per_layer" not in choice
+    assert report["method"] == "hessian" and report["summary"]["sparse_layers"] == 2
