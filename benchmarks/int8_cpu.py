@@ -1,7 +1,10 @@
 """INT8 on the CPU fallback: fp32 dense vs 2:4 fp32 vs 2:4 INT8 (Q/DQ) ONNX on ONNX Runtime, plus accuracy.
 
     python benchmarks/int8_cpu.py [--models fashion_mnist,resnet50] [--batches 1,8] [--runs 30] [--warmup 5]
-                                  [--threads 1] [--out benchmarks/results/int8_cpu.md]
+                                  [--threads 1] [--out benchmarks/results/int8_cpu.md] [--accuracy-only]
+
+``--accuracy-only`` re-measures just step 4 (no timing) and replaces the accuracy section of an
+existing ``--out`` file in place, noting the re-run under the header; the timing table stays.
 
 Per model:
 
@@ -180,6 +183,43 @@ def fashion_accuracy(prep: dict) -> dict:
     return {"top1": rows, "agreement": agreement, "seconds": timing, "guarded": guarded}
 
 
+ACCURACY_HEADING = "## Accuracy on the shipped example (eval.npz, 2000 test images, 1 image = 0.05 pt)"
+RERUN_NOTE = "The accuracy section was re-measured by `python benchmarks/int8_cpu.py --accuracy-only`"
+
+
+def accuracy_lines(accuracy: dict) -> list[str]:
+    lines = [ACCURACY_HEADING, "", "| model | top-1 | agreement with sparse fp32 | calibrate + quantize s |",
+             "|---|---|---|---|"]
+    for row, value in accuracy["top1"].items():
+        u8 = row.startswith("sparse int8 u8 (")
+        method = row[row.index("(") + 1:-1] if row.startswith("sparse int8") else None
+        key = "keep_float" if method and method.startswith("keep_float") else (f"u8 {method}" if u8 else method)
+        agree = f"{100 * accuracy['agreement'][key]:.2f} %" if key else ""
+        seconds = f"{accuracy['seconds'][method]:.1f}" if method in accuracy["seconds"] and not u8 else ""
+        lines.append(f"| {row} | {100 * value:.2f} % | {agree} | {seconds} |")
+    guarded = accuracy["guarded"]
+    return lines + ["", f"keep_float on the calibration file's held-back quarter ({guarded.search['samples']} "
+                    f"samples, max-drop {guarded.search['max_drop']} pt): fully quantized score "
+                    f"{guarded.search['quantized_all']['score']}, kept float: "
+                    f"{', '.join(guarded.kept_float) or 'none'}."]
+
+
+def rewrite_accuracy(out: Path, accuracy: dict) -> None:
+    """Replace the accuracy section of an existing results file and note the re-run under its header."""
+    if not out.is_file():
+        raise SystemExit(f"--accuracy-only rewrites the accuracy section of an existing {out}: run without it first")
+    lines = [line for line in out.read_text().splitlines() if not line.startswith(RERUN_NOTE)]
+    try:
+        start = lines.index(ACCURACY_HEADING)
+        end = next(i for i in range(start, len(lines)) if lines[i].startswith("keep_float on")) + 1
+    except (ValueError, StopIteration):
+        raise SystemExit(f"{out} has no accuracy section to replace: run without --accuracy-only") from None
+    lines[start:end] = accuracy_lines(accuracy)
+    made = next(i for i, line in enumerate(lines) if line.startswith("Made by"))
+    lines.insert(made + 1, f"{RERUN_NOTE} on {dt.date.today().isoformat()}; the timing table is from the run above.")
+    out.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="fashion_mnist,resnet50")
@@ -188,10 +228,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/int8_cpu.md"))
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="re-measure only the fashion_mnist accuracy section of an existing --out file (no timing)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
+    if args.accuracy_only:
+        rewrite_accuracy(Path(args.out), fashion_accuracy(prepare(model_spec("fashion_mnist"))))
+        print(f"rewrote the accuracy section of {args.out}")
+        return
     import onnxruntime as ort
 
     lines = [f"# INT8 on the CPU fallback (ONNX Runtime {ort.__version__})", "",
@@ -241,20 +287,7 @@ def main() -> None:
             accuracy = fashion_accuracy(prep)
     lines += ["", *notes]
     if accuracy is not None:
-        lines += ["", "## Accuracy on the shipped example (eval.npz, 2000 test images, 1 image = 0.05 pt)", "",
-                  "| model | top-1 | agreement with sparse fp32 | calibrate + quantize s |", "|---|---|---|---|"]
-        for row, value in accuracy["top1"].items():
-            u8 = row.startswith("sparse int8 u8 (")
-            method = row[row.index("(") + 1:-1] if row.startswith("sparse int8") else None
-            key = "keep_float" if method and method.startswith("keep_float") else (f"u8 {method}" if u8 else method)
-            agree = f"{100 * accuracy['agreement'][key]:.2f} %" if key else ""
-            seconds = f"{accuracy['seconds'][method]:.1f}" if method in accuracy["seconds"] and not u8 else ""
-            lines.append(f"| {row} | {100 * value:.2f} % | {agree} | {seconds} |")
-        guarded = accuracy["guarded"]
-        lines += ["", f"keep_float on the calibration file's held-back quarter ({guarded.search['samples']} samples, "
-                  f"max-drop {guarded.search['max_drop']} pt): fully quantized score "
-                  f"{guarded.search['quantized_all']['score']}, kept float: "
-                  f"{', '.join(guarded.kept_float) or 'none'}."]
+        lines += ["", *accuracy_lines(accuracy)]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

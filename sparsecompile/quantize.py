@@ -14,7 +14,9 @@ What it writes
     (U8S8; weights unchanged): ONNX Runtime's x86 kernels fuse only that form fully. Measured on
     the shipped example: u8 turns all 9 convolutions into QLinearConv (2.5x faster than fp32 at
     batch 8, one thread); s8 turns 3 of 9 and is slower than fp32. So a build that targets both
-    writes two files: s8 for TensorRT, u8 for ORT (see :data:`ACTIVATIONS`).
+    writes two files: s8 for TensorRT, u8 for ORT (see :data:`ACTIVATIONS`). In the u8 form ORT
+    drops each Relu/Clip after a quantized op and lets its output's QuantizeLinear clip instead, so
+    those outputs' ranges are clamped to the op's bounds first (:func:`_clamp_to_activations`).
 
 Why zeros stay zeros (the 2:4 invariant)
     A symmetric int8 weight is ``q = clip(round(w / s_c), -127, 127)`` with ``s_c = max|w_c| / 127``
@@ -94,8 +96,12 @@ from sparsecompile.verify import count_nm_violations
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 # name -> (ORT CalibrationMethod member name, calibrator options, what it does)
+# minmax keeps each tensor's true [min, max] (not ORT's symmetric option, which saves [-max|x|, max|x|] even for a
+# Relu output): the quantizer symmetrizes a range itself for s8 (the same bytes as before), and u8 needs the true
+# range (issue 20: a Relu's range saved as [-m, m] made every u8 model predict garbage; see _clamp_to_activations).
+# entropy's and percentile's "symmetric" picks their threshold search on |x|; ORT clips those ranges to the data.
 CALIBRATIONS = {
-    "minmax": ("MinMax", {"symmetric": True}, "range of each activation over the samples"),
+    "minmax": ("MinMax", {"symmetric": False}, "range of each activation over the samples"),
     "entropy": ("Entropy", {"symmetric": True, "num_bins": 2048, "num_quantized_bins": 128},
                 "TensorRT-style KL-divergence threshold (2048-bin histogram)"),
     "percentile": ("Percentile", {"symmetric": True, "num_bins": 2048, "percentile": 99.999},
@@ -313,6 +319,69 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- calibration and quantization
 
 
+def _activation_bounds(model) -> dict[str, tuple[float | None, float | None]]:
+    """Output tensor -> the (low, high) bounds its op guarantees, for Relu and Clip with constant bounds."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+
+    def constant(name):
+        return float(numpy_helper.to_array(constants[name])) if name in constants else None
+
+    bounds = {}
+    for node in model.graph.node:
+        if node.op_type == "Relu":
+            bounds[node.output[0]] = (0.0, None)
+        elif node.op_type == "Clip":
+            attrs = {a.name: a.f for a in node.attribute}
+            low = constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("min")
+            high = constant(node.input[2]) if len(node.input) > 2 and node.input[2] else attrs.get("max")
+            bounds[node.output[0]] = (low, high)
+    return bounds
+
+
+def _clamp_to_activations(model, ranges_json: str) -> str:
+    """The calibration cache with each Relu/Clip output's range clamped into what that op can output.
+
+    With asymmetric (u8) activations ORT's QDQ quantizer *removes* every Relu and Clip that follows a quantized
+    op and lets the QuantizeLinear of its output do the clipping (``QDQRemovableActivation``): that is right
+    only if the saved range starts at the op's lower bound (0 for a Relu). A range that reaches below it (a
+    symmetric ``[-m, m]``, as ORT's symmetric minmax saves for a Relu output) gives a zero point in the middle,
+    so negative values pass and the network loses its nonlinearities (issue 20: 10 % top-1 on the shipped
+    example, all 7 Relus gone). Clamping is exact: the op's output never leaves its bounds, so the clamped range
+    still holds every value; for s8 (symmetric, ``max(|low|, |high|)``) it changes nothing on ranges measured
+    on data.
+    """
+    bounds = _activation_bounds(model)
+    cache = json.loads(ranges_json)
+    data = cache.get("data", {})
+
+    def clamp(value, low, high):  # a number, or ORT's {"data": number or list, "dtype", "CLS": "numpy.array"}
+        if isinstance(value, dict) and "data" in value:
+            return {**value, "data": clamp(value["data"], low, high)}
+        if isinstance(value, list):
+            return [clamp(v, low, high) for v in value]
+        if isinstance(value, (int, float)):
+            value = value if low is None else max(value, low)
+            return value if high is None else min(value, high)
+        return value
+
+    changed = False
+    for name, (low, high) in bounds.items():
+        entry = data.get(name)
+        if not isinstance(entry, dict):
+            continue
+        for key in ("lowest", "highest"):
+            if key in entry:
+                clamped = clamp(entry[key], low, high)
+                changed |= clamped != entry[key]
+                entry[key] = clamped
+    return json.dumps(cache) if changed else ranges_json
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Activation ranges of one float model (ORT's calibration cache as JSON text), reusable across quantizations."""
@@ -413,7 +482,7 @@ def quantize_onnx(fp32_onnx: Path, out_onnx: Path, calib_inputs: list[dict[str, 
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sparsecompile-quant-") as tmp, _quiet():
         cache = Path(tmp) / "ranges.json"
-        cache.write_text(ranges.ranges_json)
+        cache.write_text(_clamp_to_activations(model, ranges.ranges_json))
         try:
             ortq.quantize_static(
                 str(fp32_onnx), str(out_onnx), None, quant_format=ortq.QuantFormat.QDQ, per_channel=per_channel,
