@@ -18,10 +18,12 @@ more, counting a kh x kw kernel as kh*kw times the input channels. A layer below
 whatever the model predicts.
 
 Where the numbers come from: P and B are the vendors' spec-sheet values for each target
-(dense fp16 tensor TFLOPS, DRAM GB/s). g and the launch overhead are assumptions. **The model is
-not calibrated against measurements**: no GPU was available where it was written. Treat its
-speedups as a ranking and a warning, not a promise. ``sparsecompile profile`` and TensorRT's
-own log (``sparsecompile engine``) are what count.
+(dense fp16 tensor TFLOPS, DRAM GB/s), kept with each target's other facts in
+:data:`sparsecompile.targets.HARDWARE` (:data:`DEVICES` is the view of the targets that have
+them). g and the launch overhead are assumptions. **The model is not calibrated against
+measurements**: no GPU was available where it was written. Treat its speedups as a ranking and
+a warning, not a promise. ``sparsecompile profile`` and TensorRT's own log (``sparsecompile
+engine``) are what count.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsecompile.graph import CONV_OPS
+from sparsecompile.targets import HARDWARE, DeviceSpec
 
 SPARSE_MATH_GAIN = 1.5  # assumed effective speedup of sparse tensor-core math (theory: 2x)
 LAUNCH_US = 3.0  # assumed per-kernel overhead, the same for both
@@ -40,20 +43,7 @@ COMPRESSED_WEIGHT_FRACTION = 0.5625
 FASTER_THRESHOLD = 1.05  # --sparse-only-if-faster keeps layers predicted at least this much faster
 
 
-@dataclass(frozen=True)
-class DeviceSpec:
-    dense_fp16_tflops: float
-    bandwidth_gbs: float
-    source: str
-
-
-DEVICES: dict[str, DeviceSpec] = {
-    "a100": DeviceSpec(312.0, 2039.0, "A100 80GB SXM datasheet"),
-    "a10": DeviceSpec(125.0, 600.0, "A10 datasheet"),
-    "l4": DeviceSpec(121.0, 300.0, "L4 datasheet"),
-    "h100": DeviceSpec(989.0, 3350.0, "H100 SXM datasheet"),
-    "jetson-orin": DeviceSpec(42.5, 204.8, "Jetson AGX Orin 64GB: GPU 170 sparse INT8 TOPS -> ~42.5 dense fp16"),
-}
+DEVICES: dict[str, DeviceSpec] = {t.name: t.device for t in HARDWARE.values() if t.device is not None}
 
 
 @dataclass(frozen=True)

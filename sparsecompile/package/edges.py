@@ -1,10 +1,12 @@
 """Edge targets for ``sparsecompile package --edge`` and the host they run on.
 
-An edge target names the device a bundle is shipped to: every GPU target of
-:mod:`sparsecompile.targets` (the TensorRT engine is built on the device from
-the bundle's recipe) plus CPU-only servers by architecture, which run the
-ONNX Runtime fallback. The runner compares a bundle's edge target with the
-host (:func:`sparsecompile.hardware.detect_host`) before it runs anything.
+An edge target names the device a bundle is shipped to: the entries of
+:data:`sparsecompile.targets.HARDWARE` marked ``edge`` — every GPU (the
+TensorRT engine is built on the device from the bundle's recipe) and CPU-only
+machines by architecture, which run the ONNX Runtime fallback.
+:data:`EDGE_TARGETS` is a view of that registry. The runner compares a
+bundle's edge target with the host (:func:`sparsecompile.hardware.detect_host`)
+before it runs anything.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.hardware import HostInfo, normalize_arch
-from sparsecompile.targets import TARGETS
+from sparsecompile.targets import HARDWARE
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,8 @@ class EdgeTarget:
 
 
 EDGE_TARGETS: dict[str, EdgeTarget] = {
-    **{t.name: EdgeTarget(t.name, t.description, "gpu", None, t.compute_capability)
-       for t in TARGETS.values() if t.kind == "gpu"},
-    "cpu-x86_64": EdgeTarget("cpu-x86_64", "x86-64 server or PC without a GPU (ONNX Runtime)", "cpu", "x86_64", None),
-    "cpu-aarch64": EdgeTarget("cpu-aarch64", "Arm64 server or board without a GPU (ONNX Runtime)", "cpu", "aarch64", None),
+    t.name: EdgeTarget(t.name, t.description, t.kind, t.arch, t.compute_capability)
+    for t in HARDWARE.values() if t.edge
 }
 
 
