@@ -339,9 +339,6 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
         if options.int8_calibration not in CALIBRATIONS:
             raise SparseCompileError(f"unknown --int8-calibration '{options.int8_calibration}'; "
                                      f"valid: {', '.join(CALIBRATIONS)}")
-        if options.int8_calibration == "minmax" and target.kind != "gpu":
-            raise SparseCompileError("--int8-calibration minmax with the CPU fallback's uint8 activations gave a "
-                                     "constant prediction on the shipped example (an open bug): use percentile or entropy")
 
     for message in _ignored_options(options, target, sparsify_layers, method.learned,
                                     options.method if saved is None else "(saved masks)"):
