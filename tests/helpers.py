@@ -98,19 +98,22 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 
 def cli(*args):
-    """Run the ``sparsecompile`` command line in-process (arguments stringified)."""
+    """Run the ``sparsecompile`` command line in-process (arguments stringified). An exception the command
+    does not turn into a one-line error propagates into the test (a crash fails loudly, not as exit 1)."""
     from click.testing import CliRunner
 
     from sparsecompile.cli import main
 
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def one_line_failure(result, *needles):
-    """A user error: exit 1, the last line ``error: ...`` holding every needle, no traceback, no 'bug'."""
+    """A user error: exit 1, exactly one ``error: ...`` line, the last one, holding every needle; no traceback,
+    no 'bug'."""
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("error: "), result.output
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.output
     assert "Traceback" not in result.output and "bug" not in lines[-1], result.output
     for needle in needles:
         assert needle in lines[-1], lines[-1]

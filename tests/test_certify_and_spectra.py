@@ -7,16 +7,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.certificates import certify_build
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
+from helpers import cli as invoke
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

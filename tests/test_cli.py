@@ -10,15 +10,12 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from sparsecompile.cli import main
+from helpers import cli as invoke, one_line_failure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.mark.parametrize("command", [[], ["build"], ["inspect"], ["run"]])
@@ -31,22 +28,17 @@ def test_help_reads_well(command):
             assert flag in result.output
 
 
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], result.output
-    assert "Traceback" not in result.output
 
 
 def test_build_errors_are_one_line(tmp_path, model_files):
-    _one_line_error(invoke("build", tmp_path / "missing.pt2", "-o", tmp_path / "o"), "does not exist")
-    _one_line_error(invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "o", "--target", "v100"),
+    one_line_failure(invoke("build", tmp_path / "missing.pt2", "-o", tmp_path / "o"), "does not exist")
+    one_line_failure(invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "o", "--target", "v100"),
                     "valid targets")
-    _one_line_error(invoke("build", model_files / "pickled.pt", "-o", tmp_path / "o", "--input-shape", "1,4,8,8"),
+    one_line_failure(invoke("build", model_files / "pickled.pt", "-o", tmp_path / "o", "--input-shape", "1,4,8,8"),
                     "--trust-pickle")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("x")
-    _one_line_error(invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "taken"), "--force")
+    one_line_failure(invoke("build", model_files / "dynamic.pt2", "-o", tmp_path / "taken"), "--force")
     assert not (tmp_path / "o").exists()
 
 
@@ -86,11 +78,11 @@ def test_build_inspect_run(tmp_path, model_files):
 def test_run_rejects_bad_inputs(tmp_path, sample_build):
     out = sample_build.output
     np.save(tmp_path / "f64.npy", np.zeros((2, 4, 8, 8)))
-    _one_line_error(invoke("run", out, "--input", tmp_path / "f64.npy"), "must be float32")
+    one_line_failure(invoke("run", out, "--input", tmp_path / "f64.npy"), "must be float32")
     np.save(tmp_path / "shape.npy", np.zeros((2, 3, 8, 8), np.float32))
-    _one_line_error(invoke("run", out, "--input", tmp_path / "shape.npy"), "must have shape")
-    _one_line_error(invoke("run", tmp_path, "--input", tmp_path / "shape.npy"), "not a complete sparsecompile build")
-    _one_line_error(invoke("inspect", tmp_path / "nope"), "does not exist")
+    one_line_failure(invoke("run", out, "--input", tmp_path / "shape.npy"), "must have shape")
+    one_line_failure(invoke("run", tmp_path, "--input", tmp_path / "shape.npy"), "not a complete sparsecompile build")
+    one_line_failure(invoke("inspect", tmp_path / "nope"), "does not exist")
 
 
 def test_inspect_rejects_other_versions(tmp_path, sample_build):
@@ -102,7 +94,7 @@ def test_inspect_rejects_other_versions(tmp_path, sample_build):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["version"] = 99
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    _one_line_error(invoke("inspect", copy), "incompatible")
+    one_line_failure(invoke("inspect", copy), "incompatible")
 
 
 def test_real_process_exit_code_and_stderr(tmp_path):

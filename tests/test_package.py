@@ -11,30 +11,22 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
 import sparsecompile
 from sparsecompile.backends.onnxruntime_runner import OrtRunner
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.package import EDGE_TARGETS, load, open_package, package_build
 from sparsecompile.hardware import HostInfo, normalize_arch
 from sparsecompile.package.edges import check_host, default_edge, get_edge
 from sparsecompile.package.runner import PackageRunner
+from helpers import cli as invoke, one_line_failure
 
 HOST_ARCH = normalize_arch(platform.machine())
 OTHER_CPU = "cpu-aarch64" if HOST_ARCH == "x86_64" else "cpu-x86_64"
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], result.output
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +199,9 @@ def test_wrong_input_is_refused(gpu_package):
 
 def test_cli_run_refuses_wrong_input_files(tmp_path, gpu_package):
     np.save(tmp_path / "shape.npy", np.zeros((2, 3, 8, 8), np.float32))
-    _one_line_error(invoke("run", gpu_package.path, "-i", tmp_path / "shape.npy"), "must have shape")
+    one_line_failure(invoke("run", gpu_package.path, "-i", tmp_path / "shape.npy"), "must have shape")
     np.save(tmp_path / "dtype.npy", np.zeros((2, 4, 8, 8), np.float64))
-    _one_line_error(invoke("run", gpu_package.path, "-i", tmp_path / "dtype.npy"), "must be float32")
+    one_line_failure(invoke("run", gpu_package.path, "-i", tmp_path / "dtype.npy"), "must be float32")
 
 
 def test_cli_package_run_inspect_unpack(tmp_path, sample_build):
@@ -268,7 +260,7 @@ def test_bundle_for_another_target_is_refused(tmp_path, fp32_build):
     with pytest.raises(SparseCompileError, match=f"built for {OTHER_CPU}"):
         load(path)
     np.save(tmp_path / "x.npy", _x(2))
-    _one_line_error(invoke("run", path, "-i", tmp_path / "x.npy"), f"built for {OTHER_CPU}")
+    one_line_failure(invoke("run", path, "-i", tmp_path / "x.npy"), f"built for {OTHER_CPU}")
     result = invoke("run", path, "-i", tmp_path / "x.npy", "--allow-other-target")
     assert result.exit_code == 0, result.output
     with pytest.raises(SparseCompileError, match="sm_87"):
@@ -285,7 +277,7 @@ def test_tampered_member_is_named(tmp_path, gpu_package):
     bad = _rewrite(gpu_package.path, tmp_path / "bad.scpkg", replace={"weights.safetensors": flipped})
     with pytest.raises(SparseCompileError, match="'weights.safetensors' fails its SHA-256"):
         load(bad)
-    _one_line_error(invoke("inspect", bad), "weights.safetensors")
+    one_line_failure(invoke("inspect", bad), "weights.safetensors")
 
 
 def test_resized_member_is_named(tmp_path, gpu_package):
@@ -302,7 +294,7 @@ def test_truncated_bundle(tmp_path, gpu_package):
         with pytest.raises(SparseCompileError, match="truncated"):
             open_package(bad)
     np.save(tmp_path / "x.npy", _x(2))
-    _one_line_error(invoke("run", bad, "-i", tmp_path / "x.npy"), "truncated")
+    one_line_failure(invoke("run", bad, "-i", tmp_path / "x.npy"), "truncated")
 
 
 def test_missing_and_extra_members(tmp_path, gpu_package):
@@ -329,12 +321,12 @@ def test_wrong_manifest_version_and_format(tmp_path, gpu_package):
 
 
 def test_package_errors_are_one_line(tmp_path, sample_build):
-    _one_line_error(invoke("package", tmp_path / "nope", "-o", tmp_path / "m.scpkg"), "does not exist")
-    _one_line_error(invoke("run", tmp_path / "nope.scpkg", "-i", tmp_path / "x.npy"), "does not exist")
+    one_line_failure(invoke("package", tmp_path / "nope", "-o", tmp_path / "m.scpkg"), "does not exist")
+    one_line_failure(invoke("run", tmp_path / "nope.scpkg", "-i", tmp_path / "x.npy"), "does not exist")
     (tmp_path / "keep.txt").write_text("precious")
-    _one_line_error(invoke("package", sample_build.output, "-o", tmp_path / "keep.txt"), "not a sparsecompile package")
+    one_line_failure(invoke("package", sample_build.output, "-o", tmp_path / "keep.txt"), "not a sparsecompile package")
     assert (tmp_path / "keep.txt").read_text() == "precious"
-    _one_line_error(invoke("package", sample_build.output, "-o", tmp_path / "no" / "m.scpkg"), "does not exist")
+    one_line_failure(invoke("package", sample_build.output, "-o", tmp_path / "no" / "m.scpkg"), "does not exist")
     result = invoke("package", sample_build.output, "--edge", "tpu", "-o", tmp_path / "m.scpkg")
     assert result.exit_code == 2 and "tpu" in result.output
 

@@ -29,6 +29,7 @@ from sparsecompile.profile import (
     profile_command,
     random_inputs,
 )
+from helpers import one_line_failure
 
 if "profile" not in main.commands:  # cli.py registers it in the packaged CLI; make sure the tests see it
     main.add_command(profile_command)
@@ -40,11 +41,6 @@ def invoke(*args):
     return CliRunner().invoke(main, ["profile", *[str(a) for a in args]], catch_exceptions=False)
 
 
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and fragment in lines[0], result.output
-    assert "Traceback" not in result.output
 
 
 def _copy_build(build_dir, tmp_path, name="copy", **manifest_changes):
@@ -244,14 +240,14 @@ def test_profile_build_defaults_and_layer_table_off(sample_build):
 def test_compare_dense_without_the_source_file(sample_build, tmp_path, model_files):
     source = json.loads((sample_build.output / "manifest.json").read_text())["source"]
     gone = _copy_build(sample_build.output, tmp_path, "gone", source={**source, "path": str(tmp_path / "moved.pt2")})
-    _one_line_error(invoke(gone, *FAST, "--compare", "dense"), "--dense MODEL")
+    one_line_failure(invoke(gone, *FAST, "--compare", "dense"), "--dense MODEL")
     changed = _copy_build(sample_build.output, tmp_path, "changed",
                           source={**source, "path": str(model_files / "static.pt2")})
-    _one_line_error(invoke(changed, *FAST, "--compare", "dense"), "SHA-256 differs")
+    one_line_failure(invoke(changed, *FAST, "--compare", "dense"), "SHA-256 differs")
     factory = _copy_build(sample_build.output, tmp_path, "factory",
                           source={"path": "tests.conftest:build_factory", "kind": "factory", "sha256": None})
-    _one_line_error(invoke(factory, *FAST, "--compare", "dense"), "--dense MODEL")
-    _one_line_error(invoke(gone, *FAST, "--dense", tmp_path / "nothing.pt2"), "does not exist")
+    one_line_failure(invoke(factory, *FAST, "--compare", "dense"), "--dense MODEL")
+    one_line_failure(invoke(gone, *FAST, "--dense", tmp_path / "nothing.pt2"), "does not exist")
 
 
 def test_dense_option_warns_when_the_file_is_not_the_source(sample_build, tmp_path, model_files):
@@ -288,34 +284,34 @@ def test_torch_backend_on_a_model_file(model_files, tmp_path):
 
 def test_bad_input_errors(sample_build, tmp_path, model_files):
     build = sample_build.output
-    _one_line_error(invoke(tmp_path / "missing", *FAST), "does not exist")
+    one_line_failure(invoke(tmp_path / "missing", *FAST), "does not exist")
     old = _copy_build(build, tmp_path, "old", version=99)
-    _one_line_error(invoke(old, *FAST), "incompatible sparsecompile")
-    _one_line_error(invoke(build, "--batch", "1,x", *FAST), "--batch '1,x'")
-    _one_line_error(invoke(build, "--runs", "0"), "--runs must be at least 1")
-    _one_line_error(invoke(build, "--backend", "nope", *FAST), "valid backends: ort, torch, torch-cuda, tensorrt")
-    _one_line_error(invoke(build, "--compare", "sparse", *FAST), "--compare dense")
-    _one_line_error(invoke(model_files / "dynamic.pt2", "--compare", "dense", *FAST), "needs a build directory")
-    _one_line_error(invoke(build, "--json-out", tmp_path / "no" / "dir.json", *FAST), "does not exist")
+    one_line_failure(invoke(old, *FAST), "incompatible sparsecompile")
+    one_line_failure(invoke(build, "--batch", "1,x", *FAST), "--batch '1,x'")
+    one_line_failure(invoke(build, "--runs", "0"), "--runs must be at least 1")
+    one_line_failure(invoke(build, "--backend", "nope", *FAST), "valid backends: ort, torch, torch-cuda, tensorrt")
+    one_line_failure(invoke(build, "--compare", "sparse", *FAST), "--compare dense")
+    one_line_failure(invoke(model_files / "dynamic.pt2", "--compare", "dense", *FAST), "needs a build directory")
+    one_line_failure(invoke(build, "--json-out", tmp_path / "no" / "dir.json", *FAST), "does not exist")
     static = _copy_build(build, tmp_path, "static",
                          inputs=[{"name": "x", "dtype": "float32", "shape": [4, 4, 8, 8]}])
-    _one_line_error(invoke(static, "--batch", "8", *FAST), "fixed batch of 4")
+    one_line_failure(invoke(static, "--batch", "8", *FAST), "fixed batch of 4")
 
 
 def test_static_model_file_refuses_other_batches(model_files):
-    _one_line_error(invoke(model_files / "static.pt2", "--batch", "8", *FAST), "fixed batch of 4")
+    one_line_failure(invoke(model_files / "static.pt2", "--batch", "8", *FAST), "fixed batch of 4")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists here")
 def test_gpu_backends_say_what_is_missing(sample_build, model_files):
-    _one_line_error(invoke(model_files / "dynamic.pt2", "--backend", "torch-cuda", *FAST), "needs an NVIDIA GPU")
-    _one_line_error(invoke(sample_build.output, "--backend", "tensorrt", *FAST), "pip install tensorrt")
+    one_line_failure(invoke(model_files / "dynamic.pt2", "--backend", "torch-cuda", *FAST), "needs an NVIDIA GPU")
+    one_line_failure(invoke(sample_build.output, "--backend", "tensorrt", *FAST), "pip install tensorrt")
     assert "tensorrt" not in sys.modules  # never imported without a CUDA device
 
 
 def test_plot_without_matplotlib_is_a_clear_error(sample_build, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    _one_line_error(invoke(sample_build.output, *FAST, "--plot", tmp_path / "p.png"), "pip install matplotlib")
+    one_line_failure(invoke(sample_build.output, *FAST, "--plot", tmp_path / "p.png"), "pip install matplotlib")
     assert not (tmp_path / "p.png").exists()
 
 

@@ -21,30 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import sparsecompile.engine.build_engine as library_build_engine
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.hardware import HostInfo
 from sparsecompile.package import load, open_package, package_build, write_onnx
 from sparsecompile.package.archive import sha256_bytes
 from sparsecompile.package.runner import PackageRunner
+from helpers import cli as invoke, one_line_failure
 
 A100_WITH_TENSORRT = HostInfo("x86_64", "NVIDIA A100", (8, 0), True)
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-def one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[0], result.output
-    assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +100,10 @@ def test_traversal_is_refused_by_inspect_run_and_unpack(tmp_path, gpu_package):
     bad = craft(gpu_package, tmp_path / "bad.scpkg", add={name: b"owned\n"})
     out = tmp_path / "a" / "b" / "out"
     out.mkdir(parents=True)
-    one_line_error(invoke("unpack", bad, "-o", out), "unsafe", repr(name))
-    one_line_error(invoke("inspect", bad), "unsafe", repr(name))
+    one_line_failure(invoke("unpack", bad, "-o", out), "unsafe", repr(name))
+    one_line_failure(invoke("inspect", bad), "unsafe", repr(name))
     np.save(tmp_path / "x.npy", np.zeros((2, 4, 8, 8), np.float32))
-    one_line_error(invoke("run", bad, "-i", tmp_path / "x.npy"), "unsafe", repr(name))
+    one_line_failure(invoke("run", bad, "-i", tmp_path / "x.npy"), "unsafe", repr(name))
     assert not list(tmp_path.rglob("evil.txt"))
     assert not list(out.iterdir())
 
@@ -142,7 +132,7 @@ def test_unpack_refuses_to_write_through_a_symlink(tmp_path, gpu_package):
     out = tmp_path / "out"
     out.mkdir()
     (out / "engine").symlink_to(outside, target_is_directory=True)
-    one_line_error(invoke("unpack", gpu_package, "-o", out), "outside")
+    one_line_failure(invoke("unpack", gpu_package, "-o", out), "outside")
     assert not list(outside.iterdir())
 
 
@@ -297,7 +287,7 @@ def test_keygen_writes_a_private_key_only_its_owner_reads(keys):
     assert b"PRIVATE KEY" in (keys / "alice.key").read_bytes()
     assert b"PUBLIC KEY" in (keys / "alice.key.pub").read_bytes()
     before = (keys / "alice.key").read_bytes()
-    one_line_error(invoke("keygen", keys / "alice.key"), "exists")
+    one_line_failure(invoke("keygen", keys / "alice.key"), "exists")
     assert (keys / "alice.key").read_bytes() == before
 
 
@@ -337,14 +327,14 @@ def test_unchecked_signature_is_said_to_be_unchecked(signed_package, gpu_package
 def test_unsigned_package_is_refused_with_a_key(tmp_path, keys, gpu_package):
     pub = keys / "alice.key.pub"
     for command in (("inspect", gpu_package), ("unpack", gpu_package, "-o", tmp_path)):
-        one_line_error(invoke(*command, "--verify-key", pub), "not signed")
+        one_line_failure(invoke(*command, "--verify-key", pub), "not signed")
     with pytest.raises(SparseCompileError, match="not signed"):
         load(gpu_package, verify_key=pub)
 
 
 def test_signature_by_another_key_is_refused(tmp_path, keys, signed_package):
     np.save(tmp_path / "x.npy", np.zeros((2, 4, 8, 8), np.float32))
-    one_line_error(invoke("run", signed_package, "-i", tmp_path / "x.npy", "--verify-key", keys / "mallory.key.pub"),
+    one_line_failure(invoke("run", signed_package, "-i", tmp_path / "x.npy", "--verify-key", keys / "mallory.key.pub"),
                    "another key")
     with pytest.raises(SparseCompileError, match="another key"):
         open_package(signed_package, verify_key=keys / "mallory.key.pub")
@@ -354,23 +344,23 @@ def test_rewritten_manifest_breaks_the_signature(tmp_path, keys, signed_package)
     # Someone edits a member and re-hashes the manifest: SHA-256 passes, the signature does not.
     bad = craft(signed_package, tmp_path / "bad.scpkg", replace={"report.json": b"{}"})
     assert open_package(bad).members["report.json"] == b"{}"
-    one_line_error(invoke("inspect", bad, "--verify-key", keys / "alice.key.pub"), "does not match")
+    one_line_failure(invoke("inspect", bad, "--verify-key", keys / "alice.key.pub"), "does not match")
     # ... and a signature member that is not one at all.
     junk = craft(signed_package, tmp_path / "junk.scpkg", keep_signature=False)
     with zipfile.ZipFile(junk, "a") as archive:
         archive.writestr("manifest.sig", b"not json")
-    one_line_error(invoke("unpack", junk, "-o", tmp_path, "--verify-key", keys / "alice.key.pub"), "manifest.sig")
+    one_line_failure(invoke("unpack", junk, "-o", tmp_path, "--verify-key", keys / "alice.key.pub"), "manifest.sig")
 
 
 def test_key_errors_are_one_line(tmp_path, sample_build, keys, signed_package):
-    one_line_error(invoke("inspect", signed_package, "--verify-key", tmp_path / "nope.pub"), "nope.pub")
+    one_line_failure(invoke("inspect", signed_package, "--verify-key", tmp_path / "nope.pub"), "nope.pub")
     (tmp_path / "junk.pub").write_text("hello")
-    one_line_error(invoke("inspect", signed_package, "--verify-key", tmp_path / "junk.pub"), "junk.pub")
-    one_line_error(invoke("inspect", signed_package, "--verify-key", keys / "alice.key"), "private key")
-    one_line_error(invoke("package", sample_build.output, "-o", tmp_path / "m.scpkg", "--sign-key",
+    one_line_failure(invoke("inspect", signed_package, "--verify-key", tmp_path / "junk.pub"), "junk.pub")
+    one_line_failure(invoke("inspect", signed_package, "--verify-key", keys / "alice.key"), "private key")
+    one_line_failure(invoke("package", sample_build.output, "-o", tmp_path / "m.scpkg", "--sign-key",
                           keys / "alice.key.pub"), "alice.key.pub")
     assert not (tmp_path / "m.scpkg").exists()
-    one_line_error(invoke("inspect", sample_build.output, "--verify-key", keys / "alice.key.pub"), "package")
+    one_line_failure(invoke("inspect", sample_build.output, "--verify-key", keys / "alice.key.pub"), "package")
 
 
 def test_missing_cryptography_says_what_to_install(tmp_path, keys, signed_package, monkeypatch):
@@ -378,9 +368,9 @@ def test_missing_cryptography_says_what_to_install(tmp_path, keys, signed_packag
                    "cryptography.hazmat.primitives.serialization", "cryptography.hazmat.primitives.asymmetric",
                    "cryptography.hazmat.primitives.asymmetric.ed25519"):
         monkeypatch.setitem(sys.modules, module, None)
-    one_line_error(invoke("inspect", signed_package, "--verify-key", keys / "alice.key.pub"),
+    one_line_failure(invoke("inspect", signed_package, "--verify-key", keys / "alice.key.pub"),
                    "pip install 'sparsecompile[sign]'")
-    one_line_error(invoke("keygen", tmp_path / "k.key"), "pip install 'sparsecompile[sign]'")
+    one_line_failure(invoke("keygen", tmp_path / "k.key"), "pip install 'sparsecompile[sign]'")
     assert not (tmp_path / "k.key").exists()
     # Without a key nothing needs cryptography.
     assert invoke("inspect", signed_package).exit_code == 0
