@@ -1,11 +1,15 @@
 """Statistics correction: repair per-channel output statistics after masking.
 
 Masking a layer shifts the mean and variance of its output channels, and the
-error compounds downstream. This pass rescales and shifts each output channel
-of a layer, ``o' = t * o + c``, by folding ``t`` into the weight's output
-rows and ``t * b + c`` into the bias. Layers are processed in graph order on
-the calibration set, each seeing the already-corrected layers upstream (what
-re-running BatchNorm statistics does).
+error compounds downstream. :class:`StatisticsCorrector` rescales and shifts
+each output channel of a layer, ``o' = t * o + c``, by folding ``t`` into the
+weight's output rows and ``t * b + c`` into the bias. It is not a pass of its
+own: :func:`sparsecompile.sparsify.sparsify` runs it as the ``after`` hook of
+the masking traversal (one :class:`~sparsecompile.sequential.LockstepRunner`
+pass), so layers are processed in graph order on the calibration set, each
+seeing the already-masked and corrected layers upstream (what re-running
+BatchNorm statistics does). The build's accuracy guard refits it around
+masks already chosen through ``sparsify`` with ``FixedMasks``.
 
 Modes (``--correct``):
 
@@ -39,12 +43,10 @@ from sparsecompile.errors import SparseCompileError
 from sparsecompile.graph import CONV_OPS, add_bias, arg, get_tensor, set_tensor
 from sparsecompile.passes.fold_batchnorm import BN_OPS, FoldedBatchNorm
 from sparsecompile.masks.statistics import activation_input
-from sparsecompile.passes.manager import PassContext, PassResult
-from sparsecompile.sequential import LockstepRunner
 
 aten = torch.ops.aten
 
-CORRECTION_MODES = ("bn", "bias")  # plus "none": no pass at all
+CORRECTION_MODES = ("bn", "bias")  # plus "none": no correction at all
 _EPS = 1e-12
 
 
@@ -243,25 +245,3 @@ class StatisticsCorrector:
         set_tensor(self.gm, layer.weight_target, new_weight)
         set_tensor(self.gm, bias_target, new_bias)
 
-
-class CorrectStatistics:
-    """Statistics correction on its own (any mask method): one sequential calibration pass."""
-
-    name = "correct_statistics"
-
-    def __init__(self, mode: str, layers: list, folded_batchnorm: dict, sparse_targets: set[str], chunks,
-                 dense_state: dict[str, torch.Tensor]):
-        self.mode, self.layers, self.folded = mode, layers, folded_batchnorm
-        self.sparse_targets, self.chunks = sparse_targets, chunks
-        self.dense_state = dict(dense_state)  # the weights before masking: the reference stream
-        self.corrector: StatisticsCorrector | None = None
-
-    def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
-        self.corrector = StatisticsCorrector(gm, self.mode, self.layers, self.folded, self.sparse_targets)
-        if not self.corrector.node_names:
-            return PassResult(gm, False, {"mode": self.mode, "corrected": []})
-        self.corrector.prepare(self.dense_state)
-        LockstepRunner(gm, self.dense_state).run(self.chunks, self.corrector.node_names,
-                                                 before=self.corrector.before, after=self.corrector.after)
-        return PassResult(gm, True, {"mode": self.mode, "corrected": sorted(self.corrector.records),
-                                     "batchnorm_reestimated": sorted(self.corrector.batchnorm_records)})

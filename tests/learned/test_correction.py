@@ -1,6 +1,6 @@
 """Statistics correction inside the learning loop (``learned/correction.py``): with the whole set as one
-batch it is the build's correction pass, it leaves the function alone when off, it skips what the pass
-skips, and masks learned under it aim at what the correction cannot repair."""
+batch it is the build's correction (``sparsify(..., correct=mode)``), it leaves the function alone when off,
+it skips what the build skips, and masks learned under it aim at what the correction cannot repair."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from torch.func import functional_call
 from conftest import make_small_net, small_input
 from helpers import export_graph
 from sparsecompile.errors import SparseCompileError
-from sparsecompile.graph import get_tensor, set_tensor
+from sparsecompile.graph import get_tensor
 from sparsecompile.layers import find_layers
 from sparsecompile.learned import TrainConfig, learn_gumbel_masks, masked_weights
 from sparsecompile.learned.correction import InLoopCorrection
 from sparsecompile.learned.train import layer_output_probe
 from sparsecompile.masks import topn_mask
+from sparsecompile.masks.saved import FixedMasks
 from sparsecompile.passes import PassContext, PassManager
-from sparsecompile.passes.correct_statistics import CorrectStatistics
 from sparsecompile.passes.fold_batchnorm import FoldBatchNorm
 from sparsecompile.passes.remove_identity import RemoveIdentity
-from sparsecompile.sequential import snapshot
+from sparsecompile.sparsify import sparsify
 from sparsecompile.verify import flat_outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,13 +67,14 @@ def test_on_the_whole_set_as_one_batch_it_is_the_builds_correction(mode, correct
         uncorrected, _ = _run_probe(probe, masked_weights(gm, masks), x, *correction.identity())
         student, _ = _run_probe(probe, masked_weights(gm, masks), x, *correction.targets(dense_features))
 
+    # The build's path: the dense graph masked and corrected in one sequential calibration traversal.
     sparse = copy.deepcopy(gm)
-    dense_state = snapshot(sparse)
-    for target, weight in masked_weights(gm, masks).items():
-        set_tensor(sparse, target, weight)
-    corrected_gm = CorrectStatistics(mode, layers, folded, set(masks), [(x,)], dense_state)(sparse, PassContext())
+    result = sparsify(sparse, layers, layers, FixedMasks(masks, 2, 4), [(x,)], correct=mode, folded_batchnorm=folded,
+                      sequential=True)
+    # The build corrected exactly the layers the loop corrects.
+    assert sorted(result.corrections) == sorted(layer.name for layer in layers if layer.name not in correction.skipped)
     with torch.no_grad():
-        expected = corrected_gm.graph_module(x)
+        expected = sparse(x)
     assert torch.allclose(student, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(uncorrected, expected, rtol=1e-2, atol=1e-3)  # the correction did something
 

@@ -1,4 +1,6 @@
-"""Statistics correction: bn mode equals real BatchNorm re-estimation; bias mode matches dense statistics."""
+"""Statistics correction as the build runs it -- ``sparsify(..., correct=mode)`` masking the dense graph in one
+sequential calibration traversal, here with fixed masks (``FixedMasks``, as the accuracy guard refits): bn mode
+equals real BatchNorm re-estimation; bias mode matches dense statistics."""
 
 from __future__ import annotations
 
@@ -7,14 +9,15 @@ import copy
 import torch
 from torch import nn
 
-from helpers import export_graph, run_pass
+from helpers import export_graph
 from sparsecompile.graph import get_tensor, set_tensor
 from sparsecompile.layers import find_layers
 from sparsecompile.masks import get_method
+from sparsecompile.masks.saved import FixedMasks
 from sparsecompile.passes import FoldBatchNorm, PassContext, PassManager
-from sparsecompile.passes.correct_statistics import CorrectStatistics
-from sparsecompile.sequential import LockstepRunner, snapshot
 from sparsecompile.passes.apply_masks import masked
+from sparsecompile.sequential import LockstepRunner, snapshot
+from sparsecompile.sparsify import sparsify
 
 
 class ConvBNChain(nn.Module):
@@ -44,27 +47,29 @@ def _model_and_data(seed=0):
     return model, calib
 
 
-def _folded_and_masked(model, calib):
+def _folded(model, calib):
+    """The dense graph as the build masks it (BatchNorms folded), its layers and every layer's magnitude mask."""
     gm = export_graph(model, calib[:4], dynamic_batch=True)
     fold = FoldBatchNorm()
     gm = PassManager([fold]).run(gm, PassContext(example_inputs=(calib[:4],)))
-    dense_state = snapshot(gm)
     layers = find_layers(gm)
-    masks = {}
-    for layer in layers:
-        weight = get_tensor(gm, layer.weight_target)
-        masks[layer.weight_target] = get_method("magnitude").select(weight, layer)
-        set_tensor(gm, layer.weight_target, masked(weight, masks[layer.weight_target]))
-    return gm, fold, layers, masks, dense_state
+    masks = {layer.weight_target: get_method("magnitude").select(get_tensor(gm, layer.weight_target), layer)
+             for layer in layers}
+    return gm, fold, layers, masks
+
+
+def _sparsify(gm, fold, layers, masks, chunks, correct):
+    """The build's path: mask the dense ``gm`` in place with ``masks`` in one sequential calibration traversal,
+    correcting statistics (``correct``) layer by layer as it goes."""
+    return sparsify(gm, layers, layers, FixedMasks(masks, 2, 4), chunks, correct=correct,
+                    folded_batchnorm=fold.folded_params, sequential=True)
 
 
 def test_bn_mode_equals_eager_batchnorm_recalibration():
     model, calib = _model_and_data()
-    gm, fold, layers, masks, dense_state = _folded_and_masked(model, calib)
-    correction = CorrectStatistics("bn", layers, fold.folded_params, set(masks), [(calib[:32],), (calib[32:],)],
-                                   dense_state)
-    gm, record = run_pass(correction, gm, (calib[:4],))
-    assert record.modified and record.stats["corrected"] == ["conv1", "conv2"]
+    gm, fold, layers, masks = _folded(model, calib)
+    result = _sparsify(gm, fold, layers, masks, [(calib[:32],), (calib[32:],)], "bn")
+    assert sorted(result.corrections) == ["conv1", "conv2"]
 
     # The same masks on the eager model, then BN statistics re-measured the standard way.
     eager = copy.deepcopy(model)
@@ -86,11 +91,10 @@ def test_bn_mode_equals_eager_batchnorm_recalibration():
 
 def test_bias_mode_matches_dense_channel_statistics():
     model, calib = _model_and_data(1)
-    gm, fold, layers, masks, dense_state = _folded_and_masked(model, calib)
+    gm, fold, layers, masks = _folded(model, calib)
+    dense_state = snapshot(gm)
     dense = export_graph(model, calib[:4], dynamic_batch=True)
-    correction = CorrectStatistics("bias", layers, fold.folded_params, set(masks), [(calib,)], dense_state)
-    gm, _ = run_pass(correction, gm, (calib[:4],))
-    records = correction.corrector.records
+    records = _sparsify(gm, fold, layers, masks, [(calib,)], "bias").corrections
     assert set(records) == {"conv1", "conv2", "fc"}
     # Matching mean and variance is not a least-squares fit: one layer's error may grow; the model's must not.
     assert all(r["error_before"] > 0 and r["error_after"] > 0 for r in records.values())
@@ -105,7 +109,8 @@ def test_bias_mode_matches_dense_channel_statistics():
     assert torch.equal(get_tensor(gm, "conv1.weight") != 0, masks["conv1.weight"])
     # And it helps the model as a whole.
     error = lambda out: float((out - dense(calib)).norm() / dense(calib).norm())  # noqa: E731
-    uncorrected, *_ = _folded_and_masked(model, calib)
+    uncorrected, fold, layers, masks = _folded(model, calib)
+    _sparsify(uncorrected, fold, layers, masks, [(calib,)], "none")
     assert error(gm(calib)) < error(uncorrected(calib))
 
 
@@ -114,9 +119,17 @@ def test_bn_mode_without_batchnorm_does_nothing():
     x = torch.randn(16, 8)
     gm = export_graph(model, x)
     layers = find_layers(gm)
-    correction = CorrectStatistics("bn", layers, {}, {layers[0].weight_target}, [(x,)], snapshot(gm))
-    _, record = run_pass(correction, gm, (x,))
-    assert not record.modified and record.stats["corrected"] == []
+    masks = {layer.weight_target: get_method("magnitude").select(get_tensor(gm, layer.weight_target), layer)
+             for layer in layers}
+    before = snapshot(gm)
+    result = sparsify(gm, layers, layers, FixedMasks(masks, 2, 4), [(x,)], correct="bn", folded_batchnorm={},
+                      sequential=True)
+    assert result.corrections == {} and result.batchnorm_reestimated == {}
+    # Nothing but the masks: no bias added, no weight or bias rescaled.
+    after = snapshot(gm)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], masked(value, masks[name]) if name in masks else value), name
 
 
 def test_lockstep_runner_without_hooks_reproduces_the_model():
@@ -159,12 +172,10 @@ def test_bn_mode_reestimates_batchnorm_the_fold_left_in_place():
     model.bn.running_mean.uniform_(0.0, 0.5)
     model.bn.running_var.uniform_(0.5, 2.0)
     calib = torch.randn(32, 8, 6, 6)
-    gm, fold, layers, masks, dense_state = _folded_and_masked(model, calib)
+    gm, fold, layers, masks = _folded(model, calib)
     assert fold.folded_params == {}  # nothing foldable
-    correction = CorrectStatistics("bn", layers, fold.folded_params, set(masks), [(calib[:16],), (calib[16:],)],
-                                   dense_state)
-    gm, record = run_pass(correction, gm, (calib[:4],))
-    assert record.modified and len(record.stats["batchnorm_reestimated"]) == 1
+    result = _sparsify(gm, fold, layers, masks, [(calib[:16],), (calib[16:],)], "bn")
+    assert result.corrections == {} and len(result.batchnorm_reestimated) == 1
 
     eager = copy.deepcopy(model)
     with torch.no_grad():
