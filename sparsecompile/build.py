@@ -1006,7 +1006,7 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
                   for update in (updates if name == "hessian" else (False,)) for correct in corrections]
     fit = fit_batches()
     started = time.perf_counter()
-    tried, best, ranked = [], None, []
+    tried, best, ranked = [], None, {}
     for name, correct, update in candidates:
         elapsed = time.perf_counter() - started
         entry = {"method": name, "correct": correct, **({"update_weights": True} if update else {})}
@@ -1039,10 +1039,18 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
         # where hessian + bias lost none.
         key = damage.order_key
         record["relative_error"] = round(key[1], 6)
-        ranked.append((key, work, candidate_method, correct, outcome, record))
-        ranked.sort(key=lambda item: item[0])  # stable: equal keys keep the cheaper, earlier candidate first
-        del ranked[PER_LAYER_CANDIDATES:]  # the graphs of the others are not needed again
-        best = ranked[0]
+        item = (key, work, candidate_method, correct, outcome, record)
+        if best is None or key < best[0]:
+            best = item
+        # The per-layer choice (below) mixes only candidates with the best one's statistics correction: masks
+        # chosen for a bias-corrected layer ignore its mean shift and are disastrous without the correction
+        # (measured on the OCR recognizer: a mix across corrections lost 52.6 points where the best single
+        # candidate lost 3.4). So the best few graphs of each correction are kept until the best is known.
+        if options.per_layer:
+            same = ranked.setdefault(correct, [])
+            same.append(item)
+            same.sort(key=lambda entry: entry[0])  # stable: equal keys keep the cheaper, earlier candidate first
+            del same[PER_LAYER_CANDIDATES:]
     skipped = [t for t in tried if "skipped" in t]
     if skipped:
         progress.warn(f"--method auto: {len(skipped)} candidate(s) not tried: --auto-time-cap "
@@ -1057,8 +1065,10 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
               "measured_on": "held-back calibration samples",
               "margin_to_next": None if runner_up is None or record["score"] is None
               else round(runner_up - record["score"], 4), "skipped": len(skipped)}
-    if options.per_layer and not best[0][0] <= 1.0 and len(ranked) > 1:
-        mixed = _mix_per_layer(gm, eligible, layers, ranked, fit, check_batches, check_dense, assess, options,
+    same = ranked.get(correct, [])
+    ranked.clear()
+    if options.per_layer and not best[0][0] <= 1.0 and len(same) > 1:
+        mixed = _mix_per_layer(gm, eligible, layers, same, fit, check_batches, check_dense, assess, options,
                                folded_batchnorm, n, m, progress)
         choice["per_layer"] = mixed["record"]
         if mixed.get("graph") is not None:
@@ -1077,7 +1087,8 @@ def _mix_per_layer(dense_gm, eligible, layers, ranked, fit, check_batches, check
     damaging than the best single candidate on the held-back samples.
 
     Runs only when the best candidate is over the guard's budget (within it, there is no damage to win back).
-    ``ranked``: the best candidates (key, graph, method, correction, outcome, record), best first. Each layer is
+    ``ranked``: the best candidates with the best one's statistics correction (key, graph, method, correction,
+    outcome, record), best first. Each layer is
     judged like the guard's sensitivity (budget.py): the dense model with only that layer's sparse weight (and
     corrected bias) from the candidate, on the first SENSITIVITY_SAMPLES fitting samples, by the guard's score
     and then the outputs' relative error; ties keep the best candidate's mask. The mix is then rebuilt from the

@@ -57,8 +57,9 @@ def two_branch(tmp_path_factory):
 def _build(two_branch, tmp_path, name, monkeypatch, methods=("magnitude", "activation"), **kwargs):
     model, calib = two_branch
     monkeypatch.setattr(build_module, "AUTO_METHODS", methods)  # the candidates whose masks can be mixed
+    kwargs.setdefault("correct", "bias")
     return build(BuildOptions(model=str(model), calib=str(calib), output=str(tmp_path / name), min_weights=1000,
-                              permute=False, correct="bias", **kwargs)).report
+                              permute=False, **kwargs)).report
 
 
 def test_per_layer_mix_keeps_every_layer_sparse_where_each_single_method_breaks_one(two_branch, tmp_path,
@@ -86,16 +87,26 @@ def test_without_the_per_layer_choice_the_guard_restores_a_layer(two_branch, tmp
     assert len(report["budget"]["reverted"]) >= 1 and report["summary"]["sparse_layers"] <= 1
 
 
-def test_the_mix_is_not_adopted_when_every_layer_prefers_the_best_candidate(scaled_mlp, tmp_path, monkeypatch):
-    """One eligible layer, candidates magnitude with and without correction: both over budget, and the one layer's
-    best mask is the best candidate's own, so there is nothing to mix; the guard then restores the layer."""
-    model, calib = scaled_mlp
-    monkeypatch.setattr(build_module, "AUTO_METHODS", ("magnitude",))
-    report = build(BuildOptions(model=str(model), calib=str(calib), output=str(tmp_path / "one"), min_weights=1000,
-                                permute=False)).report
+def test_the_mix_is_not_adopted_when_every_layer_prefers_the_best_candidate(two_branch, tmp_path, monkeypatch):
+    """Two candidates with the very same masks: every layer ties, ties keep the best candidate's mask, so there is
+    nothing to mix; the guard then restores layers as without the per-layer choice."""
+    report = _build(two_branch, tmp_path, "same", monkeypatch, methods=("magnitude", "magnitude"))
     mix = report["method_choice"]["per_layer"]
     assert not mix["adopted"] and "best candidate's mask" in mix["why"] and report["method"] == "magnitude"
-    assert [entry["layer"] for entry in report["budget"]["reverted"]] == ["0"]
+    assert len(report["budget"]["reverted"]) >= 1
+
+
+def test_only_candidates_with_the_best_ones_correction_are_mixed(two_branch, tmp_path, monkeypatch):
+    """Masks chosen for a bias-corrected layer break it without the correction: with --correct auto both
+    corrections are tried, and the mix draws only on candidates with the winner's."""
+    report = _build(two_branch, tmp_path, "corrections", monkeypatch, correct="auto")
+    choice = report["method_choice"]
+    assert {t["correct"] for t in choice["tried"]} == {"bias", "none"}
+    best = min(choice["tried"], key=lambda t: (t["score"], t["relative_error"]))
+    assert best["score"] > 1 and "per_layer" in choice
+    suffix = f"--correct {best['correct']}"
+    assert choice["per_layer"]["candidates"] and all(name.endswith(suffix)
+                                                     for name in choice["per_layer"]["candidates"])
 
 
 def test_no_per_layer_choice_when_the_best_candidate_is_within_budget(two_branch, tmp_path, monkeypatch):
