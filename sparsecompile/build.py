@@ -1,7 +1,11 @@
 """``sparsecompile build``: the whole pipeline, data flowing one way.
 
-    load -> normalize (passes) -> find layers -> select masks -> apply masks
-         -> verify -> compress -> emit ONNX -> check on ONNX Runtime -> report
+    load -> normalize (passes) -> permute -> find layers -> select masks (or learn them) -> accuracy guard
+         -> verify -> certify -> emit ONNX -> check on ONNX Runtime -> compress -> INT8 -> report -> engine
+
+The build is the ordered list ``STAGES``: named stages over one ``BuildState``, checked and settled from
+the options first (``_check_options``); the "[k/N]" progress lines, N and the report's timings come from
+that list (``_run_stages``).
 
 Everything is written into a staging directory that replaces ``--output``
 only when the build succeeded (see :mod:`sparsecompile.builddir`).
@@ -18,6 +22,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -140,6 +145,130 @@ class BuildResult:
     report: dict
 
 
+@dataclass
+class BuildState:
+    """What flows between the build's stages: settled from the options by ``_check_options``, then filled
+    in stage by stage (each field is set by the stage named in its comment, and read by later ones)."""
+
+    options: BuildOptions
+    progress: Progress
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, keyed by stage name
+    notes: list[str] = field(default_factory=list)  # the report's notes (warnings included)
+    # _check_options: what the options mean for this build
+    target: Any = None
+    n: int = 2
+    m: int = 4
+    method: Any = None  # the MaskMethod; --method auto: magnitude until the masks stage picks
+    auto_method: bool = False  # --method auto with calibration data: candidates compared on held-back samples
+    learned: bool = False  # a learned method (gumbel, proxsparse): the learn stage runs
+    saved: Any = None  # --masks: the SavedMasks applied instead of choosing
+    guard: dict = field(default_factory=dict)  # the accuracy guard's settings (_guard_settings)
+    out: Path | None = None
+    preprocess: Any = None
+    sparsify_layers: bool = False
+    permute: bool = False
+    accelerated: bool = False  # 2:4 masks on a target with sparse tensor cores
+    weights_dtype_name: str = "fp32"
+    engine_precision: str = "fp32"
+    quantize_int8: bool = False
+    # load
+    calib: CalibrationData | None = None  # every calibration sample
+    fit_calib: CalibrationData | None = None  # the samples that fit masks and corrections
+    check_calib: CalibrationData | None = None  # the held-back samples that check them (``calib`` if none)
+    fit_index: list[int] | None = None
+    loaded: Any = None  # frontend.LoadedModel
+    batch_size: int = 0
+    # normalize, permute, lower
+    context: PassContext | None = None
+    reference_outputs: list | None = None  # the loaded model's outputs on ``calib``
+    fold_pass: FoldBatchNorm | None = None
+    pass_records: list = field(default_factory=list)
+    gm: torch.fx.GraphModule | None = None
+    permute_pass: PermuteChannels | None = None
+    unpermuted: torch.fx.GraphModule | None = None  # the graph before permutation, until it is checked
+    dense_outputs: list | None = None  # the normalized dense model's outputs on ``calib``
+    normalization: list | None = None  # comparison of those with ``reference_outputs``
+    # masks, learn
+    layers: list = field(default_factory=list)
+    eligible: list = field(default_factory=list)
+    dense_gm: torch.fx.GraphModule | None = None
+    correct: str = "none"
+    learning: dict | None = None
+    method_choice: dict | None = None
+    kinds: Any = None  # how each output's damage is measured (damage.output_kinds)
+    assess: Callable | None = None  # (dense outputs, sparse outputs) -> the damage on the check samples
+    check_dense: list | None = None  # the dense model's outputs on ``check_calib``
+    outcome: Any = None  # sparsify's SparsifyOutcome
+    masks: dict = field(default_factory=dict)
+    sparse_gm: torch.fx.GraphModule | None = None
+    # budget (the accuracy guard)
+    budget: BudgetResult | None = None
+    check_sparse: list | None = None  # ``sparse_gm``'s outputs on ``check_calib`` while still current
+    # verify, certify
+    layer_records: list[dict] = field(default_factory=list)
+    sparse_outputs: list | None = None
+    agreement: list | None = None
+    final_damage: Any = None
+    references: dict = field(default_factory=dict)  # dense weights of the masked layers, for --save-masks
+    certificate: dict | None = None
+    dense_values: dict | None = None
+    # the stages that write the build directory
+    staging: Path | None = None  # open while those stages run (atomic_build_dir)
+    onnx_info: dict | None = None
+    ort_check: list | None = None
+    compression: dict | None = None
+    quantization: dict | None = None
+    engine_info: dict | None = None
+    report: dict | None = None
+    # engine
+    host: Any = None
+
+    def batches(self, data: CalibrationData):
+        return data.batches(self.batch_size, static=not self.loaded.dynamic_batch)
+
+    def on_pass(self, name: str) -> None:
+        self.progress.detail(f"pass {name}")
+
+    def warn(self, message: str) -> None:
+        """Warn now and keep the message in the report's notes."""
+        self.progress.warn(message)
+        self.notes.append(message)
+
+
+def _always(state: BuildState) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named step of the build, run over the :class:`BuildState` by ``_run_stages``.
+
+    ``title`` is its progress line "[k/N] title ..." (a string, or a function of the state read when the
+    stage starts); ``None`` for a step with no line of its own, which is neither counted nor timed.
+    ``own_line``: the stage is counted and timed but its run opens the line itself (learning does its
+    set-up and checks first). ``enabled`` says, before the first stage, whether the options ask for it;
+    ``needed``, read just before it would start, whether it has anything to do (False skips it). N counts
+    the enabled stages that are ``expected`` to run; the runner takes a skipped one off the count and adds
+    an unexpected one that runs. ``writes``: the stage writes into the build's staging directory, which
+    the runner opens before the first such stage and puts in place after the last (atomic_build_dir).
+    The report's ``timings`` has one entry per counted stage that ran, under its name.
+    """
+
+    name: str
+    title: str | Callable[[BuildState], str] | None
+    run: Callable[[BuildState], None]
+    enabled: Callable[[BuildState], bool] = _always
+    needed: Callable[[BuildState], bool] = _always
+    expected: bool = True
+    own_line: bool = False
+    writes: bool = False
+
+    @property
+    def counted(self) -> bool:
+        return self.title is not None or self.own_line
+
+
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], name: str):
     start = time.perf_counter()
@@ -240,21 +369,10 @@ def _ignored_options(options: BuildOptions, target, sparsify_layers: bool, learn
     return messages
 
 
-def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
-    """Build ``options.model`` into ``options.output`` (see the README's build section)."""
-    if options.threads is None:
-        return _build(options, progress)
-    if not isinstance(options.threads, int) or options.threads < 1:
-        raise SparseCompileError(f"--threads must be a whole number >= 1, got {options.threads!r}")
-    with torch_threads(options.threads):  # set once, for every stage (learning included), and restored after
-        return _build(options, progress)
-
-
-def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
-    progress = progress or Progress(quiet=True)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    notes: list[str] = []
+def _check_options(state: BuildState) -> None:
+    """Check every option and settle what they mean for this build (method, permutation, precision, the
+    accuracy guard), before any work and any stage line: one line per problem, cheap checks first."""
+    options, progress, notes = state.options, state.progress, state.notes
     _check_option_values(options)
 
     target = get_target(options.target)
@@ -342,499 +460,658 @@ def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResu
 
     for message in _ignored_options(options, target, sparsify_layers, method.learned,
                                     options.method if saved is None else "(saved masks)"):
-        progress.warn(message)
-        notes.append(message)
+        state.warn(message)
 
-    # Stages that always run (load, normalize, masks, verify, ONNX, ONNX Runtime, compress, report), plus the
-    # optional ones asked for; one that turns out to have nothing to do takes itself off the total below.
-    learned = method.learned
-    progress.total = 8 + sum([bool(permute), learned, guard["on"], bool(options.certify), quantize_int8])
+    state.target, state.n, state.m = target, n, m
+    state.method, state.auto_method, state.learned, state.saved = method, auto_method, method.learned, saved
+    state.guard, state.out, state.preprocess = guard, out, preprocess
+    state.sparsify_layers, state.permute, state.accelerated = sparsify_layers, permute, accelerated
+    state.weights_dtype_name, state.engine_precision = weights_dtype_name, engine_precision
+    state.quantize_int8 = quantize_int8
 
-    # 1. load
-    with progress.stage("loading model"), _timed(timings, "load"):
-        calib = (load_calibration(options.calib, options.calib_samples, preprocess, progress)
-                 if options.calib else None)
-        loaded = load_model(
-            options.model, factory=options.model_factory, weights=options.weights,
-            trust_pickle=options.trust_pickle, input_shapes=options.input_shapes or None,
-            calib_example=calib.first_batch(min(8, calib.num_samples)) if calib else None,
+
+def _load(state: BuildState) -> None:
+    """Load the model and the calibration data; hold back samples to check the masks on."""
+    options, progress, notes = state.options, state.progress, state.notes
+    calib = (load_calibration(options.calib, options.calib_samples, state.preprocess, progress)
+             if options.calib else None)
+    loaded = load_model(
+        options.model, factory=options.model_factory, weights=options.weights,
+        trust_pickle=options.trust_pickle, input_shapes=options.input_shapes or None,
+        calib_example=calib.first_batch(min(8, calib.num_samples)) if calib else None,
+    )
+    notes.extend(loaded.notes)
+    if calib is not None:
+        calib = match_to_model(calib, loaded.example_inputs, loaded.input_names)
+        for warning in check_informative(calib):  # refuses constant data: it cannot tell masks apart
+            state.warn(warning)
+    else:
+        calib = random_calibration(loaded.example_inputs, seed=options.seed)
+        notes.append("no --calib given: verification used 32 random inputs, so agreement numbers "
+                     "say nothing about accuracy on real data")
+    batch_size = 64 if loaded.dynamic_batch else loaded.batch_size
+    if not loaded.dynamic_batch and calib.num_samples < batch_size:
+        raise SparseCompileError(
+            f"the model has a static batch of {batch_size} but the calibration data has only "
+            f"{calib.num_samples} samples"
         )
-        notes.extend(loaded.notes)
-        if calib is not None:
-            calib = match_to_model(calib, loaded.example_inputs, loaded.input_names)
-            for warning in check_informative(calib):  # refuses constant data: it cannot tell masks apart
-                progress.warn(warning)
-                notes.append(warning)
+    if not loaded.dynamic_batch and options.batch and options.batch != (batch_size,) * 3:
+        raise SparseCompileError(f"--batch {','.join(map(str, options.batch))}: the model has a static batch "
+                                 f"of {batch_size}; export it with a dynamic batch to build a batch range")
+    progress.detail(f"{loaded.source_kind} model, inputs {loaded.input_names}, "
+                    f"{'dynamic' if loaded.dynamic_batch else 'static'} batch, {calib.num_samples} calibration samples")
+    # Masks, corrections and sensitivities are fitted on `fit_calib`; the guard, --method auto and the
+    # reported damage are measured on `check_calib`, samples that chose nothing.
+    fit_calib = check_calib = calib
+    fit_index = None
+    if options.calib:
+        split = holdout_split(calib.num_samples, seed=options.seed,
+                              multiple=1 if loaded.dynamic_batch else batch_size)
+        if split is None:
+            state.warn(f"only {calib.num_samples} calibration samples: none could be held back, so the accuracy "
+                       "check measures on the samples the masks were chosen on (optimistic); pass a few hundred")
         else:
-            calib = random_calibration(loaded.example_inputs, seed=options.seed)
-            notes.append("no --calib given: verification used 32 random inputs, so agreement numbers "
-                         "say nothing about accuracy on real data")
-        batch_size = 64 if loaded.dynamic_batch else loaded.batch_size
-        if not loaded.dynamic_batch and calib.num_samples < batch_size:
-            raise SparseCompileError(
-                f"the model has a static batch of {batch_size} but the calibration data has only "
-                f"{calib.num_samples} samples"
-            )
-        if not loaded.dynamic_batch and options.batch and options.batch != (batch_size,) * 3:
-            raise SparseCompileError(f"--batch {','.join(map(str, options.batch))}: the model has a static batch "
-                                     f"of {batch_size}; export it with a dynamic batch to build a batch range")
-        progress.detail(f"{loaded.source_kind} model, inputs {loaded.input_names}, "
-                        f"{'dynamic' if loaded.dynamic_batch else 'static'} batch, {calib.num_samples} calibration samples")
-        # Masks, corrections and sensitivities are fitted on `fit_calib`; the guard, --method auto and the
-        # reported damage are measured on `check_calib`, samples that chose nothing.
-        fit_calib = check_calib = calib
-        fit_index = None
-        if options.calib:
-            split = holdout_split(calib.num_samples, seed=options.seed,
-                                  multiple=1 if loaded.dynamic_batch else batch_size)
-            if split is None:
-                message = (f"only {calib.num_samples} calibration samples: none could be held back, so the accuracy "
-                           "check measures on the samples the masks were chosen on (optimistic); pass a few hundred")
-                progress.warn(message)
-                notes.append(message)
-            else:
-                fit_index, check_index = split
-                fit_calib, check_calib = calib.select(fit_index), calib.select(check_index)
-                progress.detail(f"{fit_calib.num_samples} samples fit the masks, "
-                                f"{check_calib.num_samples} held back to check them")
+            fit_index, check_index = split
+            fit_calib, check_calib = calib.select(fit_index), calib.select(check_index)
+            progress.detail(f"{fit_calib.num_samples} samples fit the masks, "
+                            f"{check_calib.num_samples} held back to check them")
+    state.calib, state.loaded, state.batch_size = calib, loaded, batch_size
+    state.fit_calib, state.check_calib, state.fit_index = fit_calib, check_calib, fit_index
 
-    def batches(data: CalibrationData):
-        return data.batches(batch_size, static=not loaded.dynamic_batch)
 
-    # 2. normalize
-    context = PassContext(example_inputs=loaded.example_inputs)
-    on_pass = lambda name: progress.detail(f"pass {name}")  # noqa: E731
-    with progress.stage("normalizing graph (remove identity, fold batch norm, shapes)"), _timed(timings, "normalize"):
-        reference_outputs = run_batches(loaded.module, batches(calib))
-        fold_pass = FoldBatchNorm()
-        manager = PassManager([RemoveIdentity(), fold_pass, ShapePropagation()], on_pass=on_pass)
-        gm = manager.run(loaded.module, context)
+def _normalize(state: BuildState) -> None:
+    """Remove identities, fold batch norm, propagate shapes (the loaded model's outputs kept to check it)."""
+    state.context = PassContext(example_inputs=state.loaded.example_inputs)
+    state.reference_outputs = run_batches(state.loaded.module, state.batches(state.calib))
+    state.fold_pass = FoldBatchNorm()
+    manager = PassManager([RemoveIdentity(), state.fold_pass, ShapePropagation()], on_pass=state.on_pass)
+    state.gm = manager.run(state.loaded.module, state.context)
+    state.pass_records = manager.records
 
-    # 2b. permute channels (before lowering: groups are found on convolution nodes)
-    permute_pass = None
-    if permute:
-        with progress.stage("permuting channels"), _timed(timings, "permute"):
-            candidates = find_layers(gm, n=n, m=m, alignment=target.reduction_alignment,
-                                     min_weights=options.min_weights, exclude=options.exclude)
-            unpermuted = copy.deepcopy(gm)
-            permute_pass = PermuteChannels(
-                candidates, {layer.node_name for layer in candidates if layer.reason is None}, n=n, m=m,
-                budget_s=options.permute_budget, max_work=round(options.permute_effort * 1e6), seed=options.seed,
-                importance=method.permutation_importance, importance_name=method.permutation_importance_name,
-                on_group=progress.detail,
-                iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
-                given=saved.permutations if saved is not None else None,
-            )
-            permute_manager = PassManager([permute_pass], on_pass=on_pass)
-            gm = permute_manager.run(gm, context)
-            manager.records.extend(permute_manager.records)
+
+def _permute(state: BuildState) -> None:
+    """Search channel permutations (before lowering: groups are found on convolution nodes)."""
+    options, progress, saved = state.options, state.progress, state.saved
+    candidates = find_layers(state.gm, n=state.n, m=state.m, alignment=state.target.reduction_alignment,
+                             min_weights=options.min_weights, exclude=options.exclude)
+    state.unpermuted = copy.deepcopy(state.gm)
+    state.permute_pass = PermuteChannels(
+        candidates, {layer.node_name for layer in candidates if layer.reason is None}, n=state.n, m=state.m,
+        budget_s=options.permute_budget, max_work=round(options.permute_effort * 1e6), seed=options.seed,
+        importance=state.method.permutation_importance, importance_name=state.method.permutation_importance_name,
+        on_group=progress.detail,
+        iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
+        given=saved.permutations if saved is not None else None,
+    )
+    permute_manager = PassManager([state.permute_pass], on_pass=state.on_pass)
+    state.gm = permute_manager.run(state.gm, state.context)
+    state.pass_records.extend(permute_manager.records)
+
+
+def _check_normalization(state: BuildState, outputs, compared=None):
+    """Fail (internal error) when normalization changed the model's function; returns the comparison
+    (``compared``: already made for ``outputs``)."""
+    compared = compare_outputs(state.reference_outputs, outputs) if compared is None else compared
+    worst_error = max((o["relative_error"] for o in compared), default=0.0)
+    if worst_error > NORMALIZATION_TOLERANCE:
+        raise SparseCompileError(
+            f"internal error: graph normalization changed the model's outputs (relative error {worst_error:.2e}); "
+            "please report this with the model"
+        )
+    return compared
+
+
+def _lower_and_check(state: BuildState) -> None:
+    """After normalization and permutation: say when the permutation search hit its time cap, lower
+    convolutions (--lower-conv im2col), and check the graph still computes the loaded model's function,
+    building without the permutation if that is what changed it."""
+    options, target, permute_pass = state.options, state.target, state.permute_pass
+    if permute_pass is not None:
         capped = permute_pass.time_capped()
         if capped:  # the one nondeterministic way out of the search: say so loudly
-            message = (f"{len(capped)} channel group(s) hit the --permute-budget {options.permute_budget:g}s time cap "
+            state.warn(f"{len(capped)} channel group(s) hit the --permute-budget {options.permute_budget:g}s time cap "
                        f"before the --permute-effort {options.permute_effort:g} work limit "
-                       f"({', '.join('g' + str(g['id']) for g in capped)}): their channel order depends on machine speed, "
-                       "so this build is not reproducible; raise --permute-budget (or lower --permute-effort)")
-            progress.warn(message)
-            notes.append(message)
-
+                       f"({', '.join('g' + str(g['id']) for g in capped)}): their channel order depends on machine "
+                       "speed, so this build is not reproducible; raise --permute-budget (or lower --permute-effort)")
     lowering = _lowering_passes(options, target.reduction_alignment)
     if lowering:
-        lower_manager = PassManager(lowering, on_pass=on_pass)
-        gm = lower_manager.run(gm, context)
-        manager.records.extend(lower_manager.records)
-    def check_normalization(outputs, compared=None):
-        """Fail (internal error) when normalization changed the model's function; returns the comparison
-        (``compared``: already made for ``outputs``)."""
-        compared = compare_outputs(reference_outputs, outputs) if compared is None else compared
-        worst_error = max((o["relative_error"] for o in compared), default=0.0)
-        if worst_error > NORMALIZATION_TOLERANCE:
-            raise SparseCompileError(
-                f"internal error: graph normalization changed the model's outputs (relative error {worst_error:.2e}); "
-                "please report this with the model"
-            )
-        return compared
+        lower_manager = PassManager(lowering, on_pass=state.on_pass)
+        state.gm = lower_manager.run(state.gm, state.context)
+        state.pass_records.extend(lower_manager.records)
 
-    if permute_pass is None and not auto_method and options.calib:
+    if permute_pass is None and not state.auto_method and options.calib:
         # The dense model's outputs on the calibration set come from the masks stage's reference stream when it
         # runs over every sample (checked there), saving a forward; otherwise they are computed there.
         dense_outputs = normalization = None
     else:
-        dense_outputs = run_batches(gm, batches(calib))
-        normalization = compare_outputs(reference_outputs, dense_outputs)
+        dense_outputs = run_batches(state.gm, state.batches(state.calib))
+        normalization = compare_outputs(state.reference_outputs, dense_outputs)
     worst = max((o["relative_error"] for o in normalization or []), default=0.0)
     if worst > NORMALIZATION_TOLERANCE and permute_pass is not None:
         # never ship a wrong network: undo the permutation and say so
         message = (f"channel permutation changed the model's outputs (relative error {worst:.2e}); "
                    "built without it - please report this with the model")
-        progress.warn(message)
-        notes.append(message)
+        state.warn(message)
         permute_pass.discard(message)
-        gm = unpermuted
+        state.gm = state.unpermuted
         if lowering:
-            gm = PassManager(_lowering_passes(options, target.reduction_alignment)).run(gm, context)
-        dense_outputs = run_batches(gm, batches(calib))
-        normalization = compare_outputs(reference_outputs, dense_outputs)
+            state.gm = PassManager(_lowering_passes(options, target.reduction_alignment)).run(state.gm, state.context)
+        dense_outputs = run_batches(state.gm, state.batches(state.calib))
+        normalization = compare_outputs(state.reference_outputs, dense_outputs)
     if dense_outputs is not None:
-        check_normalization(dense_outputs, normalization)
-    unpermuted = None
+        _check_normalization(state, dense_outputs, normalization)
+    state.dense_outputs, state.normalization = dense_outputs, normalization
+    state.unpermuted = None
     if permute_pass is not None:  # folded BN parameters are per output channel: reorder them too
+        folded = state.fold_pass.folded_params
         for weight_target, index in permute_pass.output_orders.items():
-            if weight_target in fold_pass.folded_params:
-                fold_pass.folded_params[weight_target] = fold_pass.folded_params[weight_target].reindexed(index)
+            if weight_target in folded:
+                folded[weight_target] = folded[weight_target].reindexed(index)
 
-    # 3. layers and masks
-    with progress.stage(f"selecting {n}:{m} masks ({'auto' if auto_method else method.name})"), _timed(timings, "masks"):
-        layers = find_layers(gm, n=n, m=m, alignment=target.reduction_alignment,
-                             min_weights=options.min_weights, exclude=options.exclude)
-        for pattern in unmatched_patterns(layers, options.exclude):
-            progress.warn(f"--exclude '{pattern}' matches no layer")
-            notes.append(f"--exclude '{pattern}' matched no layer")
-        if saved is not None and sparsify_layers:
-            check_against(saved, [layer for layer in layers if layer.reason is None],
-                          lambda target: get_tensor(gm, target))
-            for layer in layers:
-                if layer.reason is None:
-                    layer.extra["mask_reuse"] = update_norms(saved, layer.weight_target,
-                                                             get_tensor(gm, layer.weight_target), layer.reduction_axis)
-        _layer_macs(gm, layers, loaded.batch_size)
-        speed_notes = _predict_speed(gm, layers, target, options, loaded.batch_size if not loaded.dynamic_batch else None)
-        notes.extend(speed_notes)
-        eligible = [layer for layer in layers if layer.reason is None]
-        if not sparsify_layers:
-            for layer in eligible:
-                layer.reason = f"target '{target.name}' has no sparse tensor cores (pass --sparsify to mask anyway)"
-            notes.append(f"target '{target.name}' has no sparse tensor cores: built a dense artifact")
-            eligible = []
-        elif not target.sparse_tensor_cores:
-            notes.append(f"--sparsify on '{target.name}': masks applied, but this target runs them dense "
-                         "(no speedup; smaller compressed weights only)")
-        if not layers or (sparsify_layers and not eligible):
-            notes.append("no layer is eligible for 2:4 sparsity: the model is built dense")
-            progress.warn("no layer is eligible for 2:4 sparsity; building a dense artifact (see report)")
+
+def _select_masks(state: BuildState) -> None:
+    """Find the layers, say which can go sparse and why not, and choose and apply their masks (--method
+    auto: the least damaging candidate); a learned method's masks come from the learn stage."""
+    options, progress, notes, target, saved = state.options, state.progress, state.notes, state.target, state.saved
+    gm, n, m = state.gm, state.n, state.m
+    layers = find_layers(gm, n=n, m=m, alignment=target.reduction_alignment,
+                         min_weights=options.min_weights, exclude=options.exclude)
+    for pattern in unmatched_patterns(layers, options.exclude):
+        progress.warn(f"--exclude '{pattern}' matches no layer")
+        notes.append(f"--exclude '{pattern}' matched no layer")
+    if saved is not None and state.sparsify_layers:
+        check_against(saved, [layer for layer in layers if layer.reason is None],
+                      lambda target: get_tensor(gm, target))
         for layer in layers:
-            progress.detail(f"{layer.name} ({layer.op}): " + (f"dense - {layer.reason}" if layer.reason else "sparse"))
-        dense_gm = copy.deepcopy(gm)
-        correct = options.correct
-        if correct == "auto":  # measured best on real data; without real data it would fit noise
-            # Learned methods too: they learn their masks under it (learned/correction.py), and
-            # --correct none keeps their weights bit for bit.
-            correct = DEFAULT_CORRECTION if options.calib else "none"
-        learning = None
-        if learned and eligible:
-            learning = _learn_masks(method, gm, layers, fit_calib, options, loaded, progress,
-                                    lambda: list(batches(fit_calib)), correct, fold_pass.folded_params, fit_index,
-                                    calib.num_samples)
-        elif learned:
-            _learning_config(method, options, loaded)  # still refuse bad --learn-option values
-            progress.total -= 1  # nothing to learn
-        if not eligible:
-            correct = "none"
-        uses_calibration = bool(method.needs) or correct != "none"
-        if uses_calibration and calib.source == "random":
-            progress.warn(f"--method {method.name} / --correct {options.correct} without --calib: statistics come "
-                          "from random inputs and will not help accuracy")
-        from_lockstep = (dense_outputs is None and not learned and uses_calibration and fit_calib is calib
-                         and (correct != "none" or not options.sequential or "hessian" in method.needs))
-        if dense_outputs is None and not from_lockstep:
-            dense_outputs = run_batches(dense_gm, batches(calib))
-            normalization = check_normalization(dense_outputs)
-        method_choice = None
+            if layer.reason is None:
+                layer.extra["mask_reuse"] = update_norms(saved, layer.weight_target,
+                                                         get_tensor(gm, layer.weight_target), layer.reduction_axis)
+    loaded = state.loaded
+    _layer_macs(gm, layers, loaded.batch_size)
+    speed_notes = _predict_speed(gm, layers, target, options, loaded.batch_size if not loaded.dynamic_batch else None)
+    notes.extend(speed_notes)
+    eligible = [layer for layer in layers if layer.reason is None]
+    if not state.sparsify_layers:
+        for layer in eligible:
+            layer.reason = f"target '{target.name}' has no sparse tensor cores (pass --sparsify to mask anyway)"
+        notes.append(f"target '{target.name}' has no sparse tensor cores: built a dense artifact")
+        eligible = []
+    elif not target.sparse_tensor_cores:
+        notes.append(f"--sparsify on '{target.name}': masks applied, but this target runs them dense "
+                     "(no speedup; smaller compressed weights only)")
+    if not layers or (state.sparsify_layers and not eligible):
+        notes.append("no layer is eligible for 2:4 sparsity: the model is built dense")
+        progress.warn("no layer is eligible for 2:4 sparsity; building a dense artifact (see report)")
+    for layer in layers:
+        progress.detail(f"{layer.name} ({layer.op}): " + (f"dense - {layer.reason}" if layer.reason else "sparse"))
+    state.layers, state.eligible = layers, eligible
+    state.dense_gm = copy.deepcopy(gm)
+    state.correct = options.correct
+    if state.correct == "auto":  # measured best on real data; without real data it would fit noise
+        # Learned methods too: they learn their masks under it (learned/correction.py), and
+        # --correct none keeps their weights bit for bit.
+        state.correct = DEFAULT_CORRECTION if options.calib else "none"
+    if state.learned and eligible:
+        return  # the learn stage learns the masks and applies them
+    if state.learned:
+        _learning_config(state.method, options, loaded)  # nothing to learn; still refuse bad --learn-option values
+    _apply_masks(state)
 
-        def damage_setup(outputs):
-            """Output kinds, the damage measure and the dense outputs on the check samples."""
-            output_kinds_ = output_kinds(outputs, guard["kinds"])
-            measure = lambda dense, sparse: measure_damage(dense, sparse, output_kinds_,  # noqa: E731
-                                                           guard["max_drop"], guard["max_error"])
-            return output_kinds_, measure, (run_batches(dense_gm, batches(check_calib)) if check_calib is not calib
-                                            else outputs)
 
-        if dense_outputs is not None:
-            kinds, assess, check_dense = damage_setup(dense_outputs)
-        if auto_method and eligible:
-            gm, method, correct, outcome, method_choice = _choose_method(
-                gm, eligible, layers, lambda: list(batches(fit_calib)), lambda: list(batches(check_calib)),
-                check_dense, assess, options, fold_pass.folded_params, n, m, progress)
+def _learn(state: BuildState) -> None:
+    """Learn the masks of every eligible layer at once (gumbel, proxsparse), then apply them."""
+    state.learning = _learn_masks(state.method, state.gm, state.layers, state.fit_calib, state.options, state.loaded,
+                                  state.progress, lambda: list(state.batches(state.fit_calib)), state.correct,
+                                  state.fold_pass.folded_params, state.fit_index, state.calib.num_samples)
+    _apply_masks(state)
+
+
+def _damage_setup(state: BuildState, outputs) -> None:
+    """Output kinds, the damage measure and the dense outputs on the check samples."""
+    guard = state.guard
+    kinds = output_kinds(outputs, guard["kinds"])
+    state.kinds = kinds
+    state.assess = lambda dense, sparse: measure_damage(dense, sparse, kinds,  # noqa: E731
+                                                        guard["max_drop"], guard["max_error"])
+    state.check_dense = (run_batches(state.dense_gm, state.batches(state.check_calib))
+                         if state.check_calib is not state.calib else outputs)
+
+
+def _apply_masks(state: BuildState) -> None:
+    """Choose the masks (or take the learned or saved ones) and apply them to ``state.gm`` with the statistics
+    correction; the dense model's outputs come from the same lockstep run where they can."""
+    options, progress, method, calib, fit_calib = state.options, state.progress, state.method, state.calib, state.fit_calib
+    eligible, layers, loaded = state.eligible, state.layers, state.loaded
+    correct = state.correct
+    if not eligible:
+        correct = "none"
+    uses_calibration = bool(method.needs) or correct != "none"
+    if uses_calibration and calib.source == "random":
+        progress.warn(f"--method {method.name} / --correct {options.correct} without --calib: statistics come "
+                      "from random inputs and will not help accuracy")
+    from_lockstep = (state.dense_outputs is None and not state.learned and uses_calibration and fit_calib is calib
+                     and (correct != "none" or not options.sequential or "hessian" in method.needs))
+    if state.dense_outputs is None and not from_lockstep:
+        state.dense_outputs = run_batches(state.dense_gm, state.batches(calib))
+        state.normalization = _check_normalization(state, state.dense_outputs)
+    state.method_choice = None
+    if state.dense_outputs is not None:
+        _damage_setup(state, state.dense_outputs)
+    if state.auto_method and eligible:
+        state.gm, state.method, correct, outcome, state.method_choice = _choose_method(
+            state.gm, eligible, layers, lambda: list(state.batches(fit_calib)),
+            lambda: list(state.batches(state.check_calib)), state.check_dense, state.assess, options,
+            state.fold_pass.folded_params, state.n, state.m, progress)
+    else:
+        outcome = sparsify(
+            state.gm, eligible, layers, method, list(state.batches(fit_calib)) if uses_calibration else [],
+            sequential=options.sequential, correct=correct, update_weights=bool(options.update_weights),
+            folded_batchnorm=state.fold_pass.folded_params, progress=progress,
+            # verify's per-layer errors, measured on the dense activations the lockstep run has anyway,
+            # when they are the very samples verify would use
+            layer_errors=fit_calib is calib and _sample_count(options.error_samples, calib.num_samples, loaded,
+                                                              state.batch_size) == calib.num_samples,
+            # the dense copy made above is the reference stream's weights: no second copy of every tensor
+            reference_state=None if state.learned else dict(list(state.dense_gm.named_parameters())
+                                                            + list(state.dense_gm.named_buffers())),
+            reference_outputs=from_lockstep,
+        )
+        if from_lockstep:
+            state.dense_outputs = outcome.reference_outputs
+            if state.dense_outputs is None:  # no reference stream ran after all
+                state.dense_outputs = run_batches(state.dense_gm, state.batches(calib))
+            state.normalization = _check_normalization(state, state.dense_outputs)
+            _damage_setup(state, state.dense_outputs)
+    state.correct, state.outcome, state.masks = correct, outcome, outcome.masks
+    state.sparse_gm = state.gm
+    for name, why in outcome.fallbacks.items():
+        state.warn(f"{name}: {why}")
+
+
+def _enforce_accuracy(state: BuildState) -> None:
+    """The accuracy guard on the held-back samples: restore the most damaging layers to dense (or fail, or
+    warn, per --on-damage) until the sparse model is within budget."""
+    options, progress, outcome, masks = state.options, state.progress, state.outcome, state.masks
+    correct, n, m = state.correct, state.n, state.m
+    refit = None
+    if correct != "none" and (not outcome.updated_weights or outcome.updated):
+        def refit(dense_names: set[str]):
+            """The dense model with the other masked layers masked (and updated) again and the correction
+            refitted."""
+            work = copy.deepcopy(state.dense_gm)
+            keep = [layer for layer in state.eligible
+                    if layer.weight_target in masks and layer.name not in dense_names]
+            fixed = FixedMasks(masks, n, m, outcome.updated if outcome.updated_weights else None)
+            return work, sparsify(work, keep, state.layers, fixed, list(state.batches(state.fit_calib)),
+                                  sequential=options.sequential, correct=correct,
+                                  update_weights=outcome.updated_weights,
+                                  folded_batchnorm=state.fold_pass.folded_params)
+    check_sparse = run_batches(state.sparse_gm, state.batches(state.check_calib))
+    budget = _enforce_budget(state.sparse_gm, state.dense_gm, state.eligible, masks, state.assess,
+                             lambda: list(state.batches(state.check_calib)), state.check_dense,
+                             lambda: list(state.batches(state.fit_calib)), options, state.guard, progress, refit,
+                             check_sparse=check_sparse)
+    if not ((budget.initial.within or budget.signal == "none") and budget.graph is None and not budget.reverted):
+        check_sparse = None  # the guard changed the model: those outputs are stale
+    if budget.graph is not None:  # the refitted model replaces the sparse one, with its corrections
+        state.sparse_gm = budget.graph
+        outcome.corrections = budget.refit_outcome.corrections
+        outcome.batchnorm_reestimated = budget.refit_outcome.batchnorm_reestimated
+    for entry in budget.reverted:
+        outcome.corrections.pop(entry["layer"], None)
+    worst = budget.initial.worst
+    if budget.reverted:
+        state.notes.append(f"accuracy guard: with every eligible layer sparse, {worst.describe()}; "
+                           f"{len(budget.reverted)} layer(s) went back to dense to stay within budget"
+                           + (f"; {len(budget.skipped)} more stayed sparse (restoring them did not lower it)"
+                              if budget.skipped else ""))
+    if not masks:
+        state.warn("every eligible layer went back to dense to meet the accuracy budget: this build is "
+                   f"the dense model; try {'a learned method (--method gumbel)' if state.method.name == 'hessian' else '--method hessian or auto'}"
+                   ", more calibration data, or a looser --max-drop / --max-error")
+    state.budget, state.check_sparse = budget, check_sparse
+
+
+def _verify(state: BuildState) -> None:
+    """Check every sparse weight is N:M, compare the sparse model with the dense one (agreement, damage,
+    per-layer output errors), and refuse NaN/Inf outputs before anything is written."""
+    options, calib, check_calib, masks = state.options, state.calib, state.check_calib, state.masks
+    dense_gm, sparse_gm, layers = state.dense_gm, state.sparse_gm, state.layers
+    layer_records = _verify_layers(layers, state.outcome, dense_gm, sparse_gm, state.n, state.m)
+    if state.permute_pass is not None:
+        for record in layer_records:
+            if record["name"] in state.permute_pass.layer_stats:
+                record["permutation"] = state.permute_pass.layer_stats[record["name"]]
+    # One forward of the sparse model over the calibration set serves agreement, the damage check (when
+    # nothing was held back) and the ONNX Runtime check (when it covers the whole set).
+    if not masks:
+        sparse_outputs = state.dense_outputs
+    elif state.check_sparse is not None and check_calib is calib:  # the guard measured this very model
+        sparse_outputs = state.check_sparse
+    else:
+        sparse_outputs = run_batches(sparse_gm, state.batches(calib))
+    state.agreement = compare_outputs(state.dense_outputs, sparse_outputs)
+    # A model that outputs NaN/Inf is broken whatever the agreement says: fail before anything is written.
+    check_outputs_finite(state.dense_outputs, sparse_outputs, "the sparse model")
+    if state.budget is not None:  # the guard measured this very model on the held-back samples
+        final_damage = state.budget.final
+    else:
+        final_damage = state.assess(state.check_dense, (sparse_outputs if check_calib is calib else
+                                                        run_batches(sparse_gm, state.batches(check_calib)))
+                                    if masks else state.check_dense)
+    if not final_damage.within:
+        state.warn(f"WARNING: the sparse model is over the accuracy budget on {final_damage.samples} "
+                   f"{'held-back ' if check_calib is not calib else ''}samples: {final_damage.worst.describe()}"
+                   + ("" if options.calib else " (random inputs: this says little about real data)"))
+    if masks:
+        masked_names = [layer.name for layer in layers if layer.weight_target in masks]
+        measured = state.outcome.layer_errors or {}
+        if all(name in measured for name in masked_names):  # sparsify measured them on these samples
+            errors = {name: measured[name] for name in masked_names}
         else:
-            outcome = sparsify(
-                gm, eligible, layers, method, list(batches(fit_calib)) if uses_calibration else [],
-                sequential=options.sequential, correct=correct, update_weights=bool(options.update_weights),
-                folded_batchnorm=fold_pass.folded_params, progress=progress,
-                # verify's per-layer errors, measured on the dense activations the lockstep run has anyway,
-                # when they are the very samples verify would use
-                layer_errors=fit_calib is calib and _sample_count(options.error_samples, calib.num_samples, loaded,
-                                                                  batch_size) == calib.num_samples,
-                # the dense copy made above is the reference stream's weights: no second copy of every tensor
-                reference_state=None if learned else dict(list(dense_gm.named_parameters())
-                                                          + list(dense_gm.named_buffers())),
-                reference_outputs=from_lockstep,
-            )
-            if from_lockstep:
-                dense_outputs = outcome.reference_outputs
-                if dense_outputs is None:  # no reference stream ran after all
-                    dense_outputs = run_batches(dense_gm, batches(calib))
-                normalization = check_normalization(dense_outputs)
-                kinds, assess, check_dense = damage_setup(dense_outputs)
-        masks = outcome.masks
-        sparse_gm = gm
-        for name, why in outcome.fallbacks.items():
-            progress.warn(f"{name}: {why}")
-            notes.append(f"{name}: {why}")
+            subset = calib.subset(_sample_count(options.error_samples, calib.num_samples, state.loaded,
+                                                state.batch_size))
+            errors = layer_output_errors(dense_gm, layers, masks, state.batches(subset))
+        for record in layer_records:
+            if record["name"] in errors:
+                record["output_error"] = errors[record["name"]]
+    state.references = ({target: get_tensor(dense_gm, target).detach().clone() for target in masks}
+                        if options.save_masks else {})
+    if options.spectra or options.budget_signal == "mp":
+        _spectra(dense_gm, layers, layer_records)
+    state.layer_records, state.sparse_outputs, state.final_damage = layer_records, sparse_outputs, final_damage
 
-    budget = check_sparse = None
-    if guard["on"] and not masks:
-        progress.total -= 1
-    if guard["on"] and masks:
-        with progress.stage(f"checking accuracy on {check_calib.num_samples} held-back samples"), \
-                _timed(timings, "budget"):
-            refit = None
-            if correct != "none" and (not outcome.updated_weights or outcome.updated):
-                def refit(dense_names: set[str]):
-                    """The dense model with the other masked layers masked (and updated) again and the correction
-                    refitted."""
-                    work = copy.deepcopy(dense_gm)
-                    keep = [layer for layer in eligible
-                            if layer.weight_target in masks and layer.name not in dense_names]
-                    fixed = FixedMasks(masks, n, m, outcome.updated if outcome.updated_weights else None)
-                    return work, sparsify(work, keep, layers, fixed, list(batches(fit_calib)),
-                                          sequential=options.sequential, correct=correct,
-                                          update_weights=outcome.updated_weights,
-                                          folded_batchnorm=fold_pass.folded_params)
-            check_sparse = run_batches(sparse_gm, batches(check_calib))
-            budget = _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess,
-                                     lambda: list(batches(check_calib)), check_dense,
-                                     lambda: list(batches(fit_calib)), options, guard, progress, refit,
-                                     check_sparse=check_sparse)
-            if not ((budget.initial.within or budget.signal == "none") and budget.graph is None and not budget.reverted):
-                check_sparse = None  # the guard changed the model: those outputs are stale
-            if budget.graph is not None:  # the refitted model replaces the sparse one, with its corrections
-                sparse_gm = budget.graph
-                outcome.corrections = budget.refit_outcome.corrections
-                outcome.batchnorm_reestimated = budget.refit_outcome.batchnorm_reestimated
-            for entry in budget.reverted:
-                outcome.corrections.pop(entry["layer"], None)
-            worst = budget.initial.worst
-            if budget.reverted:
-                notes.append(f"accuracy guard: with every eligible layer sparse, {worst.describe()}; "
-                             f"{len(budget.reverted)} layer(s) went back to dense to stay within budget"
-                             + (f"; {len(budget.skipped)} more stayed sparse (restoring them did not lower it)"
-                                if budget.skipped else ""))
-            if not masks:
-                message = ("every eligible layer went back to dense to meet the accuracy budget: this build is "
-                           f"the dense model; try {'a learned method (--method gumbel)' if method.name == 'hessian' else '--method hessian or auto'}"
-                           ", more calibration data, or a looser --max-drop / --max-error")
-                progress.warn(message)
-                notes.append(message)
 
-    # 4. verify
-    with progress.stage("verifying"), _timed(timings, "verify"):
-        layer_records = _verify_layers(layers, outcome, dense_gm, sparse_gm, n, m)
-        if permute_pass is not None:
-            for record in layer_records:
-                if record["name"] in permute_pass.layer_stats:
-                    record["permutation"] = permute_pass.layer_stats[record["name"]]
-        # One forward of the sparse model over the calibration set serves agreement, the damage check (when
-        # nothing was held back) and the ONNX Runtime check (when it covers the whole set).
-        if not masks:
-            sparse_outputs = dense_outputs
-        elif check_sparse is not None and check_calib is calib:  # the guard measured this very model
-            sparse_outputs = check_sparse
-        else:
-            sparse_outputs = run_batches(sparse_gm, batches(calib))
-        agreement = compare_outputs(dense_outputs, sparse_outputs)
-        # A model that outputs NaN/Inf is broken whatever the agreement says: fail before anything is written.
-        check_outputs_finite(dense_outputs, sparse_outputs, "the sparse model")
-        if budget is not None:  # the guard measured this very model on the held-back samples
-            final_damage = budget.final
-        else:
-            final_damage = assess(check_dense, (sparse_outputs if check_calib is calib else
-                                                run_batches(sparse_gm, batches(check_calib))) if masks else check_dense)
-        if not final_damage.within:
-            message = (f"WARNING: the sparse model is over the accuracy budget on {final_damage.samples} "
-                       f"{'held-back ' if check_calib is not calib else ''}samples: {final_damage.worst.describe()}"
-                       + ("" if options.calib else " (random inputs: this says little about real data)"))
-            progress.warn(message)
-            notes.append(message)
-        if masks:
-            masked_names = [layer.name for layer in layers if layer.weight_target in masks]
-            measured = outcome.layer_errors or {}
-            if all(name in measured for name in masked_names):  # sparsify measured them on these samples
-                errors = {name: measured[name] for name in masked_names}
+def _certify_predictions(state: BuildState) -> None:
+    """Margin certificates of the sparse model's predictions on calibration samples (--certify)."""
+    calib = state.calib
+    subset = calib.subset(_sample_count(state.options.certify_samples, calib.num_samples, state.loaded,
+                                        state.batch_size))
+    state.certificate, state.dense_values = _certify(state.dense_gm, state.sparse_gm, state.layers,
+                                                     list(state.batches(subset)))
+
+
+def _export(state: BuildState) -> None:
+    """model.onnx (dense layout, sparse values) and model.pt2."""
+    state.dense_gm = None  # not needed past verification and certification: free it before the export
+    staging = state.staging
+    state.onnx_info = export_onnx(state.sparse_gm, state.loaded.example_inputs, staging / "model.onnx",
+                                  state.loaded.input_names, program_path=staging / "model.pt2",
+                                  output_count=len(state.sparse_outputs))
+
+
+def _check_onnxruntime(state: BuildState) -> None:
+    """Run model.onnx on ONNX Runtime and compare it with the sparse torch model."""
+    calib = state.calib
+    check_data = calib.subset(_sample_count(16, calib.num_samples, state.loaded, state.batch_size))
+    with OrtRunner(state.staging / "model.onnx") as runner:
+        ort_outputs = [[] for _ in state.onnx_info["outputs"]]
+        for batch in state.batches(check_data):
+            for bucket, array in zip(ort_outputs, runner.infer([t.numpy() for t in batch])):
+                bucket.append(torch.from_numpy(np.asarray(array)))
+    ort_outputs = [torch.cat([b.reshape(1) if b.dim() == 0 else b for b in bucket]) for bucket in ort_outputs]
+    torch_outputs = (state.sparse_outputs if state.masks and check_data.num_samples == calib.num_samples
+                     else run_batches(state.sparse_gm, state.batches(check_data)))
+    state.ort_check = compare_outputs(torch_outputs, ort_outputs)
+    ort_worst = max((o["relative_error"] for o in state.ort_check), default=0.0)
+    if ort_worst > ORT_TOLERANCE:
+        raise SparseCompileError(
+            f"ONNX Runtime outputs differ from the sparse torch model (relative error {ort_worst:.2e})"
+        )
+
+
+def _compress(state: BuildState) -> None:
+    """weights.safetensors: the sparse layers' values and in-group indices (docs/format.md)."""
+    state.compression = _write_weights(state.staging / "weights.safetensors", state.sparse_gm, state.layer_records,
+                                       state.weights_dtype_name, state.n, state.m, state.target)
+    state.compression["onnx_bytes"] = (state.staging / "model.onnx").stat().st_size
+
+
+def _write_certificate(state: BuildState) -> None:
+    write_certificate(state.staging, state.certificate, state.dense_values)
+
+
+def _quantize(state: BuildState) -> None:
+    """model.int8.onnx (--precision int8 with --calib), checked N:M and held to the accuracy budget."""
+    state.quantization = _quantize_int8(state.staging, state.onnx_info, state.batches, state.fit_calib,
+                                        state.check_calib, state.check_dense, state.sparse_gm, state.kinds,
+                                        state.assess, state.guard, state.target, state.options,
+                                        state.layer_records, state.progress, state.notes,
+                                        pattern=(state.n, state.m))
+
+
+def _write_engine_recipe(state: BuildState) -> None:
+    """GPU targets: the TensorRT build recipe (the engine itself is built on the target: sparsecompile engine)."""
+    target, staging, engine_precision = state.target, state.staging, state.engine_precision
+    state.engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
+    if target.kind != "gpu":
+        return
+    if engine_precision in QUANTIZED and state.quantization is None and not has_qdq(staging / "model.onnx"):
+        raise SparseCompileError(
+            f"--precision {engine_precision} needs calibration data (--calib: the build quantizes the sparse "
+            "model itself) or an explicitly quantized model (QuantizeLinear/DequantizeLinear in the ONNX)")
+    recipe = make_recipe(target, engine_precision, state.onnx_info["inputs"], state.onnx_info["dynamic_batch"],
+                         state.options.batch, sparse_weights=(state.n, state.m) == (2, 4))
+    if state.quantization is not None:  # TensorRT builds from the Q/DQ model the build wrote
+        recipe["onnx"] = f"../{INT8_ONNX}"
+    write_recipe(staging / ENGINE_DIR, recipe)
+    state.engine_info = {"status": "recipe", "recipe": f"{ENGINE_DIR}/recipe.json", "precision": recipe["precision"],
+                         "profile": recipe["profile"], "trtexec": trtexec_command(recipe),
+                         "note": "build the engine on the target: sparsecompile engine BUILD_DIR"}
+
+
+def _write_report(state: BuildState) -> None:
+    """report.json, report.md and the manifest that hashes every file of the build."""
+    options, target, saved, method = state.options, state.target, state.saved, state.method
+    layer_records, outcome, guard, masks = state.layer_records, state.outcome, state.guard, state.masks
+    permute_pass, onnx_info, calib, loaded, n, m = state.permute_pass, state.onnx_info, state.calib, state.loaded, state.n, state.m
+    staging = state.staging
+    sparse_count = sum(1 for r in layer_records if r["status"] == "sparse")
+    total_weights = sum(r["weights"] for r in layer_records)
+    sparse_weights = sum(r["weights"] for r in layer_records if r["status"] == "sparse")
+    report = {
+        "sparsecompile_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": options.source_label or loaded.source,
+                   "kind": "in-memory" if options.source_label else loaded.source_kind,
+                   "sha256": loaded.source_sha256},
+        "target": target.to_json(),
+        "method": method.name if saved is None else f"saved masks ({saved.method})",
+        "method_choice": state.method_choice,
+        "masks_file": ({"path": saved.path, "method": saved.method, "options": saved.options,
+                        "chosen_on_sha256": saved.source_sha256} if saved is not None else None),
+        "pattern": f"{n}:{m}",
+        "pattern_accelerated": bool(state.accelerated and masks),
+        "sparsified": bool(masks),
+        "options": {
+            "correct": state.correct, "sequential": options.sequential, "update_weights": outcome.updated_weights,
+            "exclude": options.exclude, "min_weights": options.min_weights,
+            "lower_conv": options.lower_conv, "weights_dtype": state.weights_dtype_name,
+            "permute": permute_pass is not None, "permute_budget": options.permute_budget,
+            "permute_effort": options.permute_effort,
+            "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
+            "max_drop": guard["max_drop"] if guard["on"] else None, "max_error": guard["max_error"],
+            "on_damage": guard["on_damage"], "budget_signal": options.budget_signal,
+            "max_steps": options.max_steps if state.learned else None,
+            "precision": options.precision,
+            "int8_calibration": options.int8_calibration if state.quantize_int8 else None,
+        },
+        "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
+        "inputs": onnx_info["inputs"],
+        "outputs": onnx_info["outputs"],
+        "notes": state.notes,
+        "summary": {
+            "layers": len(layer_records), "sparse_layers": sparse_count,
+            "dense_layers": len(layer_records) - sparse_count,
+            "gemm_weights": total_weights, "sparse_layer_weights": sparse_weights,
+            "zeroed_weights": int(sum(r["weights"] * r.get("zero_fraction", 0.0) for r in layer_records)),
+            "gemm_macs": sum(r.get("macs", 0) for r in layer_records),
+            "sparse_layer_macs": sum(r.get("macs", 0) for r in layer_records if r["status"] == "sparse"),
+        },
+        "layers": layer_records,
+        "batchnorm_reestimated": outcome.batchnorm_reestimated,
+        "verification": {
+            "calibration": {"source": calib.source, "samples": calib.num_samples,
+                            "fit_samples": state.fit_calib.num_samples,
+                            "held_back_samples": (state.check_calib.num_samples
+                                                  if state.check_calib is not calib else 0)},
+            "nm_check": "passed" if masks else "no sparse layers",
+            "normalization_vs_original": state.normalization,
+            "sparse_vs_dense": state.agreement,
+            "damage": state.final_damage.to_json(),
+            "onnxruntime_vs_torch": state.ort_check,
+        },
+        "compression": state.compression,
+        "quantization": state.quantization,
+        "engine": state.engine_info,
+        "budget": state.budget.to_json() if state.budget is not None else None,
+        "learning": state.learning,
+        "certificate": certificate_summary(state.certificate) if state.certificate is not None else None,
+        "passes": [
+            {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
+            for r in state.pass_records
+        ],
+        "timings": state.timings,
+        # What the build cost until its report: wall time, peak resident memory of this process, threads.
+        "resources": {"seconds": round(time.perf_counter() - state.started, 3),
+                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "torch_threads": torch.get_num_threads()},
+        "environment": {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+    }
+    write_reports(staging, report)
+    files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    manifest = {
+        "format": BUILD_FORMAT, "version": BUILD_FORMAT_VERSION,
+        "sparsecompile_version": __version__, "created": report["created"],
+        "source": report["source"], "target": target.name, "pattern": f"{n}:{m}",
+        "inputs": onnx_info["inputs"], "outputs": onnx_info["outputs"],
+        "dynamic_batch": onnx_info["dynamic_batch"], "files": files,
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    state.report = report
+
+
+def _save_masks(state: BuildState) -> None:
+    """--save-masks: the chosen masks and the dense weights they were chosen on (after the build is in place)."""
+    options, masks, saved = state.options, state.masks, state.saved
+    if not masks:
+        state.progress.warn("--save-masks: this build masked no layer; nothing saved")
+        return
+    save_masks(options.save_masks, masks, state.layers, state.references, (state.n, state.m),
+               saved.method if saved is not None else state.method.name,
+               {"correct": state.correct, "sequential": options.sequential, "min_weights": options.min_weights,
+                "exclude": options.exclude},
+               state.loaded.source_sha256, state.permute_pass.permutations if state.permute_pass is not None else {})
+    state.progress.info(f"saved the masks of {len(masks)} layer(s) to {options.save_masks}")
+
+
+def _host_builds_engine(state: BuildState) -> bool:
+    """Whether this machine is the target GPU and has TensorRT (asked only once the build is in place)."""
+    from sparsecompile.hardware import detect_host
+
+    state.host = detect_host()
+    return state.host.gpu_capability == state.target.compute_capability and state.host.tensorrt
+
+
+def _build_engine(state: BuildState) -> None:
+    """Build the TensorRT engine right away where this machine is the target (NOT RUN here: no GPU).
+
+    The build is complete without it; a failure is a warning, and ``sparsecompile engine`` can retry.
+    """
+    from sparsecompile.engine.run import build_engine, engine_lines
+
+    try:
+        summary = build_engine(state.out, host=state.host)
+    except SparseCompileError as exc:
+        state.progress.warn(f"TensorRT engine not built ({exc}); the recipe is in {state.out}/engine/")
+        return
+    for line in engine_lines(summary):
+        state.progress.info(line)
+
+
+def _masks_title(state: BuildState) -> str:
+    return f"selecting {state.n}:{state.m} masks ({'auto' if state.auto_method else state.method.name})"
+
+
+# The build, in order (see Stage: a None title is a step without a progress line of its own).
+STAGES = (
+    Stage("load", "loading model", _load),
+    Stage("normalize", "normalizing graph (remove identity, fold batch norm, shapes)", _normalize),
+    Stage("permute", "permuting channels", _permute, enabled=lambda state: state.permute),
+    Stage("lower", None, _lower_and_check),
+    Stage("masks", _masks_title, _select_masks),
+    # _learn_masks opens its line itself, after its checks and initial masks
+    Stage("learn", None, _learn, own_line=True, enabled=lambda state: state.learned,
+          needed=lambda state: bool(state.eligible)),
+    Stage("budget", lambda state: f"checking accuracy on {state.check_calib.num_samples} held-back samples",
+          _enforce_accuracy, enabled=lambda state: state.guard["on"], needed=lambda state: bool(state.masks)),
+    Stage("verify", "verifying", _verify),
+    Stage("certify", "certifying predictions on the calibration set", _certify_predictions,
+          enabled=lambda state: state.options.certify, needed=lambda state: bool(state.masks)),
+    Stage("onnx", "exporting ONNX", _export, writes=True),
+    Stage("onnxruntime", "checking ONNX Runtime against torch", _check_onnxruntime, writes=True),
+    Stage("compress", "compressing weights", _compress, writes=True),
+    Stage("certificate", None, _write_certificate, writes=True, needed=lambda state: state.certificate is not None),
+    Stage("int8", "quantizing to INT8 (ONNX Runtime Q/DQ)", _quantize, writes=True,
+          enabled=lambda state: state.quantize_int8),
+    Stage("recipe", None, _write_engine_recipe, writes=True),
+    Stage("report", "writing report", _write_report, writes=True),
+    Stage("save masks", None, _save_masks, enabled=lambda state: state.options.save_masks is not None),
+    # counted only when it runs: whether this host can build the engine is asked once the build is in place
+    Stage("engine", lambda state: f"building the TensorRT engine on this {state.host.gpu_name}", _build_engine,
+          enabled=lambda state: state.target.kind == "gpu" and state.options.engine,
+          needed=_host_builds_engine, expected=False),
+)
+
+
+def build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    """Build ``options.model`` into ``options.output`` (see the README's build section)."""
+    if options.threads is None:
+        return _build(options, progress)
+    if not isinstance(options.threads, int) or options.threads < 1:
+        raise SparseCompileError(f"--threads must be a whole number >= 1, got {options.threads!r}")
+    with torch_threads(options.threads):  # set once, for every stage (learning included), and restored after
+        return _build(options, progress)
+
+
+def _build(options: BuildOptions, progress: Progress | None = None) -> BuildResult:
+    state = BuildState(options, progress or Progress(quiet=True))
+    _check_options(state)
+    _run_stages(STAGES, state)
+    state.report["timings"]["total"] = round(time.perf_counter() - state.started, 3)
+    return BuildResult(state.out, state.report)
+
+
+def _run_stages(stages, state: BuildState) -> None:
+    """Run the enabled ``stages`` in order: their progress lines, their count N, their timings (see Stage)."""
+    progress = state.progress
+    planned = [stage for stage in stages if stage.enabled(state)]
+    progress.total = sum(1 for stage in planned if stage.counted and stage.expected)
+    with contextlib.ExitStack() as build_dir:
+        for stage in planned:
+            if stage.writes and state.staging is None:
+                state.staging = build_dir.enter_context(atomic_build_dir(state.out))
+            elif not stage.writes and state.staging is not None:
+                build_dir.close()  # the stages that write are done: the build directory goes in place
+                state.staging = None
+            if not stage.needed(state):
+                if stage.counted and stage.expected:
+                    progress.total -= 1  # nothing to do: off the count before the next line
+                continue
+            if stage.counted and not stage.expected:
+                progress.total += 1  # runs after all: on the count from its own line on
+            if not stage.counted:
+                stage.run(state)
+            elif stage.own_line:
+                with _timed(state.timings, stage.name):
+                    stage.run(state)
             else:
-                subset = calib.subset(_sample_count(options.error_samples, calib.num_samples, loaded, batch_size))
-                errors = layer_output_errors(dense_gm, layers, masks, batches(subset))
-            for record in layer_records:
-                if record["name"] in errors:
-                    record["output_error"] = errors[record["name"]]
-        references = ({target: get_tensor(dense_gm, target).detach().clone() for target in masks}
-                      if options.save_masks else {})
-        if options.spectra or options.budget_signal == "mp":
-            _spectra(dense_gm, layers, layer_records)
-    certificate = dense_values = None
-    if options.certify and not masks:
-        progress.total -= 1
-    if options.certify and masks:
-        with progress.stage("certifying predictions on the calibration set"), _timed(timings, "certify"):
-            subset = calib.subset(_sample_count(options.certify_samples, calib.num_samples, loaded, batch_size))
-            certificate, dense_values = _certify(dense_gm, sparse_gm, layers, list(batches(subset)))
-    del dense_gm
-
-    with atomic_build_dir(out) as staging:
-        # 5. ONNX
-        with progress.stage("exporting ONNX"), _timed(timings, "onnx"):
-            onnx_info = export_onnx(sparse_gm, loaded.example_inputs, staging / "model.onnx", loaded.input_names,
-                                    program_path=staging / "model.pt2", output_count=len(sparse_outputs))
-
-        # 6. ONNX Runtime check
-        with progress.stage("checking ONNX Runtime against torch"), _timed(timings, "onnxruntime"):
-            check_data = calib.subset(_sample_count(16, calib.num_samples, loaded, batch_size))
-            with OrtRunner(staging / "model.onnx") as runner:
-                ort_outputs = [[] for _ in onnx_info["outputs"]]
-                for batch in batches(check_data):
-                    for bucket, array in zip(ort_outputs, runner.infer([t.numpy() for t in batch])):
-                        bucket.append(torch.from_numpy(np.asarray(array)))
-            ort_outputs = [torch.cat([b.reshape(1) if b.dim() == 0 else b for b in bucket]) for bucket in ort_outputs]
-            torch_outputs = (sparse_outputs if masks and check_data.num_samples == calib.num_samples
-                             else run_batches(sparse_gm, batches(check_data)))
-            ort_check = compare_outputs(torch_outputs, ort_outputs)
-            ort_worst = max((o["relative_error"] for o in ort_check), default=0.0)
-            if ort_worst > ORT_TOLERANCE:
-                raise SparseCompileError(
-                    f"ONNX Runtime outputs differ from the sparse torch model (relative error {ort_worst:.2e})"
-                )
-
-        # 7. compressed weights
-        with progress.stage("compressing weights"), _timed(timings, "compress"):
-            compression = _write_weights(staging / "weights.safetensors", sparse_gm, layer_records,
-                                         weights_dtype_name, n, m, target)
-            compression["onnx_bytes"] = (staging / "model.onnx").stat().st_size
-
-        if certificate is not None:
-            write_certificate(staging, certificate, dense_values)
-
-        # 7b. INT8 (--precision int8 with --calib): model.int8.onnx, checked 2:4 and held to the accuracy budget
-        quantization = None
-        if quantize_int8:
-            with progress.stage("quantizing to INT8 (ONNX Runtime Q/DQ)"), _timed(timings, "int8"):
-                quantization = _quantize_int8(staging, onnx_info, batches, fit_calib, check_calib, check_dense,
-                                              sparse_gm, kinds, assess, guard, target, options, layer_records,
-                                              progress, notes, pattern=(n, m))
-
-        # 8. TensorRT recipe (GPU targets); the engine itself is built on the target (sparsecompile engine)
-        engine_info = {"status": "none", "note": f"target {target.name} runs the ONNX Runtime CPU fallback"}
-        if target.kind == "gpu":
-            if engine_precision in QUANTIZED and quantization is None and not has_qdq(staging / "model.onnx"):
-                raise SparseCompileError(
-                    f"--precision {engine_precision} needs calibration data (--calib: the build quantizes the sparse "
-                    "model itself) or an explicitly quantized model (QuantizeLinear/DequantizeLinear in the ONNX)")
-            recipe = make_recipe(target, engine_precision, onnx_info["inputs"], onnx_info["dynamic_batch"],
-                                 options.batch, sparse_weights=(n, m) == (2, 4))
-            if quantization is not None:  # TensorRT builds from the Q/DQ model the build wrote
-                recipe["onnx"] = f"../{INT8_ONNX}"
-            write_recipe(staging / ENGINE_DIR, recipe)
-            engine_info = {"status": "recipe", "recipe": f"{ENGINE_DIR}/recipe.json", "precision": recipe["precision"],
-                           "profile": recipe["profile"], "trtexec": trtexec_command(recipe),
-                           "note": "build the engine on the target: sparsecompile engine BUILD_DIR"}
-
-        # 9. report + manifest
-        with progress.stage("writing report"), _timed(timings, "report"):
-            sparse_count = sum(1 for r in layer_records if r["status"] == "sparse")
-            total_weights = sum(r["weights"] for r in layer_records)
-            sparse_weights = sum(r["weights"] for r in layer_records if r["status"] == "sparse")
-            report = {
-                "sparsecompile_version": __version__,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "source": {"path": options.source_label or loaded.source,
-                           "kind": "in-memory" if options.source_label else loaded.source_kind,
-                           "sha256": loaded.source_sha256},
-                "target": target.to_json(),
-                "method": method.name if saved is None else f"saved masks ({saved.method})",
-                "method_choice": method_choice,
-                "masks_file": ({"path": saved.path, "method": saved.method, "options": saved.options,
-                                "chosen_on_sha256": saved.source_sha256} if saved is not None else None),
-                "pattern": f"{n}:{m}",
-                "pattern_accelerated": bool(accelerated and masks),
-                "sparsified": bool(masks),
-                "options": {
-                    "correct": correct, "sequential": options.sequential, "update_weights": outcome.updated_weights,
-                    "exclude": options.exclude, "min_weights": options.min_weights,
-                    "lower_conv": options.lower_conv, "weights_dtype": weights_dtype_name,
-                    "permute": permute_pass is not None, "permute_budget": options.permute_budget,
-                    "permute_effort": options.permute_effort,
-                    "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
-                    "max_drop": guard["max_drop"] if guard["on"] else None, "max_error": guard["max_error"],
-                    "on_damage": guard["on_damage"], "budget_signal": options.budget_signal,
-                    "max_steps": options.max_steps if learned else None,
-                    "precision": options.precision,
-                    "int8_calibration": options.int8_calibration if quantize_int8 else None,
-                },
-                "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
-                "inputs": onnx_info["inputs"],
-                "outputs": onnx_info["outputs"],
-                "notes": notes,
-                "summary": {
-                    "layers": len(layer_records), "sparse_layers": sparse_count,
-                    "dense_layers": len(layer_records) - sparse_count,
-                    "gemm_weights": total_weights, "sparse_layer_weights": sparse_weights,
-                    "zeroed_weights": int(sum(r["weights"] * r.get("zero_fraction", 0.0) for r in layer_records)),
-                    "gemm_macs": sum(r.get("macs", 0) for r in layer_records),
-                    "sparse_layer_macs": sum(r.get("macs", 0) for r in layer_records if r["status"] == "sparse"),
-                },
-                "layers": layer_records,
-                "batchnorm_reestimated": outcome.batchnorm_reestimated,
-                "verification": {
-                    "calibration": {"source": calib.source, "samples": calib.num_samples,
-                                    "fit_samples": fit_calib.num_samples,
-                                    "held_back_samples": check_calib.num_samples if check_calib is not calib else 0},
-                    "nm_check": "passed" if masks else "no sparse layers",
-                    "normalization_vs_original": normalization,
-                    "sparse_vs_dense": agreement,
-                    "damage": final_damage.to_json(),
-                    "onnxruntime_vs_torch": ort_check,
-                },
-                "compression": compression,
-                "quantization": quantization,
-                "engine": engine_info,
-                "budget": budget.to_json() if budget is not None else None,
-                "learning": learning,
-                "certificate": certificate_summary(certificate) if certificate is not None else None,
-                "passes": [
-                    {"name": r.name, "modified": r.modified, "seconds": round(r.seconds, 3), "stats": r.stats}
-                    for r in manager.records
-                ],
-                "timings": timings,
-                # What the build cost until its report: wall time, peak resident memory of this process, threads.
-                "resources": {"seconds": round(time.perf_counter() - started, 3),
-                              "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                              "torch_threads": torch.get_num_threads()},
-                "environment": {
-                    "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform(),
-                },
-            }
-            write_reports(staging, report)
-            files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-            manifest = {
-                "format": BUILD_FORMAT, "version": BUILD_FORMAT_VERSION,
-                "sparsecompile_version": __version__, "created": report["created"],
-                "source": report["source"], "target": target.name, "pattern": f"{n}:{m}",
-                "inputs": onnx_info["inputs"], "outputs": onnx_info["outputs"],
-                "dynamic_batch": onnx_info["dynamic_batch"], "files": files,
-            }
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if options.save_masks is not None:
-        if not masks:
-            progress.warn("--save-masks: this build masked no layer; nothing saved")
-        else:
-            save_masks(options.save_masks, masks, layers, references, (n, m),
-                       saved.method if saved is not None else method.name,
-                       {"correct": correct, "sequential": options.sequential, "min_weights": options.min_weights,
-                        "exclude": options.exclude},
-                       loaded.source_sha256, permute_pass.permutations if permute_pass is not None else {})
-            progress.info(f"saved the masks of {len(masks)} layer(s) to {options.save_masks}")
-    if target.kind == "gpu" and options.engine:
-        _engine_now(out, target, progress)
-    report["timings"]["total"] = round(time.perf_counter() - started, 3)
-    return BuildResult(out, report)
+                title = stage.title(state) if callable(stage.title) else stage.title
+                with progress.stage(title), _timed(state.timings, stage.name):
+                    stage.run(state)
 
 
 def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, check_dense, sparse_gm, kinds, assess,
@@ -897,28 +1174,6 @@ def _quantize_int8(staging: Path, onnx_info, batches, fit_calib, check_calib, ch
     record["weights"] = {"path": INT8_WEIGHTS, **weights}
     record["damage"] = damage
     return record
-
-
-def _engine_now(out: Path, target, progress: Progress) -> None:
-    """Build the TensorRT engine right away where this machine is the target (NOT RUN here: no GPU).
-
-    The build is complete without it; a failure is a warning, and ``sparsecompile engine`` can retry.
-    """
-    from sparsecompile.engine.run import build_engine, engine_lines
-    from sparsecompile.hardware import detect_host
-
-    host = detect_host()
-    if host.gpu_capability != target.compute_capability or not host.tensorrt:
-        return
-    progress.total += 1
-    with progress.stage(f"building the TensorRT engine on this {host.gpu_name}"):
-        try:
-            summary = build_engine(out, host=host)
-        except SparseCompileError as exc:
-            progress.warn(f"TensorRT engine not built ({exc}); the recipe is in {out}/engine/")
-            return
-    for line in engine_lines(summary):
-        progress.info(line)
 
 
 def _guard_settings(options: BuildOptions) -> dict:
