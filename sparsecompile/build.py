@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+import types
 import datetime as _dt
 import json
 import platform
@@ -143,6 +145,13 @@ class BuildOptions:
 class BuildResult:
     output: Path
     report: dict
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Each artifact the build wrote (``model.onnx``, ``weights.safetensors``, ``report.json``, ...) by its
+        name in the build directory, as a path."""
+        manifest = json.loads((Path(self.output) / MANIFEST).read_text())
+        return {name: Path(self.output) / name for name in (*manifest["files"], MANIFEST)}
 
 
 @dataclass
@@ -1761,3 +1770,17 @@ def _sample_count(wanted: int, available: int, loaded, batch_size: int) -> int:
     """Samples for a check: ``wanted`` (capped by what exists); a static batch needs one full batch."""
     count = min(wanted, available)
     return count if loaded.dynamic_batch else max(count, batch_size)
+
+
+class _BuildModule(types.ModuleType):
+    """``sparsecompile.build`` is this module and, called, the Python entry point:
+    ``sparsecompile.build(model, "build/", calib=x, target="a100", **options)`` runs
+    :func:`sparsecompile.api.build_model` (a model in memory or a path; any BuildOptions field)."""
+
+    def __call__(self, model, output: str | Path = "build", **kwargs) -> BuildResult:
+        from sparsecompile.api import build_model
+
+        return build_model(model, output, **kwargs)
+
+
+sys.modules[__name__].__class__ = _BuildModule

@@ -100,6 +100,32 @@ def _pattern(text: str) -> tuple[int, int]:
     return n, m
 
 
+
+# BuildOptions fields the command line does not set: the API labels in-memory models itself, and these two
+# sample counts are tuned in code and tests only.
+NOT_ON_THE_COMMAND_LINE = frozenset({"source_label", "certify_samples", "error_samples"})
+
+
+def build_options(params: dict):
+    """The BuildOptions for ``build``'s click parameters: each option's parameter is the BuildOptions field of the
+    same name (BuildOptions is the one list; tests/test_api.py checks every option maps to a field with the same
+    default, and every field but NOT_ON_THE_COMMAND_LINE has an option); these few are renamed or parsed."""
+    from sparsecompile.build import BuildOptions
+    from sparsecompile.engine.recipe import parse_batch
+    from sparsecompile.frontend import parse_input_shape
+
+    renamed = {"masks_file": "masks", "certify_": "certify"}
+    parsed = {
+        "input_shapes": lambda shapes: [parse_input_shape(s) for s in shapes],
+        "pattern": _pattern,
+        "exclude": list,
+        "batch": lambda batch: parse_batch(batch) if batch else None,
+        "learn_options": lambda pairs: _key_values(pairs, "--learn-option"),
+    }
+    return BuildOptions(**{renamed.get(name, name): parsed[name](value) if name in parsed else value
+                           for name, value in params.items()})
+
+
 @main.command(context_settings=_CONTEXT)
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", default="build", show_default=True, type=click.Path(file_okay=False),
@@ -234,23 +260,11 @@ def build(ctx, **params):
     GPU targets also engine/ (the recipe that builds the TensorRT engine on
     the target: sparsecompile engine OUTPUT).
     """
-    from sparsecompile.engine.recipe import parse_batch
-    from sparsecompile.build import BuildOptions, build as run_build
-    from sparsecompile.frontend import parse_input_shape
+    from sparsecompile.build import build as run_build
     from sparsecompile.progress import Progress
     from sparsecompile.report import summary_lines
 
-    # Each click option's parameter is the BuildOptions field of the same name; these few are renamed or parsed.
-    renamed = {"masks_file": "masks", "certify_": "certify"}
-    parsed = {
-        "input_shapes": lambda shapes: [parse_input_shape(s) for s in shapes],
-        "pattern": _pattern,
-        "exclude": list,
-        "batch": lambda batch: parse_batch(batch) if batch else None,
-        "learn_options": lambda pairs: _key_values(pairs, "--learn-option"),
-    }
-    options = BuildOptions(**{renamed.get(name, name): parsed[name](value) if name in parsed else value
-                              for name, value in params.items()})
+    options = build_options(params)
     from sparsecompile.build import SecondaryRank
 
     try:
