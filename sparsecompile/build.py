@@ -58,6 +58,8 @@ from sparsecompile.passes import (
     FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, PermuteChannels, RemoveIdentity, ShapePropagation,
 )
 from sparsecompile.passes.correct_statistics import CORRECTION_MODES
+from sparsecompile.passes.fold_batchnorm import FoldedBatchNorm
+from sparsecompile.passes.permute_channels import ChannelPermutation
 from sparsecompile.progress import Progress
 from sparsecompile.report import write_reports
 from sparsecompile.sparsify import sparsify
@@ -191,10 +193,10 @@ class BuildState:
     # normalize, permute, lower
     context: PassContext | None = None
     reference_outputs: list | None = None  # the loaded model's outputs on ``calib``
-    fold_pass: FoldBatchNorm | None = None
+    folded_params: dict[str, FoldedBatchNorm] = field(default_factory=dict)  # FoldBatchNorm's outputs
     pass_records: list = field(default_factory=list)
     gm: torch.fx.GraphModule | None = None
-    permute_pass: PermuteChannels | None = None
+    permutation: ChannelPermutation | None = None  # PermuteChannels' outputs (None: not permuted)
     unpermuted: torch.fx.GraphModule | None = None  # the graph before permutation, until it is checked
     dense_outputs: list | None = None  # the normalized dense model's outputs on ``calib``
     normalization: list | None = None  # comparison of those with ``reference_outputs``
@@ -532,9 +534,9 @@ def _normalize(state: BuildState) -> None:
     """Remove identities, fold batch norm, propagate shapes (the loaded model's outputs kept to check it)."""
     state.context = PassContext(example_inputs=state.loaded.example_inputs)
     state.reference_outputs = run_batches(state.loaded.module, state.batches(state.calib))
-    state.fold_pass = FoldBatchNorm()
-    manager = PassManager([RemoveIdentity(), state.fold_pass, ShapePropagation()], on_pass=state.on_pass)
+    manager = PassManager([RemoveIdentity(), FoldBatchNorm(), ShapePropagation()], on_pass=state.on_pass)
     state.gm = manager.run(state.loaded.module, state.context)
+    state.folded_params = manager.outputs(FoldBatchNorm.name)
     state.pass_records = manager.records
 
 
@@ -544,7 +546,7 @@ def _permute(state: BuildState) -> None:
     candidates = find_layers(state.gm, n=state.n, m=state.m, alignment=state.target.reduction_alignment,
                              min_weights=options.min_weights, exclude=options.exclude)
     state.unpermuted = copy.deepcopy(state.gm)
-    state.permute_pass = PermuteChannels(
+    permute_pass = PermuteChannels(
         candidates, {layer.node_name for layer in candidates if layer.reason is None}, n=state.n, m=state.m,
         budget_s=options.permute_budget, max_work=round(options.permute_effort * 1e6), seed=options.seed,
         importance=state.method.permutation_importance, importance_name=state.method.permutation_importance_name,
@@ -552,8 +554,9 @@ def _permute(state: BuildState) -> None:
         iterate=lambda groups: progress.bar(groups, "channel groups", length=len(groups)),
         given=saved.permutations if saved is not None else None,
     )
-    permute_manager = PassManager([state.permute_pass], on_pass=state.on_pass)
+    permute_manager = PassManager([permute_pass], on_pass=state.on_pass)
     state.gm = permute_manager.run(state.gm, state.context)
+    state.permutation = permute_manager.outputs(PermuteChannels.name)
     state.pass_records.extend(permute_manager.records)
 
 
@@ -574,9 +577,9 @@ def _lower_and_check(state: BuildState) -> None:
     """After normalization and permutation: say when the permutation search hit its time cap, lower
     convolutions (--lower-conv im2col), and check the graph still computes the loaded model's function,
     building without the permutation if that is what changed it."""
-    options, target, permute_pass = state.options, state.target, state.permute_pass
-    if permute_pass is not None:
-        capped = permute_pass.time_capped()
+    options, target, permutation = state.options, state.target, state.permutation
+    if permutation is not None:
+        capped = permutation.time_capped()
         if capped:  # the one nondeterministic way out of the search: say so loudly
             state.warn(f"{len(capped)} channel group(s) hit the --permute-budget {options.permute_budget:g}s time cap "
                        f"before the --permute-effort {options.permute_effort:g} work limit "
@@ -588,7 +591,7 @@ def _lower_and_check(state: BuildState) -> None:
         state.gm = lower_manager.run(state.gm, state.context)
         state.pass_records.extend(lower_manager.records)
 
-    if permute_pass is None and not state.auto_method and options.calib:
+    if permutation is None and not state.auto_method and options.calib:
         # The dense model's outputs on the calibration set come from the masks stage's reference stream when it
         # runs over every sample (checked there), saving a forward; otherwise they are computed there.
         dense_outputs = normalization = None
@@ -596,12 +599,12 @@ def _lower_and_check(state: BuildState) -> None:
         dense_outputs = run_batches(state.gm, state.batches(state.calib))
         normalization = compare_outputs(state.reference_outputs, dense_outputs)
     worst = max((o["relative_error"] for o in normalization or []), default=0.0)
-    if worst > NORMALIZATION_TOLERANCE and permute_pass is not None:
+    if worst > NORMALIZATION_TOLERANCE and permutation is not None:
         # never ship a wrong network: undo the permutation and say so
         message = (f"channel permutation changed the model's outputs (relative error {worst:.2e}); "
                    "built without it - please report this with the model")
         state.warn(message)
-        permute_pass.discard(message)
+        state.permutation = permutation = permutation.discarded(message)
         state.gm = state.unpermuted
         if lowering:
             state.gm = PassManager(_lowering_passes(options, target.reduction_alignment)).run(state.gm, state.context)
@@ -611,11 +614,8 @@ def _lower_and_check(state: BuildState) -> None:
         _check_normalization(state, dense_outputs, normalization)
     state.dense_outputs, state.normalization = dense_outputs, normalization
     state.unpermuted = None
-    if permute_pass is not None:  # folded BN parameters are per output channel: reorder them too
-        folded = state.fold_pass.folded_params
-        for weight_target, index in permute_pass.output_orders.items():
-            if weight_target in folded:
-                folded[weight_target] = folded[weight_target].reindexed(index)
+    if permutation is not None:  # folded BN parameters are per output channel: reorder them too
+        state.folded_params = permutation.reindexed(state.folded_params)
 
 
 def _select_masks(state: BuildState) -> None:
@@ -671,7 +671,7 @@ def _learn(state: BuildState) -> None:
     """Learn the masks of every eligible layer at once (gumbel, proxsparse), then apply them."""
     state.learning = _learn_masks(state.method, state.gm, state.layers, state.fit_calib, state.options, state.loaded,
                                   state.progress, lambda: list(state.batches(state.fit_calib)), state.correct,
-                                  state.fold_pass.folded_params, state.fit_index, state.calib.num_samples)
+                                  state.folded_params, state.fit_index, state.calib.num_samples)
     _apply_masks(state)
 
 
@@ -710,12 +710,12 @@ def _apply_masks(state: BuildState) -> None:
         state.gm, state.method, correct, outcome, state.method_choice = _choose_method(
             state.gm, eligible, layers, lambda: list(state.batches(fit_calib)),
             lambda: list(state.batches(state.check_calib)), state.check_dense, state.assess, options,
-            state.fold_pass.folded_params, state.n, state.m, progress)
+            state.folded_params, state.n, state.m, progress)
     else:
         outcome = sparsify(
             state.gm, eligible, layers, method, list(state.batches(fit_calib)) if uses_calibration else [],
             sequential=options.sequential, correct=correct, update_weights=bool(options.update_weights),
-            folded_batchnorm=state.fold_pass.folded_params, progress=progress,
+            folded_batchnorm=state.folded_params, progress=progress,
             # verify's per-layer errors, measured on the dense activations the lockstep run has anyway,
             # when they are the very samples verify would use
             layer_errors=fit_calib is calib and _sample_count(options.error_samples, calib.num_samples, loaded,
@@ -754,7 +754,7 @@ def _enforce_accuracy(state: BuildState) -> None:
             return work, sparsify(work, keep, state.layers, fixed, list(state.batches(state.fit_calib)),
                                   sequential=options.sequential, correct=correct,
                                   update_weights=outcome.updated_weights,
-                                  folded_batchnorm=state.fold_pass.folded_params)
+                                  folded_batchnorm=state.folded_params)
     check_sparse = run_batches(state.sparse_gm, state.batches(state.check_calib))
     budget = _enforce_budget(state.sparse_gm, state.dense_gm, state.eligible, masks, state.assess,
                              lambda: list(state.batches(state.check_calib)), state.check_dense,
@@ -787,10 +787,10 @@ def _verify(state: BuildState) -> None:
     options, calib, check_calib, masks = state.options, state.calib, state.check_calib, state.masks
     dense_gm, sparse_gm, layers = state.dense_gm, state.sparse_gm, state.layers
     layer_records = _verify_layers(layers, state.outcome, dense_gm, sparse_gm, state.n, state.m)
-    if state.permute_pass is not None:
+    if state.permutation is not None:
         for record in layer_records:
-            if record["name"] in state.permute_pass.layer_stats:
-                record["permutation"] = state.permute_pass.layer_stats[record["name"]]
+            if record["name"] in state.permutation.layer_stats:
+                record["permutation"] = state.permutation.layer_stats[record["name"]]
     # One forward of the sparse model over the calibration set serves agreement, the damage check (when
     # nothing was held back) and the ONNX Runtime check (when it covers the whole set).
     if not masks:
@@ -913,7 +913,7 @@ def _write_report(state: BuildState) -> None:
     """report.json, report.md and the manifest that hashes every file of the build."""
     options, target, saved, method = state.options, state.target, state.saved, state.method
     layer_records, outcome, guard, masks = state.layer_records, state.outcome, state.guard, state.masks
-    permute_pass, onnx_info, calib, loaded, n, m = state.permute_pass, state.onnx_info, state.calib, state.loaded, state.n, state.m
+    permutation, onnx_info, calib, loaded, n, m = state.permutation, state.onnx_info, state.calib, state.loaded, state.n, state.m
     staging = state.staging
     sparse_count = sum(1 for r in layer_records if r["status"] == "sparse")
     total_weights = sum(r["weights"] for r in layer_records)
@@ -936,7 +936,7 @@ def _write_report(state: BuildState) -> None:
             "correct": state.correct, "sequential": options.sequential, "update_weights": outcome.updated_weights,
             "exclude": options.exclude, "min_weights": options.min_weights,
             "lower_conv": options.lower_conv, "weights_dtype": state.weights_dtype_name,
-            "permute": permute_pass is not None, "permute_budget": options.permute_budget,
+            "permute": permutation is not None, "permute_budget": options.permute_budget,
             "permute_effort": options.permute_effort,
             "preprocess": options.preprocess, "sparse_only_if_faster": options.sparse_only_if_faster,
             "max_drop": guard["max_drop"] if guard["on"] else None, "max_error": guard["max_error"],
@@ -945,7 +945,7 @@ def _write_report(state: BuildState) -> None:
             "precision": options.precision,
             "int8_calibration": options.int8_calibration if state.quantize_int8 else None,
         },
-        "permutation": permute_pass.report() if permute_pass is not None else {"enabled": False},
+        "permutation": permutation.report() if permutation is not None else {"enabled": False},
         "inputs": onnx_info["inputs"],
         "outputs": onnx_info["outputs"],
         "notes": state.notes,
@@ -1013,7 +1013,7 @@ def _save_masks(state: BuildState) -> None:
                saved.method if saved is not None else state.method.name,
                {"correct": state.correct, "sequential": options.sequential, "min_weights": options.min_weights,
                 "exclude": options.exclude},
-               state.loaded.source_sha256, state.permute_pass.permutations if state.permute_pass is not None else {})
+               state.loaded.source_sha256, state.permutation.permutations if state.permutation is not None else {})
     state.progress.info(f"saved the masks of {len(masks)} layer(s) to {options.save_masks}")
 
 

@@ -22,6 +22,9 @@ output is used by anything besides the BN; the BN is in training mode; the
 producer's weight is not a constant or is shared with other layers; a
 transposed convolution; BN statistics that are not constants; a BN whose
 input does not come from a foldable layer.
+
+Outputs (``PassResult.outputs``): ``{weight target: FoldedBatchNorm}``, what
+each fold removed, so statistics correction can re-estimate the BN later.
 """
 
 from __future__ import annotations
@@ -83,22 +86,25 @@ class FoldBatchNorm:
     name = "fold_batchnorm"
 
     def __init__(self):
-        self.folded_params: dict[str, FoldedBatchNorm] = {}  # weight target -> folded BN
+        # the last run's outputs, for callers that hold the pass; the build reads PassResult.outputs
+        self.folded_params: dict[str, FoldedBatchNorm] = {}
 
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         folded: list[str] = []
         skipped: dict[str, str] = {}
+        params: dict[str, FoldedBatchNorm] = {}  # weight target -> folded BN
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in BN_OPS:
                 continue
-            reason = self._try_fold(gm, node, folded)
+            reason = self._try_fold(gm, node, folded, params)
             if reason:
                 skipped[node.name] = reason
         if folded:
             gm.graph.eliminate_dead_code()
-        return PassResult(gm, bool(folded), {"folded": folded, "skipped": skipped})
+        self.folded_params = params
+        return PassResult(gm, bool(folded), {"folded": folded, "skipped": skipped}, outputs=params)
 
-    def _try_fold(self, gm, bn: torch.fx.Node, folded: list[str]) -> str | None:
+    def _try_fold(self, gm, bn: torch.fx.Node, folded: list[str], params: dict[str, FoldedBatchNorm]) -> str | None:
         training_index, returns_tuple = BN_OPS[bn.target]
         if training_index is not None and arg(bn, training_index, "training", False):
             return "batch norm in training mode (export the model after model.eval())"
@@ -155,7 +161,7 @@ class FoldBatchNorm:
             if user is not bn:
                 gm.graph.erase_node(user)
         gm.graph.erase_node(bn)
-        self.folded_params[weight_node.target] = FoldedBatchNorm(
+        params[weight_node.target] = FoldedBatchNorm(
             scale=scale, running_var=var.to(f64), eps=_eps(bn), beta=shift, output_axis=out_axis,
         )
         folded.append(layer_name_for(weight_node.target))

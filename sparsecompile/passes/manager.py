@@ -5,6 +5,11 @@ A pass is a callable object with a ``name`` that takes
 pass the manager lints the graph and recompiles it, so a pass that leaves a
 broken graph is caught at once and named in the error
 (``pass 'fold_batchnorm' failed: ...``).
+
+What a pass produces besides the graph (the folded BatchNorm parameters, the
+applied channel permutation) travels in ``PassResult.outputs``; the manager
+keeps it in the pass's :class:`PassRecord`, and ``manager.outputs(name)``
+hands it back, so callers read results from the run, never off pass objects.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from sparsecompile.errors import SparseCompileError
 class PassResult:
     graph_module: torch.fx.GraphModule
     modified: bool
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # JSON-able, shown in the build report
+    outputs: Any = None  # what the pass produced for later stages (a typed object; None if nothing)
 
 
 @dataclass
@@ -46,6 +52,7 @@ class PassRecord:
     modified: bool
     seconds: float
     stats: dict[str, Any]
+    outputs: Any = None  # the pass's PassResult.outputs
 
 
 class PassManager:
@@ -72,6 +79,14 @@ class PassManager:
                 ) from exc
             gm = result.graph_module
             self.records.append(
-                PassRecord(graph_pass.name, result.modified, time.perf_counter() - start, result.stats)
+                PassRecord(graph_pass.name, result.modified, time.perf_counter() - start, result.stats,
+                           result.outputs)
             )
         return gm
+
+    def outputs(self, name: str) -> Any:
+        """What the last run of pass ``name`` produced besides the graph (its ``PassResult.outputs``)."""
+        for record in reversed(self.records):
+            if record.name == name:
+                return record.outputs
+        raise KeyError(f"pass '{name}' has not run in this manager")

@@ -28,13 +28,19 @@ so the same model and seed give the same channel orders on any machine;
 ``budget_s`` (``--permute-budget``) is only a wall-time safety cap. A group
 that hits it is recorded with ``stopped_by: "time cap"`` and counted in the
 report's ``time_cap_hit`` (the build warns: that order depends on machine speed).
+
+Outputs (``PassResult.outputs``): a :class:`ChannelPermutation`, the per-group
+and per-layer records, the channel orders applied (saved by ``--save-masks``)
+and each producer's output-channel order (per-channel state kept outside the
+graph, such as folded BatchNorm parameters, must follow it).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, TypeVar
 
 import torch
 import torch.fx
@@ -55,6 +61,7 @@ from sparsecompile.permutation.search import (
 )
 
 Importance = Callable[[torch.Tensor, GemmLayer], torch.Tensor]
+PerChannel = TypeVar("PerChannel")
 
 
 def group_signature(group: ChannelGroup) -> str:
@@ -65,6 +72,49 @@ def group_signature(group: ChannelGroup) -> str:
 
 def magnitude_importance(weight: torch.Tensor, layer: GemmLayer) -> torch.Tensor:
     return weight.detach().abs()
+
+
+@dataclass
+class ChannelPermutation:
+    """What :class:`PermuteChannels` applied to a graph (its ``PassResult.outputs``)."""
+
+    budget_s: float  # the wall-time safety cap per group
+    max_work: int | None  # the deterministic work limit per group
+    importance: str  # the importance's name
+    group_stats: list[dict] = field(default_factory=list)  # one record per channel group, in search order
+    layer_stats: dict[str, dict] = field(default_factory=dict)  # layer name -> kept fractions, efficacy, group id
+    # weight target -> index applied along its output channels: per-channel state kept outside
+    # the graph (e.g. folded BatchNorm parameters for statistics correction) must follow it (``reindexed``)
+    output_orders: dict[str, torch.Tensor] = field(default_factory=dict)
+    # group signature -> channel order applied: --save-masks saves them, --masks replays them
+    permutations: dict[str, list[int]] = field(default_factory=dict)
+
+    def report(self) -> dict:
+        permuted = [g for g in self.group_stats if g["status"] == "permuted"]
+        return {
+            "enabled": True, "budget_s": self.budget_s, "max_work": self.max_work, "importance": self.importance,
+            "groups": self.group_stats, "permuted_groups": len(permuted),
+            "time_cap_hit": len(self.time_capped()),
+            "search_seconds": round(sum(g.get("search_seconds", 0.0) for g in self.group_stats), 3),
+        }
+
+    def time_capped(self) -> list[dict]:
+        """Records of the groups whose search the wall-time cap stopped (their order depends on machine speed)."""
+        return [g for g in self.group_stats if g.get("stopped_by") == STOPPED_TIME]
+
+    def reindexed(self, per_output_channel: dict[str, PerChannel]) -> dict[str, PerChannel]:
+        """``per_output_channel`` (weight target -> state with ``reindexed(index)``, e.g. folded BatchNorm
+        parameters) with each entry whose layer's output channels were reordered reordered the same way."""
+        return {target: state.reindexed(self.output_orders[target]) if target in self.output_orders else state
+                for target, state in per_output_channel.items()}
+
+    def discarded(self, reason: str) -> ChannelPermutation:
+        """The same search when its permuted graph is not used (the build falls back to the unpermuted one):
+        every group and layer reported unpermuted for ``reason``, no order to follow or save."""
+        groups = [dict(record, status="unpermuted", reason=reason) if record["status"] == "permuted" else record
+                  for record in self.group_stats]
+        layers = {name: {"group": stats["group"], "reason": reason} for name, stats in self.layer_stats.items()}
+        return replace(self, group_stats=groups, layer_stats=layers, output_orders={}, permutations={})
 
 
 class PermuteChannels:
@@ -85,64 +135,44 @@ class PermuteChannels:
         self.importance_name = importance_name
         self.on_group = on_group
         self.iterate = iterate  # e.g. a progress bar over the groups: iterate(groups) -> iterable
-        self.groups: list[ChannelGroup] = []
-        self.layer_stats: dict[str, dict] = {}  # layer name -> kept fractions, efficacy, group id
-        self.group_stats: list[dict] = []
-        # weight target -> index applied along its output channels: per-channel state kept outside
-        # the graph (e.g. folded BatchNorm parameters for statistics correction) must follow it
-        self.output_orders: dict[str, torch.Tensor] = {}
-        # group signature -> channel order: ``given`` replays saved orders instead of searching
-        # (--masks); ``permutations`` records what was applied (--save-masks)
-        self.given = given
-        self.permutations: dict[str, list[int]] = {}
+        self.given = given  # group signature -> channel order: replay saved orders instead of searching (--masks)
+        self.last_run: ChannelPermutation | None = None  # the last run's outputs, for callers that hold the pass
+
+    # The last run's records, read by benchmarks/permutation.py; the build reads PassResult.outputs.
+    @property
+    def group_stats(self) -> list[dict]:
+        return self.last_run.group_stats if self.last_run is not None else []
+
+    @property
+    def layer_stats(self) -> dict[str, dict]:
+        return self.last_run.layer_stats if self.last_run is not None else {}
 
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
-        self.groups = find_groups(gm, self.layers, self.eligible)
+        groups = find_groups(gm, self.layers, self.eligible)
         if self.given is not None:
-            unknown = sorted(set(self.given) - {group_signature(g) for g in self.groups})
+            unknown = sorted(set(self.given) - {group_signature(g) for g in groups})
             if unknown:
                 raise SparseCompileError(f"the saved masks were chosen with a channel order for a group this model "
                                          f"does not have ({unknown[0]}): is it the same architecture?")
+        out = ChannelPermutation(self.budget_s, self.max_work, self.importance_name)
         modified = False
-        for group in self.iterate(self.groups) if self.iterate else self.groups:
+        for group in self.iterate(groups) if self.iterate else groups:
             started = time.perf_counter()
-            record = self._permute_group(gm, group)
+            record = self._permute_group(gm, group, out)
             record["seconds"] = round(time.perf_counter() - started, 3)
             modified |= record["status"] == "permuted"
-            self.group_stats.append(record)
+            out.group_stats.append(record)
             if self.on_group:
                 self.on_group(_describe(record))
-        permuted = [g for g in self.group_stats if g["status"] == "permuted"]
+        permuted = [g for g in out.group_stats if g["status"] == "permuted"]
         stats = {
-            "groups": len(self.groups), "permuted_groups": len(permuted),
-            "unpermuted": {str(g["id"]): g["reason"] for g in self.group_stats if g["status"] != "permuted"},
+            "groups": len(groups), "permuted_groups": len(permuted),
+            "unpermuted": {str(g["id"]): g["reason"] for g in out.group_stats if g["status"] != "permuted"},
         }
-        return PassResult(gm, modified, stats)
+        self.last_run = out
+        return PassResult(gm, modified, stats, outputs=out)
 
-    def discard(self, reason: str) -> None:
-        """The permuted graph was not used (see the build): report every group as unpermuted."""
-        self.output_orders = {}
-        self.permutations = {}
-        for record in self.group_stats:
-            if record["status"] == "permuted":
-                record.update(status="unpermuted", reason=reason)
-        self.layer_stats = {name: {"group": stats["group"], "reason": reason}
-                            for name, stats in self.layer_stats.items()}
-
-    def report(self) -> dict:
-        permuted = [g for g in self.group_stats if g["status"] == "permuted"]
-        return {
-            "enabled": True, "budget_s": self.budget_s, "max_work": self.max_work, "importance": self.importance_name,
-            "groups": self.group_stats, "permuted_groups": len(permuted),
-            "time_cap_hit": sum(1 for g in self.group_stats if g.get("stopped_by") == STOPPED_TIME),
-            "search_seconds": round(sum(g.get("search_seconds", 0.0) for g in self.group_stats), 3),
-        }
-
-    def time_capped(self) -> list[dict]:
-        """Records of the groups whose search the wall-time cap stopped (their order depends on machine speed)."""
-        return [g for g in self.group_stats if g.get("stopped_by") == STOPPED_TIME]
-
-    def _permute_group(self, gm, group: ChannelGroup) -> dict:
+    def _permute_group(self, gm, group: ChannelGroup, out: ChannelPermutation) -> dict:
         record = {
             "id": group.id, "channels": group.size or None,  # None: exploration stopped before sizing
             "consumers": [c.layer.name for c in group.consumers],
@@ -150,13 +180,13 @@ class PermuteChannels:
         }
         if group.reason:
             for consumer in group.consumers:
-                self.layer_stats.setdefault(consumer.layer.name, {"group": group.id, "reason": group.reason})
+                out.layer_stats.setdefault(consumer.layer.name, {"group": group.id, "reason": group.reason})
             return record
         scored = [c for c in group.consumers if c.scored]
         if not scored:
             record["reason"] = "no eligible layer reads these channels directly (only flattened or grouped reads)"
             for consumer in group.consumers:
-                self.layer_stats.setdefault(consumer.layer.name, {"group": group.id, "reason": record["reason"]})
+                out.layer_stats.setdefault(consumer.layer.name, {"group": group.id, "reason": record["reason"]})
             return record
         matrices = {}
         for consumer in scored:
@@ -167,7 +197,7 @@ class PermuteChannels:
             total = math.fsum(scores.sum(dim=0, dtype=torch.float64).tolist())
             matrices[layer.name] = (consumer, scores / total if total > 0 else scores)
         if self.given is not None:
-            return self._replay_group(gm, group, record, matrices)
+            return self._replay_group(gm, group, record, matrices, out)
         segments, skipped = self._searchable_segments(group, scored)
         record["segments"] = len(segments)
         if skipped:
@@ -175,7 +205,7 @@ class PermuteChannels:
         if not segments:
             record["reason"] = (f"no channel segment is a multiple of {self.m} aligned with every reader "
                                 f"(segments {group.segments()})")
-            self._record_layers(group, matrices, None)
+            self._record_layers(group, matrices, None, out)
             return record
         stacked = torch.zeros(sum(s.shape[0] for _, s in matrices.values()), group.size)
         row = 0
@@ -195,40 +225,40 @@ class PermuteChannels:
         perm = result.permutation
         if torch.equal(perm, torch.arange(group.size)):
             record["reason"] = "the search found no better channel order"
-            self._record_layers(group, matrices, None)
+            self._record_layers(group, matrices, None, out)
             return record
-        self._apply(gm, group, perm)
+        self._apply(gm, group, perm, out)
         record["status"] = "permuted"
         record["reason"] = None
         if result.budget_exhausted:
             record["note"] = (f"search stopped by the --permute-budget {self.budget_s:g}s time cap before its work "
                               "limit: best order found so far used, which depends on machine speed (not reproducible)")
-        self._record_layers(group, matrices, perm)
+        self._record_layers(group, matrices, perm, out)
         return record
 
-    def _apply(self, gm, group: ChannelGroup, perm: torch.Tensor) -> None:
+    def _apply(self, gm, group: ChannelGroup, perm: torch.Tensor, out: ChannelPermutation) -> None:
         apply_permutation(gm, group, perm)
-        self.permutations[group_signature(group)] = perm.tolist()
+        out.permutations[group_signature(group)] = perm.tolist()
         for edit in group.edits:
             if edit.role in ("producer", "passthrough") and edit.kind == "axis" and edit.block == 1:
                 local = perm[edit.offset:edit.offset + edit.size] - edit.offset
-                previous = self.output_orders.get(edit.target)
-                self.output_orders[edit.target] = local if previous is None else previous[local]
+                previous = out.output_orders.get(edit.target)
+                out.output_orders[edit.target] = local if previous is None else previous[local]
 
-    def _replay_group(self, gm, group: ChannelGroup, record: dict, matrices: dict) -> dict:
+    def _replay_group(self, gm, group: ChannelGroup, record: dict, matrices: dict, out: ChannelPermutation) -> dict:
         """Apply the saved order of this group (or none, if it was not permuted when the masks were saved)."""
         order = self.given.get(group_signature(group))
         if order is None:
             record["reason"] = "not permuted when the saved masks were chosen"
-            self._record_layers(group, matrices, None)
+            self._record_layers(group, matrices, None, out)
             return record
         perm = torch.tensor(order, dtype=torch.long)
         if perm.numel() != group.size or not torch.equal(perm.sort().values, torch.arange(group.size)):
             raise SparseCompileError(f"the saved channel order of group {group_signature(group)} does not fit "
                                      f"this model ({perm.numel()} entries for {group.size} channels)")
-        self._apply(gm, group, perm)
-        self._record_layers(group, matrices, perm)
-        stats = [self.layer_stats[name] for name in matrices]
+        self._apply(gm, group, perm, out)
+        self._record_layers(group, matrices, perm, out)
+        stats = [out.layer_stats[name] for name in matrices]
         plain = sum(s["kept_plain"] for s in stats) / len(stats)
         kept = sum(s["kept_permuted"] for s in stats) / len(stats)
         bound = sum(s["bound"] for s in stats) / len(stats)
@@ -249,7 +279,8 @@ class PermuteChannels:
             (usable if aligned else skipped).append((start, end))
         return usable, skipped
 
-    def _record_layers(self, group: ChannelGroup, matrices: dict, perm: torch.Tensor | None) -> None:
+    def _record_layers(self, group: ChannelGroup, matrices: dict, perm: torch.Tensor | None,
+                       out: ChannelPermutation) -> None:
         for name, (consumer, scores) in matrices.items():
             plain = kept_magnitude(scores, self.n, self.m)
             bound = unstructured_bound(scores, self.n, self.m)
@@ -259,12 +290,12 @@ class PermuteChannels:
                 kept = kept_magnitude(scores[:, local], self.n, self.m)
                 stats["kept_permuted"] = round(kept, 6)
                 stats["efficacy"] = round((kept - plain) / (bound - plain), 4) if bound - plain > 1e-12 else 0.0
-            self.layer_stats[name] = stats
+            out.layer_stats[name] = stats
         for consumer in group.consumers:
-            if consumer.layer.name not in self.layer_stats:
+            if consumer.layer.name not in out.layer_stats:
                 why = ("reads them flattened; permuted along, not scored" if consumer.block > 1
                        else "permuted along, not scored")
-                self.layer_stats[consumer.layer.name] = {"group": group.id, "note": why}
+                out.layer_stats[consumer.layer.name] = {"group": group.id, "note": why}
 
 
 def _describe(record: dict) -> str:

@@ -50,25 +50,25 @@ def _model_and_data(seed=0):
 def _folded(model, calib):
     """The dense graph as the build masks it (BatchNorms folded), its layers and every layer's magnitude mask."""
     gm = export_graph(model, calib[:4], dynamic_batch=True)
-    fold = FoldBatchNorm()
-    gm = PassManager([fold]).run(gm, PassContext(example_inputs=(calib[:4],)))
+    manager = PassManager([FoldBatchNorm()])
+    gm = manager.run(gm, PassContext(example_inputs=(calib[:4],)))
     layers = find_layers(gm)
     masks = {layer.weight_target: get_method("magnitude").select(get_tensor(gm, layer.weight_target), layer)
              for layer in layers}
-    return gm, fold, layers, masks
+    return gm, manager.outputs(FoldBatchNorm.name), layers, masks
 
 
-def _sparsify(gm, fold, layers, masks, chunks, correct):
+def _sparsify(gm, folded, layers, masks, chunks, correct):
     """The build's path: mask the dense ``gm`` in place with ``masks`` in one sequential calibration traversal,
     correcting statistics (``correct``) layer by layer as it goes."""
     return sparsify(gm, layers, layers, FixedMasks(masks, 2, 4), chunks, correct=correct,
-                    folded_batchnorm=fold.folded_params, sequential=True)
+                    folded_batchnorm=folded, sequential=True)
 
 
 def test_bn_mode_equals_eager_batchnorm_recalibration():
     model, calib = _model_and_data()
-    gm, fold, layers, masks = _folded(model, calib)
-    result = _sparsify(gm, fold, layers, masks, [(calib[:32],), (calib[32:],)], "bn")
+    gm, folded, layers, masks = _folded(model, calib)
+    result = _sparsify(gm, folded, layers, masks, [(calib[:32],), (calib[32:],)], "bn")
     assert sorted(result.corrections) == ["conv1", "conv2"]
 
     # The same masks on the eager model, then BN statistics re-measured the standard way.
@@ -91,10 +91,10 @@ def test_bn_mode_equals_eager_batchnorm_recalibration():
 
 def test_bias_mode_matches_dense_channel_statistics():
     model, calib = _model_and_data(1)
-    gm, fold, layers, masks = _folded(model, calib)
+    gm, folded, layers, masks = _folded(model, calib)
     dense_state = snapshot(gm)
     dense = export_graph(model, calib[:4], dynamic_batch=True)
-    records = _sparsify(gm, fold, layers, masks, [(calib,)], "bias").corrections
+    records = _sparsify(gm, folded, layers, masks, [(calib,)], "bias").corrections
     assert set(records) == {"conv1", "conv2", "fc"}
     # Matching mean and variance is not a least-squares fit: one layer's error may grow; the model's must not.
     assert all(r["error_before"] > 0 and r["error_after"] > 0 for r in records.values())
@@ -109,8 +109,8 @@ def test_bias_mode_matches_dense_channel_statistics():
     assert torch.equal(get_tensor(gm, "conv1.weight") != 0, masks["conv1.weight"])
     # And it helps the model as a whole.
     error = lambda out: float((out - dense(calib)).norm() / dense(calib).norm())  # noqa: E731
-    uncorrected, fold, layers, masks = _folded(model, calib)
-    _sparsify(uncorrected, fold, layers, masks, [(calib,)], "none")
+    uncorrected, folded, layers, masks = _folded(model, calib)
+    _sparsify(uncorrected, folded, layers, masks, [(calib,)], "none")
     assert error(gm(calib)) < error(uncorrected(calib))
 
 
@@ -172,9 +172,9 @@ def test_bn_mode_reestimates_batchnorm_the_fold_left_in_place():
     model.bn.running_mean.uniform_(0.0, 0.5)
     model.bn.running_var.uniform_(0.5, 2.0)
     calib = torch.randn(32, 8, 6, 6)
-    gm, fold, layers, masks = _folded(model, calib)
-    assert fold.folded_params == {}  # nothing foldable
-    result = _sparsify(gm, fold, layers, masks, [(calib[:16],), (calib[16:],)], "bn")
+    gm, folded, layers, masks = _folded(model, calib)
+    assert folded == {}  # nothing foldable
+    result = _sparsify(gm, folded, layers, masks, [(calib[:16],), (calib[16:],)], "bn")
     assert result.corrections == {} and len(result.batchnorm_reestimated) == 1
 
     eager = copy.deepcopy(model)

@@ -92,6 +92,12 @@ def test_fold_matches_formula_by_hand(decompose):
     torch.testing.assert_close(get_tensor(gm, "conv.bias").double(), expected_b, rtol=1e-6, atol=1e-7)
     assert get_tensor(gm, "conv.weight").dtype == torch.float32
     assert record.stats["folded"] == ["conv"]
+    # what the fold removed travels in the pass's outputs, for statistics correction
+    (folded,) = record.outputs.values()
+    assert list(record.outputs) == ["conv.weight"] and folded.output_axis == 0 and folded.eps == 0.1
+    torch.testing.assert_close(folded.scale, scale)
+    torch.testing.assert_close(folded.beta, bn.bias.detach().double())
+    torch.testing.assert_close(folded.running_var, bn.running_var.double())
     assert_same_function(model, gm, (x,))
 
 

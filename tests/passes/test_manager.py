@@ -83,6 +83,12 @@ def test_runs_in_order_and_keeps_records():
     assert manager.records[1].stats["folded"] == ["conv"]
     assert manager.records[2].stats["annotated_nodes"] > 0
     assert all(r.seconds >= 0 for r in manager.records)
+    # what a pass produced besides the graph comes back from the run, not off the pass object
+    assert list(manager.outputs("fold_batchnorm")) == ["conv.weight"]
+    assert manager.records[1].outputs is manager.outputs("fold_batchnorm")
+    assert manager.outputs("remove_identity") is None and manager.outputs("shape_prop") is None
+    with pytest.raises(KeyError, match="lower_conv_im2col"):
+        manager.outputs("lower_conv_im2col")
     assert count_ops(gm, {aten.dropout.default, aten.batch_norm.default}) == 0
     assert_same_function(model, gm, (x,))
 
