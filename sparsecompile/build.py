@@ -116,7 +116,9 @@ class BuildOptions:
     on_damage: str = "restore"  # over budget: "restore" layers to dense, "fail" the build, or "warn"
     output_kind: str | None = None  # "0=classes,1=values": how each output's damage is measured
     auto_time_cap: float = 1800.0  # seconds for --method auto's candidates (a safety cap, reported when it binds)
-    per_layer: bool = True  # --method auto over budget: try each layer with the mask of another good candidate
+    # --method auto over budget: try each layer with the mask of another good candidate. Off by default: on the
+    # OCR recognizer and text detector it gained nothing on the task metric and cost 3 passes per layer.
+    per_layer: bool = False
     masks: str | None = None  # apply masks saved by --save-masks (same architecture) instead of choosing
     save_masks: str | None = None  # write the chosen masks (and the weights they were chosen on) here
     certify: bool = False  # margin certificates on the calibration set (analysis/certify.py)

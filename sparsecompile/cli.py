@@ -204,7 +204,7 @@ def build_options(params: dict):
 @click.option("--auto-time-cap", default=1800.0, show_default=True, type=float, metavar="SECONDS",
               help="Safety cap on the time --method auto spends trying candidates; candidates past it are skipped "
                    "and the build says so.")
-@click.option("--per-layer/--no-per-layer", default=True, show_default=True,
+@click.option("--per-layer/--no-per-layer", default=False, show_default=True,
               help="--method auto over budget: give each layer the mask of whichever of the three best candidates "
                    "damages least with that layer alone sparse, and keep the mix if it measures better.")
 @click.option("--budget-signal", type=click.Choice(["measured", "mp"]), default="measured", show_default=True,

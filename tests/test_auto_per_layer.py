@@ -58,6 +58,7 @@ def _build(two_branch, tmp_path, name, monkeypatch, methods=("magnitude", "activ
     model, calib = two_branch
     monkeypatch.setattr(build_module, "AUTO_METHODS", methods)  # the candidates whose masks can be mixed
     kwargs.setdefault("correct", "bias")
+    kwargs.setdefault("per_layer", True)  # opt-in (--per-layer)
     return build(BuildOptions(model=str(model), calib=str(calib), output=str(tmp_path / name), min_weights=1000,
                               permute=False, **kwargs)).report
 
@@ -82,7 +83,11 @@ def test_per_layer_mix_keeps_every_layer_sparse_where_each_single_method_breaks_
 
 
 def test_without_the_per_layer_choice_the_guard_restores_a_layer(two_branch, tmp_path, monkeypatch):
-    report = _build(two_branch, tmp_path, "single", monkeypatch, per_layer=False)
+    """The default (no --per-layer): the best single candidate, then the guard."""
+    model, calib = two_branch
+    monkeypatch.setattr(build_module, "AUTO_METHODS", ("magnitude", "activation"))
+    report = build(BuildOptions(model=str(model), calib=str(calib), output=str(tmp_path / "single"),
+                                min_weights=1000, permute=False, correct="bias")).report
     assert "per_layer" not in report["method_choice"] and report["method"] in ("magnitude", "activation")
     assert len(report["budget"]["reverted"]) >= 1 and report["summary"]["sparse_layers"] <= 1
 
