@@ -120,6 +120,34 @@ class BudgetResult:
                 "sensitivity": {k: (round(v, 4) if math.isfinite(v) else None) for k, v in self.sensitivity.items()}}
 
 
+def sensitivity_samples(batches) -> list:
+    """The first SENSITIVITY_SAMPLES of ``batches`` (whole batches): a layer ranking needs far fewer samples than
+    the budget itself."""
+    chosen, count = [], 0
+    for batch in batches:
+        if count >= SENSITIVITY_SAMPLES:
+            break
+        chosen.append(batch)
+        count += int(batch[0].shape[0])
+    return chosen
+
+
+def damage_alone(dense_gm, values: dict[str, torch.Tensor], assess, batches: list, reference: list) -> Damage:
+    """The damage of ``dense_gm`` with only ``values`` (one layer's sparse tensors, by name) swapped in, on
+    ``batches`` against the dense ``reference`` outputs; ``dense_gm`` is restored afterwards. A bias that statistics
+    correction added to a bias-less layer has no slot in the dense graph: the layer alone is then judged with its
+    sparse weight and no bias (the dense layer's zero bias)."""
+    own = {p: value for p, value in values.items() if has_tensor(dense_gm, p)}
+    dense_values = {p: get_tensor(dense_gm, p).clone() for p in own}
+    for p, value in own.items():
+        set_tensor(dense_gm, p, value)
+    try:
+        return assess(reference, run_batches(dense_gm, batches))
+    finally:
+        for p, value in dense_values.items():
+            set_tensor(dense_gm, p, value)
+
+
 def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Tensor], *,
                    assess: Callable[[list[torch.Tensor], list[torch.Tensor]], Damage],
                    check_batches: Callable[[], list], check_dense: list[torch.Tensor],
@@ -154,25 +182,11 @@ def enforce_budget(sparse_gm, dense_gm, layers: list, masks: dict[str, torch.Ten
         # Sensitivity of each layer alone: the dense model with just this layer's sparse tensors.
         sparse_values = {layer.name: {p: get_tensor(sparse_gm, p).clone() for p in layer_params(sparse_gm, layer)}
                          for layer in masked_layers}
-        # The ranking needs far fewer samples than the budget: the first SENSITIVITY_SAMPLES fitting samples.
-        fit, count = [], 0
-        for batch in fit_batches():
-            if count >= SENSITIVITY_SAMPLES:
-                break
-            fit.append(batch)
-            count += int(batch[0].shape[0])
+        fit = sensitivity_samples(fit_batches())
         fit_reference = run_batches(dense_gm, fit)
         items = progress.bar(masked_layers, "layer sensitivity") if progress is not None else masked_layers
         for layer in items:
-            # A bias that statistics correction added to a bias-less layer has no slot in the dense graph:
-            # the layer alone is then judged with its sparse weight and no bias (the dense layer's zero bias).
-            own = {p: value for p, value in sparse_values[layer.name].items() if has_tensor(dense_gm, p)}
-            dense_values = {p: get_tensor(dense_gm, p).clone() for p in own}
-            for p, value in own.items():
-                set_tensor(dense_gm, p, value)
-            alone = assess(fit_reference, run_batches(dense_gm, fit))
-            for p, value in dense_values.items():
-                set_tensor(dense_gm, p, value)
+            alone = damage_alone(dense_gm, sparse_values[layer.name], assess, fit, fit_reference)
             # Agreement scores are coarse (many layers alone change no prediction): the outputs' relative
             # error breaks their ties, so the ranking still follows how far each layer moves the outputs.
             result.sensitivity[layer.name], tiebreak[layer.name] = alone.order_key

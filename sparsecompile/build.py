@@ -50,7 +50,7 @@ from sparsecompile.engine.speed_model import DEVICES, MIN_CHANNELS, gemm_dims, n
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.fileio import file_sha256
 from sparsecompile.frontend import check_readable, load_model
-from sparsecompile.graph import get_tensor, set_tensor
+from sparsecompile.graph import get_tensor
 from sparsecompile.hardware import torch_threads
 from sparsecompile.layers import find_layers, unmatched_patterns
 from sparsecompile.masks import get_method
@@ -1363,31 +1363,20 @@ def _mix_per_layer(dense_gm, eligible, layers, ranked, fit, check_batches, check
     Returns ``{"record": ..., "graph", "method", "outcome", "updated"}`` (all but the record only when the mix
     won; ``updated``: whether any layer took OBS-updated weights).
     """
-    from sparsecompile.budget import SENSITIVITY_SAMPLES, has_tensor, layer_params
+    from sparsecompile.budget import damage_alone, layer_params, sensitivity_samples
 
     began = time.perf_counter()
     best_key, correct = ranked[0][0], ranked[0][3]
     names = [_candidate_name(item[5]) for item in ranked]
-    sample, count = [], 0
-    for batch in fit:
-        if count >= SENSITIVITY_SAMPLES:
-            break
-        sample.append(batch)
-        count += int(batch[0].shape[0])
+    sample = sensitivity_samples(fit)
     reference = run_batches(dense_gm, sample)
     masked_layers = [layer for layer in eligible if all(layer.weight_target in item[4].masks for item in ranked)]
     source: dict[str, int] = {}
     progress.detail(f"--method auto: per-layer choice among {', '.join(names)} ({len(masked_layers)} layers)")
     for layer in progress.bar(masked_layers, "per-layer choice"):
-        params = [p for p in layer_params(ranked[0][1], layer) if has_tensor(dense_gm, p)]
-        dense_values = {p: get_tensor(dense_gm, p).clone() for p in params}
-        keys = []
-        for _, graph, *_rest in ranked:
-            for p in params:
-                set_tensor(dense_gm, p, get_tensor(graph, p))
-            keys.append(assess(reference, run_batches(dense_gm, sample)).order_key)
-        for p, value in dense_values.items():
-            set_tensor(dense_gm, p, value)
+        params = layer_params(ranked[0][1], layer)
+        keys = [damage_alone(dense_gm, {p: get_tensor(graph, p) for p in params}, assess, sample, reference).order_key
+                for _, graph, *_rest in ranked]
         source[layer.weight_target] = min(range(len(ranked)), key=lambda i: (keys[i], i))
     counts = {names[i]: sum(1 for v in source.values() if v == i) for i in range(len(ranked))}
     record = {"candidates": names, "layers_from": {k: v for k, v in counts.items() if v}}
@@ -1415,11 +1404,10 @@ def _mix_per_layer(dense_gm, eligible, layers, ranked, fit, check_batches, check
                   worst=damage.worst.describe() if damage.worst else "", relative_error=round(key[1], 6),
                   best_single_score=round(best_key[0], 4) if best_key[0] < float("inf") else None,
                   adopted=key < best_key, seconds=round(time.perf_counter() - began, 2))
-    if not record["adopted"]:
-        record["why"] = "the mix measured no less damaging than the best single candidate on the held-back samples"
     progress.info(f"      auto: {'per-layer mix':<40}  {record['worst'] or 'no outputs'}"
                   f"{'' if record['adopted'] else '  (not better: kept the best single candidate)'}")
     if not record["adopted"]:
+        record["why"] = "the mix measured no less damaging than the best single candidate on the held-back samples"
         return {"record": record}
     updated = any(ranked[index][4].updated_weights for index in source.values())
     if not updated:  # plain masks of the dense weights, as far as the report and the guard's refit are concerned
