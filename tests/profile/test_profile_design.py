@@ -197,3 +197,38 @@ def test_torch_threads_are_set_per_variant_and_reported():
     assert ort.thread_report() == {"runtime": "onnxruntime", "intra_op_num_threads": 3, "inter_op_num_threads": 1,
                                    "spinning": False}
     assert Variant(name="fake", artifact="", specs=[], loader=dict).thread_report()["intra_op_num_threads"] is None
+
+
+class _Recorder(Runner):
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def load(self):
+        return self
+
+    def infer(self, inputs):
+        self.log.append(self.name)
+
+
+def test_variants_are_interleaved():
+    log: list[str] = []
+    variants = [Variant(name=n, artifact=n, specs=[], loader=lambda n=n: _Recorder(n, log)) for n in ("A", "B")]
+    for variant in variants:
+        variant.load()
+    samples = measure_interleaved(variants, {"A": [], "B": []}, runs=4, warmup=2)
+    warm, timed = log[:4], log[4:]
+    assert sorted(warm) == ["A", "A", "B", "B"] and warm[0] == warm[1]  # each variant warmed up in a row
+    rounds = [timed[i:i + 2] for i in range(0, len(timed), 2)]
+    assert len(rounds) == 4
+    assert all(sorted(r) == ["A", "B"] for r in rounds)  # every round runs each variant once
+    assert [r[0] for r in rounds] in (["A", "B"] * 2, ["B", "A"] * 2)  # and the first one alternates
+    assert rounds[0][0] == warm[-1]  # the warm-up ends with the variant the first round starts with
+    assert [len(samples["A"]), len(samples["B"])] == [4, 4]
+    assert all(s >= 0 for s in samples["A"] + samples["B"])
+
+    log.clear()
+    three = variants + [Variant(name="C", artifact="C", specs=[], loader=lambda: _Recorder("C", log))]
+    three[2].load()
+    measure_interleaved(three, {"A": [], "B": [], "C": []}, runs=6, warmup=0)
+    rounds = [tuple(log[i:i + 3]) for i in range(0, len(log), 3)]
+    assert len(set(rounds)) == 6  # all 3! orderings, once each

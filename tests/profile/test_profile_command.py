@@ -1,4 +1,5 @@
-"""``sparsecompile profile``: statistics, interleaving, the per-layer map, the CLI and its one-line errors."""
+"""``sparsecompile profile`` end to end: the command on real builds and model files (timing, the dense
+comparison, the per-layer map, JSON and plots) and its one-line errors."""
 
 from __future__ import annotations
 
@@ -7,29 +8,12 @@ import math
 import shutil
 import sys
 
-import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from sparsecompile.backends.base import Runner
+from helpers import cli, one_line_failure
 from sparsecompile.cli import main
-from sparsecompile.errors import SparseCompileError
-from sparsecompile.profile import (
-    SCHEMA,
-    OtherLoad,
-    RssMeter,
-    Variant,
-    bootstrap_ratio,
-    check_batch,
-    latency_stats,
-    measure_interleaved,
-    noise_reasons,
-    parse_batches,
-    profile_command,
-    random_inputs,
-)
-from helpers import one_line_failure
+from sparsecompile.profile import SCHEMA, profile_command
 
 if "profile" not in main.commands:  # cli.py registers it in the packaged CLI; make sure the tests see it
     main.add_command(profile_command)
@@ -38,9 +22,7 @@ FAST = ["--runs", "5", "--warmup", "1", "--threads", "1"]
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, ["profile", *[str(a) for a in args]], catch_exceptions=False)
-
-
+    return cli("profile", *args)
 
 
 def _copy_build(build_dir, tmp_path, name="copy", **manifest_changes):
@@ -51,126 +33,6 @@ def _copy_build(build_dir, tmp_path, name="copy", **manifest_changes):
         manifest[key] = value
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def test_latency_stats_on_known_values():
-    stats = latency_stats(np.arange(1, 102, dtype=float))  # 1..101
-    assert stats["n"] == 101
-    assert stats["p50"] == 51 and stats["p90"] == 91 and stats["p99"] == 100
-    assert stats["min"] == 1 and stats["max"] == 101 and stats["mean"] == 51
-    assert stats["mad"] == 25  # median of |x - 51| over 1..101
-    assert latency_stats([2.0, 2.0, 2.0])["mad"] == 0
-
-
-def test_noise_flags():
-    quiet = latency_stats(np.full(100, 10.0) + np.linspace(0, 0.5, 100))
-    assert noise_reasons(quiet) == []
-    spiky = latency_stats(np.r_[np.full(80, 10.0), np.full(20, 20.0)])  # p90 = 20 -> p90/p50 = 2
-    assert any("p90/p50" in r for r in noise_reasons(spiky))
-    spread = latency_stats(np.linspace(5, 15, 101))  # MAD/median = 2.5/10
-    assert any("MAD/median" in r for r in noise_reasons(spread))
-
-
-def _paired_series(n, seed, true_ratio=0.8):
-    rng = np.random.default_rng(seed)
-    drift = 1.0 + 0.5 * np.sin(np.linspace(0, 6, n))  # the machine slows down and speeds up for both
-    dense = 10.0 * drift * rng.lognormal(0.0, 0.1, n)
-    sparse = true_ratio * 10.0 * drift * rng.lognormal(0.0, 0.1, n)
-    return sparse, dense
-
-
-def test_bootstrap_interval_contains_true_ratio_and_narrows():
-    widths = {}
-    for n in (40, 1000):
-        sparse, dense = _paired_series(n, seed=n)
-        result = bootstrap_ratio(sparse, dense, resamples=1000, seed=1)
-        assert result["ci_low"] <= 0.8 <= result["ci_high"], (n, result)
-        assert result["ci_low"] <= result["ratio"] <= result["ci_high"]
-        widths[n] = result["ci_high"] - result["ci_low"]
-    assert widths[1000] < widths[40] / 3
-    # Over many synthetic runs a 95% interval misses the truth rarely (not never).
-    misses = 0
-    for seed in range(40):
-        sparse, dense = _paired_series(60, seed=100 + seed)
-        r = bootstrap_ratio(sparse, dense, resamples=400, seed=seed)
-        misses += not (r["ci_low"] <= 0.8 <= r["ci_high"])
-    assert misses <= 6
-    with pytest.raises(ValueError):
-        bootstrap_ratio([1.0, 2.0], [1.0])
-
-
-def test_parse_batches():
-    assert parse_batches("1,8,32") == [1, 8, 32]
-    assert parse_batches(" 4, 4 ,2") == [4, 2]
-    assert parse_batches(None) is None
-    for bad in ("1,x", "", "0", "-1,2", "1.5"):
-        with pytest.raises(SparseCompileError, match="--batch"):
-            parse_batches(bad)
-
-
-def test_inputs_follow_specs_and_fixed_batches_are_refused():
-    specs = [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 4]},
-             {"name": "ids", "dtype": "int64", "shape": ["batch", 5]}]
-    x, ids = random_inputs(specs, 6, seed=3)
-    assert x.shape == (6, 3, 4) and x.dtype == np.float32 and ids.shape == (6, 5) and ids.dtype == np.int64
-    again = random_inputs(specs, 6, seed=3)
-    assert np.array_equal(x, again[0])  # seeded
-    check_batch(specs, 17, "the build")
-    static = [{"name": "x", "dtype": "float32", "shape": [4, 3]}]
-    check_batch(static, 4, "the build")
-    with pytest.raises(SparseCompileError, match="fixed batch of 4.*--batch 8"):
-        check_batch(static, 8, "the build")
-
-
-class _Recorder(Runner):
-    def __init__(self, name, log):
-        self.name, self.log = name, log
-
-    def load(self):
-        return self
-
-    def infer(self, inputs):
-        self.log.append(self.name)
-
-
-def test_variants_are_interleaved():
-    log: list[str] = []
-    variants = [Variant(name=n, artifact=n, specs=[], loader=lambda n=n: _Recorder(n, log)) for n in ("A", "B")]
-    for variant in variants:
-        variant.load()
-    samples = measure_interleaved(variants, {"A": [], "B": []}, runs=4, warmup=2)
-    warm, timed = log[:4], log[4:]
-    assert sorted(warm) == ["A", "A", "B", "B"] and warm[0] == warm[1]  # each variant warmed up in a row
-    rounds = [timed[i:i + 2] for i in range(0, len(timed), 2)]
-    assert len(rounds) == 4
-    assert all(sorted(r) == ["A", "B"] for r in rounds)  # every round runs each variant once
-    assert [r[0] for r in rounds] in (["A", "B"] * 2, ["B", "A"] * 2)  # and the first one alternates
-    assert rounds[0][0] == warm[-1]  # the warm-up ends with the variant the first round starts with
-    assert [len(samples["A"]), len(samples["B"])] == [4, 4]
-    assert all(s >= 0 for s in samples["A"] + samples["B"])
-
-    log.clear()
-    three = variants + [Variant(name="C", artifact="C", specs=[], loader=lambda: _Recorder("C", log))]
-    three[2].load()
-    measure_interleaved(three, {"A": [], "B": [], "C": []}, runs=6, warmup=0)
-    rounds = [tuple(log[i:i + 3]) for i in range(0, len(log), 3)]
-    assert len(set(rounds)) == 6  # all 3! orderings, once each
-
-
-def test_memory_and_load_probes():
-    meter = RssMeter()
-    meter.start()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    growth = meter.peak_growth_mb()
-    del block
-    if growth is not None:  # Linux
-        assert 50 < growth < 200
-    with OtherLoad() as load:
-        sum(range(200_000))
-    assert load.value is None or load.value >= 0
 
 
 # --------------------------------------------------------------------------- the CLI on real builds
