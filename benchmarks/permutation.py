@@ -259,16 +259,17 @@ def run_model(args) -> dict:
     gm = PassManager([RemoveIdentity(), FoldBatchNorm(), ShapePropagation()]).run(gm, context)
     layers = find_layers(gm, min_weights=4096)
     eligible = {layer.node_name for layer in layers if layer.reason is None}
-    permute = PermuteChannels(layers, eligible, budget_s=args.model_budget, seed=0)
+    manager = PassManager([PermuteChannels(layers, eligible, budget_s=args.model_budget, seed=0)])
     start = time.perf_counter()
-    gm = PassManager([permute]).run(gm, context)
+    gm = manager.run(gm, context)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         out = gm(x)
     out = out[0] if isinstance(out, (tuple, list)) else out
     error = float((out - reference).norm() / reference.norm())
-    return {"seconds": seconds, "relative_error": error, "groups": permute.group_stats,
-            "layers": permute.layer_stats, "eligible": len(eligible)}
+    permutation = manager.outputs(PermuteChannels.name)
+    return {"seconds": seconds, "relative_error": error, "groups": permutation.group_stats,
+            "layers": permutation.layer_stats, "eligible": len(eligible)}
 
 
 def print_model(result: dict) -> list[str]:

@@ -85,10 +85,6 @@ class FoldedBatchNorm:
 class FoldBatchNorm:
     name = "fold_batchnorm"
 
-    def __init__(self):
-        # the last run's outputs, for callers that hold the pass; the build reads PassResult.outputs
-        self.folded_params: dict[str, FoldedBatchNorm] = {}
-
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         folded: list[str] = []
         skipped: dict[str, str] = {}
@@ -101,7 +97,6 @@ class FoldBatchNorm:
                 skipped[node.name] = reason
         if folded:
             gm.graph.eliminate_dead_code()
-        self.folded_params = params
         return PassResult(gm, bool(folded), {"folded": folded, "skipped": skipped}, outputs=params)
 
     def _try_fold(self, gm, bn: torch.fx.Node, folded: list[str], params: dict[str, FoldedBatchNorm]) -> str | None:

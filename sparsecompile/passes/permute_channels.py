@@ -136,16 +136,6 @@ class PermuteChannels:
         self.on_group = on_group
         self.iterate = iterate  # e.g. a progress bar over the groups: iterate(groups) -> iterable
         self.given = given  # group signature -> channel order: replay saved orders instead of searching (--masks)
-        self.last_run: ChannelPermutation | None = None  # the last run's outputs, for callers that hold the pass
-
-    # The last run's records, read by benchmarks/permutation.py; the build reads PassResult.outputs.
-    @property
-    def group_stats(self) -> list[dict]:
-        return self.last_run.group_stats if self.last_run is not None else []
-
-    @property
-    def layer_stats(self) -> dict[str, dict]:
-        return self.last_run.layer_stats if self.last_run is not None else {}
 
     def __call__(self, gm: torch.fx.GraphModule, context: PassContext) -> PassResult:
         groups = find_groups(gm, self.layers, self.eligible)
@@ -169,7 +159,6 @@ class PermuteChannels:
             "groups": len(groups), "permuted_groups": len(permuted),
             "unpermuted": {str(g["id"]): g["reason"] for g in out.group_stats if g["status"] != "permuted"},
         }
-        self.last_run = out
         return PassResult(gm, modified, stats, outputs=out)
 
     def _permute_group(self, gm, group: ChannelGroup, out: ChannelPermutation) -> dict:

@@ -233,13 +233,12 @@ def test_build_like_pipeline_with_statistics_correction():
 
     model = _res_cnn(seed=2)
     x = torch.randn(8, 4, 8, 8)
-    fold = FoldBatchNorm()
-    gm, _ = run_pass(fold, export_graph(model, x, dynamic_batch=True), (x,))
+    gm, fold = run_pass(FoldBatchNorm(), export_graph(model, x, dynamic_batch=True), (x,))
     layers = find_layers(gm)
     dense = copy.deepcopy(gm)
     calib = [(torch.randn(32, 4, 8, 8, generator=seeded(9)),)]
     outcome = sparsify(gm, [layer for layer in layers if layer.reason is None], layers, get_method("magnitude"),
-                       calib, correct="bias", folded_batchnorm=fold.folded_params)
+                       calib, correct="bias", folded_batchnorm=fold.outputs)
     assert outcome.corrections  # rows were rescaled and biases shifted
     batches = _inputs((4, 8, 8), batches=2)
     result = certify(dense, gm, layers, batches, per_sample=True)

@@ -32,11 +32,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _folded_small_net():
     """The small net as a build sees it: identities removed, BatchNorms folded into the convolutions."""
-    fold = FoldBatchNorm()
-    gm = PassManager([RemoveIdentity(), fold]).run(
-        export_graph(make_small_net(), small_input(4), dynamic_batch=True), PassContext())
+    manager = PassManager([RemoveIdentity(), FoldBatchNorm()])
+    gm = manager.run(export_graph(make_small_net(), small_input(4), dynamic_batch=True), PassContext())
     layers = [layer for layer in find_layers(gm, min_weights=0) if layer.reason is None]
-    return gm, layers, fold.folded_params
+    return gm, layers, manager.outputs(FoldBatchNorm.name)
 
 
 def _magnitude(gm, layers):

@@ -166,15 +166,16 @@ def test_statistics_correction_never_writes_a_non_finite_bias(model_files):
     from sparsecompile.sparsify import sparsify
 
     loaded = load_model(str(model_files / "dynamic.pt2"))
-    fold = FoldBatchNorm()
-    gm = PassManager([fold]).run(loaded.module, PassContext(example_inputs=loaded.example_inputs))
+    manager = PassManager([FoldBatchNorm()])
+    gm = manager.run(loaded.module, PassContext(example_inputs=loaded.example_inputs))
+    folded = manager.outputs(FoldBatchNorm.name)
     layers = find_layers(gm, min_weights=0)
     data = torch.from_numpy(_calib(16))
     data[3] = float("nan")
     for mode in ("bias", "bn"):
         with pytest.raises(SparseCompileError, match=r"statistics correction .*'conv1'.*non-finite"):
             sparsify(gm, [layer for layer in layers if layer.reason is None], layers, get_method("magnitude"),
-                     [(data,)], correct=mode, folded_batchnorm=fold.folded_params)
+                     [(data,)], correct=mode, folded_batchnorm=folded)
 
 
 # --- array files whose headers lie or are huge ----------------------------------------------------------
