@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
+from helpers import cli, one_line_failure
 from sparsecompile.backends.torch_cuda_runner import TorchCudaRunner, accelerate
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
 
 
@@ -56,9 +55,8 @@ def test_refuses_without_a_gpu(sample_build, tmp_path):
     with pytest.raises(SparseCompileError, match="needs a CUDA GPU"):
         TorchCudaRunner(sample_build.output / "model.pt2", [], []).load()
     np.save(tmp_path / "x.npy", np.zeros((2, 4, 8, 8), np.float32))
-    result = CliRunner().invoke(main, ["run", str(sample_build.output), "-i", str(tmp_path / "x.npy"),
-                                       "--backend", "torch-cuda"])
-    assert result.exit_code == 1 and "needs a CUDA GPU" in result.output and "Traceback" not in result.output
+    one_line_failure(cli("run", sample_build.output, "-i", tmp_path / "x.npy", "--backend", "torch-cuda"),
+                     "needs a CUDA GPU")
 
 
 @pytest.mark.gpu

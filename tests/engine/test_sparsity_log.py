@@ -7,10 +7,9 @@ import shutil
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
+from helpers import cli, one_line_failure
 from sparsecompile.builddir import open_build
-from sparsecompile.cli import main
 from sparsecompile.engine.run import build_engine, check_engine_host, engine_lines, record_engine, summarize_engine
 from sparsecompile.engine.sparsity_log import layer_sparsity, parse_sparsity_log, weight_consumers
 from sparsecompile.errors import SparseCompileError
@@ -87,7 +86,7 @@ def test_engine_summary_on_a_build(tmp_path, sample_build):
     from sparsecompile.fileio import file_sha256
 
     assert manifest["files"]["report.json"] == file_sha256(build_dir / "report.json")
-    result = CliRunner().invoke(main, ["inspect", str(build_dir)])
+    result = cli("inspect", build_dir)
     assert result.exit_code == 0 and "picked sparse" in result.output
 
 
@@ -101,8 +100,7 @@ def test_engine_command_checks_the_machine(tmp_path, sample_build, model_files):
         check_engine_host(recipe, HostInfo("x86_64", "NVIDIA A100", (8, 0), False), sample_build.output)
     check_engine_host(recipe, HostInfo("x86_64", "NVIDIA A100", (8, 0), True), sample_build.output)
     check_engine_host(recipe, HostInfo("x86_64", "NVIDIA H100", (9, 0), True), sample_build.output, allow_other_gpu=True)
-    result = CliRunner().invoke(main, ["engine", str(sample_build.output)])
-    assert result.exit_code == 1 and result.output.count("error:") == 1 and "Traceback" not in result.output
+    one_line_failure(cli("engine", sample_build.output))
     from sparsecompile.build import BuildOptions, build
 
     cpu = build(BuildOptions(model=str(model_files / "dynamic.pt2"), output=str(tmp_path / "cpu"), target="cpu"))

@@ -13,10 +13,9 @@ import zipfile
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import sparsecompile.permutation.search as search_module
-from sparsecompile.cli import main
+from helpers import cli
 from sparsecompile.permutation.search import search_permutation
 
 
@@ -74,9 +73,8 @@ def test_the_build_reports_a_hit_time_cap(model_files, tmp_path, monkeypatch):
     """A build whose search hit --permute-budget says so: a warning, report.json, inspect."""
     monkeypatch.setattr(search_module, "time", _SlowClock(50.0))
     out = tmp_path / "capped"
-    runner = CliRunner()
-    result = runner.invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(out), "--calib",
-                                  str(model_files / "calib.npy"), "--min-weights", "0", "--permute-budget", "20"])
+    result = cli("build", model_files / "dynamic.pt2", "-o", out, "--calib", model_files / "calib.npy",
+                 "--min-weights", "0", "--permute-budget", "20")
     assert result.exit_code == 0, result.output
     assert "time cap" in result.output and "--permute-budget" in result.output
     report = json.loads((out / "report.json").read_text())
@@ -84,7 +82,7 @@ def test_the_build_reports_a_hit_time_cap(model_files, tmp_path, monkeypatch):
     assert searched and all(g["stopped_by"] == "time cap" and g["budget_exhausted"] for g in searched)
     assert report["permutation"]["time_cap_hit"] == len(searched)
     assert any("--permute-budget" in note and "not reproducible" in note for note in report["notes"])
-    shown = runner.invoke(main, ["inspect", str(out)])
+    shown = cli("inspect", out)
     assert shown.exit_code == 0, shown.output
     assert "time cap" in shown.output
 
@@ -99,9 +97,8 @@ def _build(model_files, out, masks, threads: int | None = None):
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        result = CliRunner().invoke(main, [
-            "build", str(model_files / "dynamic.pt2"), "-o", str(out), "--calib", str(model_files / "calib.npy"),
-            "--min-weights", "0", "--seed", "4", "--save-masks", str(masks)])
+        result = cli("build", model_files / "dynamic.pt2", "-o", out, "--calib", model_files / "calib.npy",
+                     "--min-weights", "0", "--seed", "4", "--save-masks", masks)
     finally:
         torch.set_num_threads(previous)
     assert result.exit_code == 0, result.output
@@ -157,7 +154,6 @@ def test_search_does_not_depend_on_the_thread_count(threads):
 @pytest.mark.parametrize("flag,value", [("--permute-effort", "0"), ("--permute-effort", "-1"),
                                         ("--permute-budget", "0")])
 def test_permute_limits_must_be_positive(model_files, tmp_path, flag, value):
-    result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "x"),
-                                       flag, value])
+    result = cli("build", model_files / "dynamic.pt2", "-o", tmp_path / "x", flag, value)
     assert result.exit_code != 0 and flag in result.output
     assert not (tmp_path / "x").exists()
