@@ -46,6 +46,20 @@ weights ``U = W / s`` with ``s`` the RMS of each row of ``W0``'s GEMM view
 the regularisers, the Adam steps and the proximal steps all act on U, so
 lambda1, lambda2, eps and the learning rate are scale-free. The forward
 pass uses ``W = s * U``.
+
+Weights that are zero in W0
+---------------------------
+They stay exactly zero: after every Adam step U is projected onto the support
+of W0 (the proximal operator of ``Reg24`` plus the indicator of that subspace is
+the projection followed by the 2:4 prox, since the prox never moves a zero
+coordinate), so the training model never holds a weight the shipped model
+(``W0 * mask``) cannot. Without it a dead output channel (an all-zero row, as
+pruned pretrained networks have: the OCR recognizer has 61) came alive: its
+row has no RMS to normalise by, so Adam moved it by the raw learning rate,
+and under the in-loop ``bias`` correction a channel whose dense output is
+exactly zero (reference variance 0) then gets the factor ``sqrt(0 / var)``,
+whose gradient is ``inf * 0 = nan``: every weight upstream turned NaN after
+one step and the loss after two.
 """
 
 from __future__ import annotations
@@ -259,6 +273,7 @@ class ProxSparseLearner(MaskLearner):
         self.scales: dict[str, torch.Tensor] = {}
         self.start: dict[str, torch.Tensor] = {}
         self.denominators: dict[str, torch.Tensor] = {}
+        self.support: dict[str, torch.Tensor] = {}  # where W0 is nonzero; U is held at 0 elsewhere
         self.weights: dict[str, torch.Tensor] = {}
         for target in self.targets:
             matrix = gemm_view(self.originals[target], self.axes[target]).to(torch.float32)
@@ -274,6 +289,7 @@ class ProxSparseLearner(MaskLearner):
             self.scales[target] = scale
             self.start[target] = start
             self.denominators[target] = start + self.opts.epsilon * sgn
+            self.support[target] = start != 0
             self.weights[target] = start.clone().requires_grad_(True)
 
     def trainable(self) -> dict[str, torch.Tensor]:
@@ -297,6 +313,8 @@ class ProxSparseLearner(MaskLearner):
         return self.opts.lambda2 * total
 
     def after_step(self, lr: float) -> None:
+        for t in self.targets:
+            self.weights[t].masked_fill_(~self.support[t], 0.0)  # see "Weights that are zero in W0"
         lam = lr * self.opts.lambda1
         if lam == 0:
             return

@@ -233,3 +233,45 @@ def test_only_2_4_is_supported(small_gm):
         ProxSparseLearner(small_gm, find_layers(small_gm, n=1, m=4), n=1, m=4)
     with pytest.raises(SparseCompileError):
         ProxSparseOptions(scale="column").validate()
+
+
+class _DeadChannelNet(nn.Module):
+    """Linear -> hardswish -> Linear -> softmax over 500 classes, with a dead channel (all-zero weight row and
+    bias, as pruned pretrained networks have) and layers whose weights differ in scale by 10^3."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 500)
+
+    def forward(self, x):
+        h = nn.functional.hardswish(self.a(x))  # slope 1/2 at 0: the dead channel gets a gradient
+        return torch.softmax(self.head(torch.relu(self.b(h))), -1)
+
+
+def _dead_channel_model():
+    torch.manual_seed(0)
+    net = _DeadChannelNet().eval()
+    with torch.no_grad():
+        net.b.weight.mul_(0.01)
+        net.head.weight.mul_(20)
+        net.a.weight[3] = 0
+        net.a.bias[3] = 0
+    inputs = torch.randn(128, 16, generator=torch.Generator().manual_seed(1))
+    return export_graph(net, inputs[:4], dynamic_batch=True), inputs
+
+
+def test_weights_zero_in_w0_stay_zero_and_a_dead_channel_does_not_make_the_loss_nan():
+    """The OCR recognizer's failure ("loss became nan at step 4") in small: a dead channel's row moved off zero,
+    and under the in-loop bias correction its dense output variance of 0 gave sqrt(0 / var) a NaN gradient."""
+    gm, inputs = _dead_channel_model()
+    learner = ProxSparseLearner(gm, find_layers(gm))
+    zero = {t: learner.start[t] == 0 for t in learner.targets}
+    assert bool(zero["a.weight"][3].all())
+    config = TrainConfig(max_steps=8, batch_size=32, eval_every=2, patience=None, correct="bias")
+    result = train_masks(learner, gm, inputs, config=config)
+    losses = [entry["loss"] for entry in result.history if "loss" in entry]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    for target, u in learner.weights.items():
+        assert bool(torch.isfinite(u).all()), target
+        assert bool((u.detach()[zero[target]] == 0).all()), target
+    assert torch.equal(result.weights["a.weight"][3], torch.zeros(16))
