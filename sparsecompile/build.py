@@ -22,6 +22,7 @@ import json
 import platform
 import resource
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -53,7 +54,7 @@ from sparsecompile.frontend import check_readable, load_model
 from sparsecompile.graph import get_tensor
 from sparsecompile.hardware import torch_threads
 from sparsecompile.layers import find_layers, unmatched_patterns
-from sparsecompile.masks import get_method
+from sparsecompile.masks import MASK_METHODS, get_method
 from sparsecompile.passes import (
     FoldBatchNorm, LowerConvIm2col, PassContext, PassManager, PermuteChannels, RemoveIdentity, ShapePropagation,
 )
@@ -119,6 +120,10 @@ class BuildOptions:
     # --method auto over budget: try each layer with the mask of another good candidate. Off by default: on the
     # OCR recognizer and text detector it gained nothing on the task metric and cost 3 passes per layer.
     per_layer: bool = False
+    # --method auto over budget: also learn masks with this method (gumbel | proxsparse), started from the best
+    # heuristic's masks, and keep them if they measure less damaging. Off by default: slow on a CPU (minutes to
+    # hours) and, on the OCR recognizer, Gumbel masks measured more damaging than hessian's on the held-back samples.
+    auto_learned: str | None = None
     masks: str | None = None  # apply masks saved by --save-masks (same architecture) instead of choosing
     save_masks: str | None = None  # write the chosen masks (and the weights they were chosen on) here
     certify: bool = False  # margin certificates on the calibration set (analysis/certify.py)
@@ -471,9 +476,17 @@ def _check_options(state: BuildState) -> None:
             raise SparseCompileError(f"unknown --int8-calibration '{options.int8_calibration}'; "
                                      f"valid: {', '.join(CALIBRATIONS)}")
 
-    for message in _ignored_options(options, target, sparsify_layers, method.learned,
-                                    options.method if saved is None else "(saved masks)"):
+    if options.auto_learned is not None:
+        learned_names = sorted(name for name, cls in MASK_METHODS.items() if cls.learned)
+        if options.auto_learned not in learned_names:
+            raise SparseCompileError(f"unknown --auto-learned '{options.auto_learned}'; valid: "
+                                     f"{', '.join(learned_names)}")
+    for message in _ignored_options(options, target, sparsify_layers, method.learned or (
+            auto_method and options.auto_learned is not None), options.method if saved is None else "(saved masks)"):
         state.warn(message)
+    if options.auto_learned is not None and not auto_method and sparsify_layers:
+        state.warn(f"--auto-learned {options.auto_learned} only adds a candidate to --method auto with --calib: "
+                   "no effect here" + ("" if options.calib else " (no --calib)"))
 
     state.target, state.n, state.m = target, n, m
     state.method, state.auto_method, state.learned, state.saved = method, auto_method, method.learned, saved
@@ -677,6 +690,29 @@ def _learn(state: BuildState) -> None:
     _apply_masks(state)
 
 
+def _auto_learner(state: BuildState):
+    """``--auto-learned METHOD``: the function ``_choose_method`` calls to learn masks on a copy of the graph,
+    started from the best heuristic's masks (Gumbel's ``init``, unless ``--learn-option init=`` says otherwise);
+    returns (the learned MaskMethod holding its masks, the learning record). None without ``--auto-learned``."""
+    options = state.options
+    if options.auto_learned is None:
+        return None
+    from sparsecompile.learned.gumbel import INITS
+
+    def learn(work, correct: str, best_name: str):
+        method = get_method(options.auto_learned, n=state.n, m=state.m)
+        learn_options = dict(options.learn_options)
+        if method.name == "gumbel" and "init" not in learn_options and best_name in INITS:
+            learn_options["init"] = best_name
+        record = _learn_masks(method, work, state.layers, state.fit_calib,
+                              dataclasses.replace(options, learn_options=learn_options), state.loaded, state.progress,
+                              lambda: list(state.batches(state.fit_calib)), correct, state.folded_params,
+                              state.fit_index, state.calib.num_samples, own_stage=False)
+        return method, record
+
+    return learn
+
+
 def _damage_setup(state: BuildState, outputs) -> None:
     """Output kinds, the damage measure and the dense outputs on the check samples."""
     guard = state.guard
@@ -709,10 +745,13 @@ def _apply_masks(state: BuildState) -> None:
     if state.dense_outputs is not None:
         _damage_setup(state, state.dense_outputs)
     if state.auto_method and eligible:
+        if options.auto_learned is not None:  # a bad --learn-option fails now, not after the heuristics
+            _learning_config(get_method(options.auto_learned, n=state.n, m=state.m), options, loaded)
         state.gm, state.method, correct, outcome, state.method_choice = _choose_method(
             state.gm, eligible, layers, lambda: list(state.batches(fit_calib)),
             lambda: list(state.batches(state.check_calib)), state.check_dense, state.assess, options,
-            state.folded_params, state.n, state.m, progress)
+            state.folded_params, state.n, state.m, progress, learn=_auto_learner(state))
+        state.learning = state.method_choice.pop("learning", None)
     else:
         outcome = sparsify(
             state.gm, eligible, layers, method, list(state.batches(fit_calib)) if uses_calibration else [],
@@ -744,19 +783,21 @@ def _enforce_accuracy(state: BuildState) -> None:
     warn, per --on-damage) until the sparse model is within budget."""
     options, progress, outcome, masks = state.options, state.progress, state.outcome, state.masks
     correct, n, m = state.correct, state.n, state.m
-    refit = None
-    if correct != "none" and (not outcome.updated_weights or outcome.updated):
-        def refit(dense_names: set[str]):
-            """The dense model with the other masked layers masked (and updated) again and the correction
-            refitted."""
-            work = copy.deepcopy(state.dense_gm)
-            keep = [layer for layer in state.eligible
-                    if layer.weight_target in masks and layer.name not in dense_names]
-            fixed = FixedMasks(masks, n, m, outcome.updated if outcome.updated_weights else None)
-            return work, sparsify(work, keep, state.layers, fixed, list(state.batches(state.fit_calib)),
-                                  sequential=options.sequential, correct=correct,
-                                  update_weights=outcome.updated_weights,
-                                  folded_batchnorm=state.folded_params)
+
+    def refit_all_but(dense_names: set[str]):
+        """The dense model with the other masked layers masked (and updated) again and the correction
+        refitted."""
+        work = copy.deepcopy(state.dense_gm)
+        keep = [layer for layer in state.eligible
+                if layer.weight_target in masks and layer.name not in dense_names]
+        fixed = FixedMasks(masks, n, m, outcome.updated if outcome.updated_weights else None)
+        return work, sparsify(work, keep, state.layers, fixed, list(state.batches(state.fit_calib)),
+                              sequential=options.sequential, correct=correct,
+                              update_weights=outcome.updated_weights,
+                              folded_batchnorm=state.folded_params)
+
+    # nothing to refit without a correction, or with updated weights the build no longer has
+    refit = refit_all_but if correct != "none" and (not outcome.updated_weights or outcome.updated) else None
     check_sparse = run_batches(state.sparse_gm, state.batches(state.check_calib))
     budget = _enforce_budget(state.sparse_gm, state.dense_gm, state.eligible, masks, state.assess,
                              lambda: list(state.batches(state.check_calib)), state.check_dense,
@@ -1252,7 +1293,7 @@ def _enforce_budget(sparse_gm, dense_gm, eligible, masks, assess, check_batches,
 
 
 def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense, assess, options, folded_batchnorm,
-                   n, m, progress):
+                   n, m, progress, learn=None):
     """``--method auto``: build every candidate's masks and keep the least damaging on held-back samples.
 
     Candidates are AUTO_METHODS x {statistics correction, none} (only the asked correction when
@@ -1262,6 +1303,9 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     ``--auto-time-cap`` stops trying further candidates, and the report says which were skipped. Equal
     scores (common: a few dozen held-back samples often show no changed prediction) go to the smaller
     relative error of the outputs.
+    When even the best candidate is over the guard's budget and ``learn`` is given (``--auto-learned METHOD``,
+    see ``_auto_learner``), masks are also learned with the best candidate's statistics correction, started from
+    its masks, and kept if they measure less damaging (the record's ``learning`` is the learning record then).
     Returns (graph, method, correction, sparsify outcome, report record).
     """
     corrections = ([DEFAULT_CORRECTION, "none"] if options.correct == "auto" else [options.correct])
@@ -1324,16 +1368,30 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
     if best is None:
         failures = "; ".join(f"{_candidate_name(t)}: {t['failed']}" for t in tried if "failed" in t)
         raise SparseCompileError(f"every --method auto candidate failed or was skipped ({failures or 'none tried'})")
-    _, work, chosen, correct, outcome, record = best
+    over_budget = not best[0][0] <= 1.0
+    learned_item = None
+    if learn is not None:
+        learned_item = _learned_candidate(gm, eligible, layers, fit, check_batches, check_dense, assess, options,
+                                          folded_batchnorm, progress, learn, best, over_budget, started, tried)
+        if learned_item is not None and learned_item[0] < best[0]:
+            best = learned_item
+    elif over_budget:
+        progress.info("      auto: every candidate is over the budget; the guard restores layers to dense. "
+                      "--auto-learned gumbel also tries learned masks (slow on a CPU)")
+    _, work, chosen, correct, outcome, record = best[:6]
     runner_up = min((t["score"] for t in tried if t is not record and t.get("score") is not None), default=None)
     choice = {"chosen": {"method": chosen.name, "correct": correct,
                          **({"update_weights": True} if outcome.updated_weights else {})}, "tried": tried,
               "measured_on": "held-back calibration samples",
               "margin_to_next": None if runner_up is None or record["score"] is None
               else round(runner_up - record["score"], 4), "skipped": len(skipped)}
+    if learned_item is not None:
+        choice["learning"] = learned_item[6] if best is learned_item else None
+        if best is learned_item:
+            choice["chosen"]["learned"] = True
     same = ranked.get(correct, [])
     ranked.clear()
-    if options.per_layer and not best[0][0] <= 1.0 and len(same) > 1:
+    if options.per_layer and best is not learned_item and not best[0][0] <= 1.0 and len(same) > 1:
         mixed = _mix_per_layer(gm, eligible, layers, same, fit, check_batches, check_dense, assess, options,
                                folded_batchnorm, n, m, progress)
         choice["per_layer"] = mixed["record"]
@@ -1344,6 +1402,51 @@ def _choose_method(gm, eligible, layers, fit_batches, check_batches, check_dense
                                 "per_layer": mixed["record"]["layers_from"]}
     choice["seconds"] = round(time.perf_counter() - started, 2)
     return work, chosen, correct, outcome, choice
+
+
+def _learned_candidate(gm, eligible, layers, fit, check_batches, check_dense, assess, options, folded_batchnorm,
+                       progress, learn, best, over_budget, started, tried):
+    """``--auto-learned``: learn masks (weights frozen) with the best heuristic candidate's statistics correction,
+    started from its masks, and measure them like the other candidates. Only when that candidate is over budget
+    (within it there is no damage for learning to win back) and within ``--auto-time-cap``; otherwise the
+    record says why it was not tried. Returns the candidate's item (key, graph, method, correction, outcome,
+    record, learning record) or None."""
+    _, _, best_method, correct, _, best_record = best
+    entry = {"method": options.auto_learned, "correct": correct, "learned": True, "from": _candidate_name(best_record)}
+    elapsed = time.perf_counter() - started
+    if not over_budget:
+        tried.append({**entry, "skipped": f"not needed: {_candidate_name(best_record)} is within the budget"})
+        return None
+    if elapsed > options.auto_time_cap:
+        tried.append({**entry, "skipped": f"--auto-time-cap {options.auto_time_cap:g}s reached after {elapsed:.0f}s"})
+        progress.warn(f"--method auto: --auto-learned {options.auto_learned} not tried: --auto-time-cap "
+                      f"{options.auto_time_cap:g}s reached")
+        return None
+    began = time.perf_counter()
+    work = copy.deepcopy(gm)
+    try:
+        method, learning = learn(work, correct, best_method.name)
+        outcome = sparsify(work, eligible, layers, method, fit if (method.needs or correct != "none") else [],
+                           sequential=options.sequential, correct=correct, update_weights=False,
+                           folded_batchnorm=folded_batchnorm)
+    except SparseCompileError as exc:  # e.g. the loss diverged: the heuristic candidates stand
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        tried.append({**entry, "failed": first, "seconds": round(time.perf_counter() - began, 2)})
+        progress.warn(f"--method auto: --auto-learned {options.auto_learned} failed ({first}); "
+                      "keeping the heuristic candidates")
+        return None
+    damage = assess(check_dense, run_batches(work, check_batches()))
+    key = damage.order_key
+    record = {**entry, "init": (learning.get("options") or {}).get("init"), "steps": learning.get("steps"),
+              "best_step": learning.get("best_step"), "stop_reason": learning.get("stop_reason"),
+              "score": round(damage.score, 4) if damage.score < float("inf") else None,
+              "worst": damage.worst.describe() if damage.worst else "", "relative_error": round(key[1], 6),
+              "seconds": round(time.perf_counter() - began, 2)}
+    tried.append(record)
+    progress.info(f"      auto: {options.auto_learned + ' (learned) --correct ' + correct:<40}  "
+                  f"{record['worst'] or 'no outputs'}"
+                  f"{'' if key < best[0] else '  (not better than ' + _candidate_name(best_record) + ')'}")
+    return key, work, method, correct, outcome, record, learning
 
 
 def _mix_per_layer(dense_gm, eligible, layers, ranked, fit, check_batches, check_dense, assess, options,
@@ -1470,7 +1573,7 @@ LOOP_OPTIONS = ("feature_weight", "lr", "batch_size", "patience", "eval_every", 
 
 def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, correct: str,
                  folded_batchnorm: dict, fit_index: list[int] | None = None,
-                 total_samples: int | None = None) -> dict:
+                 total_samples: int | None = None, own_stage: bool = True) -> dict:
     """Learn the masks of every eligible layer at once (weights frozen); returns the report's record.
 
     ``chunks()`` gives the calibration batches, for initial masks from a data-driven heuristic. The masks
@@ -1525,8 +1628,11 @@ def _learn_masks(method, gm, layers, calib, options, loaded, progress, chunks, c
     init = getattr(method_options, "init", None)  # Gumbel only
     if init in HEURISTIC_INITS:
         init_masks = _initial_masks(init, gm, layers, chunks, options, method, progress, world)
-    with progress.stage(f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
-                        + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")"):
+    title = (f"learning {method.n}:{method.m} masks ({method.name}, at most {options.max_steps} steps"
+             + (f" or {options.time_budget:g}s" if options.time_budget else "") + ")")
+    if not own_stage:  # a --method auto candidate: inside the masks stage's line
+        progress.info(f"      auto: {title}" + (f", started from the {init} masks" if init in HEURISTIC_INITS else ""))
+    with progress.stage(title) if own_stage else contextlib.nullcontext():
         result = learn_masks(method.name, gm, calib.inputs, layers=layers, options=method_options,
                              config=config, labels=labels, callback=report_progress,
                              checkpoint_path=options.checkpoint, folded_batchnorm=folded_batchnorm,

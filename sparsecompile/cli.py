@@ -207,6 +207,11 @@ def build_options(params: dict):
 @click.option("--per-layer/--no-per-layer", default=False, show_default=True,
               help="--method auto over budget: give each layer the mask of whichever of the three best candidates "
                    "damages least with that layer alone sparse, and keep the mix if it measures better.")
+@click.option("--auto-learned", type=click.Choice(sorted(n for n, cls in MASK_METHODS.items() if cls.learned)),
+              default=None,
+              help="--method auto over budget: also learn masks with this method (started from the best "
+                   "heuristic's masks, --max-steps/--time-budget apply) and keep them if they measure less "
+                   "damaging. Slow on a CPU: minutes to hours.")
 @click.option("--budget-signal", type=click.Choice(["measured", "mp"]), default="measured", show_default=True,
               help="Layer sensitivity for --max-drop: measured (one calibration pass per layer) or the "
                    "Marchenko-Pastur spectral prior (no passes).")

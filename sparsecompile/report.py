@@ -128,6 +128,9 @@ def _choice_text(choice: dict | None) -> str:
         sources = ", ".join(f"{count} layer(s) {name}" for name, count in mix.items())
         text = (f" (chosen by --method auto: per layer among the best of {len(tried)} candidates ({sources}), "
                 f"less damage than any one of them on held-back samples, {choice['seconds']:.1f}s")
+    elif chosen.get("learned"):  # --auto-learned: the learned masks measured less damaging than every heuristic
+        text = (f" (chosen by --method auto --auto-learned with --correct {chosen['correct']}: learned masks did less "
+                f"damage than the other {len(tried) - 1} candidates on held-back samples, {choice['seconds']:.1f}s")
     else:
         text = (f" (chosen by --method auto with{update} --correct {chosen['correct']}: least damage of {len(tried)} "
                 f"candidates on held-back samples, {choice['seconds']:.1f}s")

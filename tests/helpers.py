@@ -117,3 +117,44 @@ def one_line_failure(result, *needles):
     assert "Traceback" not in result.output and "bug" not in lines[-1], result.output
     for needle in needles:
         assert needle in lines[-1], lines[-1]
+
+
+class _TwoBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+        self.ha, self.hb = torch.nn.Linear(64, 10), torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.ha(torch.relu(self.a(x[:, :64]))) + self.hb(torch.relu(self.b(x[:, 64:])))
+
+
+def two_branch_model(root) -> tuple:
+    """Two eligible layers that need different methods.
+
+    Branch ``a`` (as in the ``scaled_mlp`` fixture): every other input varies 1000x more and has 2x smaller weights,
+    so magnitude masks drop the weights that carry the output, while activation-aware masks keep them. Branch ``b``:
+    every other input is the constant 1000 with 100x smaller weights; activation-aware masks keep those (large
+    |w| x ||x||) and drop the informative inputs, while magnitude masks drop the constant ones, whose loss the bias
+    correction gives back exactly. So ``magnitude`` breaks ``a`` and ``activation`` breaks ``b``. Writes
+    ``model.pt2`` and ``calib.npy`` under ``root`` and returns their paths.
+    """
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    even = torch.arange(64) % 2 == 0
+    model = _TwoBranch().eval()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.5, 1.0))
+        model.b.weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.01, 1.0))
+        model.ha.weight.copy_(torch.randn(10, 64, generator=generator) / 240)
+        model.hb.weight.copy_(torch.randn(10, 64, generator=generator) / 8 * 5)
+        for layer in (model.a, model.b, model.ha, model.hb):
+            layer.bias.zero_()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    torch.export.save(torch.export.export(model, (torch.randn(4, 128),), dynamic_shapes=({0: batch},)),
+                      root / "model.pt2")
+    varied = torch.randn(256, 64, generator=generator) * torch.where(even, 1000.0, 1.0)
+    constant = torch.where(even, torch.full((256, 64), 1000.0), torch.randn(256, 64, generator=generator))
+    np.save(root / "calib.npy", torch.cat([varied, constant], 1).numpy())
+    return root / "model.pt2", root / "calib.npy"

@@ -2,56 +2,22 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
-from torch import nn
 
 from sparsecompile import build as build_module
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.report import summary_lines
 
+from helpers import two_branch_model
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-class _TwoBranch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
-        self.ha, self.hb = nn.Linear(64, 10), nn.Linear(64, 10)
-
-    def forward(self, x):
-        return self.ha(torch.relu(self.a(x[:, :64]))) + self.hb(torch.relu(self.b(x[:, 64:])))
 
 
 @pytest.fixture(scope="module")
 def two_branch(tmp_path_factory):
-    """Two eligible layers that need different methods.
-
-    Branch ``a`` (as in the ``scaled_mlp`` fixture): every other input varies 1000x more and has 2x smaller weights,
-    so magnitude masks drop the weights that carry the output, while activation-aware masks keep them. Branch ``b``:
-    every other input is the constant 1000 with 100x smaller weights; activation-aware masks keep those (large
-    |w| x ||x||) and drop the informative inputs, while magnitude masks drop the constant ones, whose loss the bias
-    correction gives back exactly. So ``magnitude`` breaks ``a`` and ``activation`` breaks ``b``.
-    """
-    root = tmp_path_factory.mktemp("two_branch")
-    generator = torch.Generator().manual_seed(0)
-    even = torch.arange(64) % 2 == 0
-    model = _TwoBranch().eval()
-    with torch.no_grad():
-        model.a.weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.5, 1.0))
-        model.b.weight.copy_(torch.randn(64, 64, generator=generator) / 8 * torch.where(even, 0.01, 1.0))
-        model.ha.weight.copy_(torch.randn(10, 64, generator=generator) / 240)
-        model.hb.weight.copy_(torch.randn(10, 64, generator=generator) / 8 * 5)
-        for layer in (model.a, model.b, model.ha, model.hb):
-            layer.bias.zero_()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    torch.export.save(torch.export.export(model, (torch.randn(4, 128),), dynamic_shapes=({0: batch},)),
-                      root / "model.pt2")
-    varied = torch.randn(256, 64, generator=generator) * torch.where(even, 1000.0, 1.0)
-    constant = torch.where(even, torch.full((256, 64), 1000.0), torch.randn(256, 64, generator=generator))
-    np.save(root / "calib.npy", torch.cat([varied, constant], 1).numpy())
-    return root / "model.pt2", root / "calib.npy"
+    """Two eligible layers that need different methods (``helpers.two_branch_model``): ``magnitude`` breaks one
+    and ``activation`` the other."""
+    return two_branch_model(tmp_path_factory.mktemp("two_branch"))
 
 
 def _build(two_branch, tmp_path, name, monkeypatch, methods=("magnitude", "activation"), **kwargs):
