@@ -265,7 +265,7 @@ def test_nothing_masked_gives_a_zero_bound():
 
 def test_not_certifiable_still_reports_what_happened():
     """An op that mixes samples cannot be bounded per sample: no bound, the op named, the observed change kept.
-    (An op that merely has no bound rule is bounded soundly instead: tests/analysis/test_certify_ops.py.)"""
+    (An op that merely has no bound rule is bounded soundly instead: tests/analysis/certify/test_certify_ops.py.)"""
     class Odd(nn.Module):
         def __init__(self):
             super().__init__()
