@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sparsecompile.budget import layer_params
 from sparsecompile.build import BuildOptions, build
-from sparsecompile.cli import main
+
+from helpers import cli
 
 
 def _options(model_files, tmp_path, name, **kwargs):
@@ -84,8 +84,8 @@ def test_layer_params_include_the_bias(small_net):
 
 
 def test_keep_dense_is_accepted_on_the_command_line(tmp_path, model_files):
-    result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "k"),
-                                       "--min-weights", "0", "--keep-dense", "fc.*", "--no-permute"])
+    result = cli("build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "k"),
+                 "--min-weights", "0", "--keep-dense", "fc.*", "--no-permute")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "k" / "report.json").read_text())
     fc = [r for r in report["layers"] if r["name"].startswith("fc")]

@@ -54,7 +54,7 @@ def test_cpu_int8_build_writes_a_checked_int8_fallback_that_run_uses(model_files
     # The summary says what happened in one line.
     assert any(line.startswith("int8:") and "2:4 kept" in line for line in
                __import__("sparsecompile.report", fromlist=["summary_lines"]).summary_lines(result.report))
-    # Its weights, sparse layers' int8 values compressed (tests/test_int8_format.py, test_package_int8.py).
+    # Its weights, sparse layers' int8 values compressed (tests/test_int8_format.py, tests/package/test_package_int8.py).
     assert q["weights"]["path"] == "weights.int8.safetensors" and "weights.int8.safetensors" in manifest["files"]
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
 from sparsecompile.cli import _key_values, main
 from sparsecompile.errors import SparseCompileError
 from sparsecompile.progress import Progress
+
+from helpers import cli
 
 
 def _options(model_files, tmp_path, name, **kwargs):
@@ -120,12 +121,12 @@ def test_whole_number_options_given_as_floats_are_taken(tmp_path, model_files):
 def test_learn_option_parsing_and_cli(tmp_path, model_files):
     assert _key_values(["init=random", "tau_end=0.05", "steps=3"], "--learn-option") == {
         "init": "random", "tau_end": 0.05, "steps": 3}
-    result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
-                                       "--method", "gumbel", "--learn-option", "oops"])
+    result = cli("build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
+                 "--method", "gumbel", "--learn-option", "oops")
     assert result.exit_code == 2 and "KEY=VALUE" in result.output
-    result = CliRunner().invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
-                                       "--calib", str(model_files / "calib.npy"), "--method", "gumbel",
-                                       "--max-steps", "2", "--learn-option", "batch_size=16.5"])
+    result = cli("build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "o"),
+                 "--calib", str(model_files / "calib.npy"), "--method", "gumbel",
+                 "--max-steps", "2", "--learn-option", "batch_size=16.5")
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1] == (
         "error: --learn-option batch_size must be a whole number, got 16.5")
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
-from sparsecompile.cli import main
+
+from helpers import cli
 
 
 def _layers(report):
@@ -71,20 +71,19 @@ def test_a_wrong_permutation_is_caught_and_undone(model_files, tmp_path, monkeyp
 
 
 def test_cli_flags(model_files, tmp_path):
-    runner = CliRunner()
-    bad = runner.invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "x"),
-                               "--permute-budget", "0"])
+    bad = cli("build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "x"),
+              "--permute-budget", "0")
     assert bad.exit_code != 0 and "--permute-budget" in bad.output
     out = tmp_path / "b"
-    ok = runner.invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(out), "--calib",
-                              str(model_files / "calib.npy"), "--min-weights", "0", "--permute-budget", "1"])
+    ok = cli("build", str(model_files / "dynamic.pt2"), "-o", str(out), "--calib",
+             str(model_files / "calib.npy"), "--min-weights", "0", "--permute-budget", "1")
     assert ok.exit_code == 0, ok.output
     assert "permute: " in ok.output and "channel groups permuted" in ok.output
-    shown = runner.invoke(main, ["inspect", str(out)])
+    shown = cli("inspect", str(out))
     assert "permutation" in shown.output and "eff " in shown.output
     assert json.loads((out / "report.json").read_text())["options"]["permute_budget"] == 1.0
-    off = runner.invoke(main, ["build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "c"),
-                               "--no-permute"])
+    off = cli("build", str(model_files / "dynamic.pt2"), "-o", str(tmp_path / "c"),
+              "--no-permute")
     assert off.exit_code == 0, off.output
     assert "channel groups permuted" not in off.output
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from sparsecompile.build import BuildOptions, build
-from sparsecompile.cli import main
 from sparsecompile.errors import SparseCompileError
+
+from helpers import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,8 +62,8 @@ def test_on_damage_fail_refuses_with_the_worst_layer_named(scaled_mlp, tmp_path)
         build(_options(scaled_mlp, tmp_path, "fail", method="magnitude", on_damage="fail"))
     assert not (tmp_path / "fail").exists()
     model, calib = scaled_mlp
-    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "-o", str(tmp_path / "f"),
-                                       "--min-weights", "1000", "--method", "magnitude", "--on-damage", "fail"])
+    result = cli("build", str(model), "--calib", str(calib), "-o", str(tmp_path / "f"),
+                 "--min-weights", "1000", "--method", "magnitude", "--on-damage", "fail")
     assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("error: the sparse model")
 
 
@@ -71,8 +71,8 @@ def test_a_broken_build_is_never_reported_as_fine(scaled_mlp, tmp_path):
     """--max-drop none ships every layer sparse, but the damage is measured and a WARNING says so."""
     model, calib = scaled_mlp
     out = tmp_path / "none"
-    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "-o", str(out), "--min-weights",
-                                       "1000", "--method", "magnitude", "--max-drop", "none", "--no-permute"])
+    result = cli("build", str(model), "--calib", str(calib), "-o", str(out), "--min-weights",
+                 "1000", "--method", "magnitude", "--max-drop", "none", "--no-permute")
     assert result.exit_code == 0, result.output
     assert "OVER BUDGET" in result.output and "WARNING: the sparse model is over the accuracy budget" in result.output
     report = json.loads((out / "report.json").read_text())
