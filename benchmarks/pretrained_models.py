@@ -35,8 +35,9 @@ model, int8 symmetric activations for TensorRT, run here in ONNX Runtime); the s
 ``model.onnx`` is scored too, to split sparsity from quantization; ``gumbel`` and ``proxsparse``:
 ``--method gumbel|proxsparse --correct bias --max-drop none`` (learned masks, every eligible layer
 sparse; slow on a CPU, run them per model with ``--rows gumbel proxsparse`` and set their steps with
-``--gumbel-max-steps N`` / ``--proxsparse-max-steps N``, per model with ``MODEL=N``, repeatable).
-Builds run through the
+``--gumbel-max-steps N`` / ``--proxsparse-max-steps N``, per model with ``MODEL=N``, repeatable);
+``auto-learned``: the build default plus ``--auto-learned gumbel`` (guard on; its steps are the gumbel
+row's). Builds run through the
 CLI in a subprocess with ``OMP_NUM_THREADS=--threads``; each ``model.onnx`` is scored with ONNX
 Runtime. Build records are cached in ``benchmarks/.cache/pretrained_models/results`` keyed by the
 model, the data, the flags and a hash of the ``sparsecompile/`` sources (``--fresh`` ignores it).
@@ -244,6 +245,9 @@ MODELS: dict[str, Model] = {m.name: m for m in [
 SEED_CALIB, SEED_EVAL = 0, 1
 INT8 = "int8"  # the row "default build + --precision int8", scored with model.int8.onnx
 LEARNED = ("gumbel", "proxsparse")  # the learned-mask rows
+# The row "default build + --auto-learned gumbel" (accuracy guard on; Gumbel learned from the best heuristic's
+# masks when every heuristic is over budget); its steps are the gumbel row's (--gumbel-max-steps).
+AUTO_LEARNED = "auto-learned"
 # --gumbel-max-steps / --proxsparse-max-steps: {model name or None (every other model): steps}; no entry: the
 # CLI's default. Only a set value goes into the build flags (and so into the cache key), after --max-drop, as it
 # always has for gumbel.
@@ -278,12 +282,14 @@ def steps_text(method: str) -> str:
 def row_label(method, correct, sep="+") -> str:
     if method == INT8:
         return f"default{sep}int8"
+    if method == AUTO_LEARNED:
+        return f"default{sep}auto-learned"
     return f"{method or 'default'}{sep + correct if correct else ''}"
 
 # The build default second: it matters most and may be slow (--method auto builds several candidates).
 ROWS_FULL = [("magnitude", "bias"), (None, None), ("hessian", "bias"), ("magnitude", "none"), ("hessian", "none"),
              ("activation", "bias"), ("activation", "none"), (INT8, None), ("gumbel", "bias"),
-             ("proxsparse", "bias")]
+             ("proxsparse", "bias"), (AUTO_LEARNED, None)]
 ROWS_QUICK = [("magnitude", "bias"), ("hessian", "bias"), (None, None)]
 
 
@@ -384,6 +390,10 @@ def build_and_score(model: Model, pt2: Path, calib: Path, method, correct, guard
     flags = []
     if method == INT8:
         flags += ["--precision", "int8"]
+    elif method == AUTO_LEARNED:
+        flags += ["--auto-learned", "gumbel"]
+        if learned_steps("gumbel", model.name) is not None:
+            flags += ["--max-steps", str(learned_steps("gumbel", model.name))]
     elif method:
         flags += ["--method", method, "--correct", correct]
         if not guard_methods:
@@ -573,7 +583,8 @@ def learned_section(results: list[dict]) -> list[str]:
         rows.append(f"| {model.name} | {model.metric_label} | {dense:.2f} | "
                     f"{row_label(best['method'], best['correct'])}: {cell(best, model, dense)} | "
                     + " | ".join(cell(learned[m], model, dense) for m in LEARNED)
-                    + f" | {cell(by.get((None, None)), model, dense)} | **{winner}** |")
+                    + f" | {cell(by.get((None, None)), model, dense)} | {cell(by.get((AUTO_LEARNED, None)), model, dense)}"
+                    f" | **{winner}** |")
     if not rows:
         return []
     lines = ["## Learned masks on the models heuristics cannot hold", "",
@@ -582,10 +593,12 @@ def learned_section(results: list[dict]) -> list[str]:
              "--max-drop none`, every eligible layer sparse too). Cells: metric (change vs dense) [sparse MACs], "
              "build s. *Wins* = the best task metric among the every-layer-sparse rows, which all keep the same "
              "MACs sparse; the default build (accuracy guard on, layers restored to dense) is beside them for "
-             "comparison.", "",
+             "comparison, and the default build with `--auto-learned gumbel` (Gumbel learned from the best "
+             "heuristic's masks when every heuristic is over budget, kept if it measures better on the held-back "
+             "samples, then the guard).", "",
              "| model | metric | dense | best heuristic | " + " | ".join(f"{m}+bias" for m in LEARNED)
-             + " | default build | wins (every layer sparse) |",
-             "| --- | --- | ---: | --- |" + " --- |" * len(LEARNED) + " --- | --- |", *rows, ""]
+             + " | default build | default --auto-learned gumbel | wins (every layer sparse) |",
+             "| --- | --- | ---: | --- |" + " --- |" * len(LEARNED) + " --- | --- | --- |", *rows, ""]
     for res in results:
         note = LEARNED_NOTES.get(res["model"])
         if note and any(f"| {res['model']} |" in r for r in rows):
@@ -683,6 +696,7 @@ def markdown(results: list[dict], args) -> str:
                      + " | ".join(fmt(dense.get(k)) for k in extra) + " | | | 0% | 0 | | |")
         for rec in res["rows"]:
             label = ("**default+int8**" if rec["method"] == INT8 else
+                     "**default --auto-learned gumbel**" if rec["method"] == AUTO_LEARNED else
                      f"{rec['method']} / {rec['correct']}" if rec["method"] else "**default**")
             if rec.get("error") or rec.get("failed"):
                 lines.append(f"| {label} | failed | | " + " | " * len(extra) + f" | | | | {fmt(rec.get('build_s'), 0)} | "
@@ -753,9 +767,11 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{learned}-max-steps", action="append", metavar="[MODEL=]N",
                             help=f"--max-steps of the {learned} row: N for every model, MODEL=N for one "
                                  "(repeatable; default: the CLI's)")
-    parser.add_argument("--rows", nargs="+", choices=["magnitude", "activation", "hessian", "default", INT8, *LEARNED],
+    parser.add_argument("--rows", nargs="+",
+                        choices=["magnitude", "activation", "hessian", "default", INT8, *LEARNED, AUTO_LEARNED],
                         help="only these rows (int8: the default build with --precision int8, scored with its "
-                             "model.int8.onnx)")
+                             "model.int8.onnx; auto-learned: the default build with --auto-learned gumbel, its steps "
+                             "set by --gumbel-max-steps)")
     parser.add_argument("--quick", action="store_true",
                         help="half the calibration and a quarter of the evaluation samples; "
                              "rows magnitude+bias, hessian+bias, default")
