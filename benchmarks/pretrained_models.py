@@ -248,6 +248,9 @@ LEARNED = ("gumbel", "proxsparse")  # the learned-mask rows
 # The row "default build + --auto-learned gumbel" (accuracy guard on; Gumbel learned from the best heuristic's
 # masks when every heuristic is over budget); its steps are the gumbel row's (--gumbel-max-steps).
 AUTO_LEARNED = "auto-learned"
+# The row "--method auto --max-drop none": auto's choice with every eligible layer sparse, to compare with the
+# single methods' rows at the same sparse MACs (issue 23 item 3).
+AUTO_ALL = "auto"
 # --gumbel-max-steps / --proxsparse-max-steps: {model name or None (every other model): steps}; no entry: the
 # CLI's default. Only a set value goes into the build flags (and so into the cache key), after --max-drop, as it
 # always has for gumbel.
@@ -284,12 +287,14 @@ def row_label(method, correct, sep="+") -> str:
         return f"default{sep}int8"
     if method == AUTO_LEARNED:
         return f"default{sep}auto-learned"
+    if method == AUTO_ALL:
+        return f"auto{sep}every-layer"
     return f"{method or 'default'}{sep + correct if correct else ''}"
 
 # The build default second: it matters most and may be slow (--method auto builds several candidates).
 ROWS_FULL = [("magnitude", "bias"), (None, None), ("hessian", "bias"), ("magnitude", "none"), ("hessian", "none"),
              ("activation", "bias"), ("activation", "none"), (INT8, None), ("gumbel", "bias"),
-             ("proxsparse", "bias"), (AUTO_LEARNED, None)]
+             ("proxsparse", "bias"), (AUTO_LEARNED, None), (AUTO_ALL, None)]
 ROWS_QUICK = [("magnitude", "bias"), ("hessian", "bias"), (None, None)]
 
 
@@ -390,6 +395,8 @@ def build_and_score(model: Model, pt2: Path, calib: Path, method, correct, guard
     flags = []
     if method == INT8:
         flags += ["--precision", "int8"]
+    elif method == AUTO_ALL:
+        flags += ["--max-drop", "none"]
     elif method == AUTO_LEARNED:
         flags += ["--auto-learned", "gumbel"]
         if learned_steps("gumbel", model.name) is not None:
@@ -542,6 +549,44 @@ LEARNED_NOTES: dict[str, str] = {
 }
 
 
+def auto_section(results: list[dict]) -> list[str]:
+    """``--method auto`` against the best single method, every eligible layer sparse in both (issue 23 item 3)."""
+    rows = []
+    for res in results:
+        if res.get("error"):
+            continue
+        model = MODELS[res["model"]]
+        sign = 1 if model.higher_is_better else -1
+        auto = next((r for r in res["rows"] if r["method"] == AUTO_ALL and _ok(r)), None)
+        singles = [r for r in res["rows"] if r["method"] in HEURISTICS and _ok(r)]
+        if auto is None or not singles:
+            continue
+        best = max(singles, key=lambda r: sign * r["metrics"][model.metric])
+        value, top = auto["metrics"][model.metric], best["metrics"][model.metric]
+        picked = (auto.get("method_choice") or {}).get("chosen") or {}
+        picked_text = (f"{picked.get('method')}{' --update-weights' if picked.get('update_weights') else ''} "
+                       f"--correct {picked.get('correct')}") if picked else str(auto.get("method_reported"))
+        verdict = ("as good or better" if sign * (value - top) >= 0 else f"{abs(value - top):.2f} worse")
+        rows.append(f"| {model.name} | {model.metric_label} | {res['dense'][model.metric]:.2f} | "
+                    f"{row_label(best['method'], best['correct'])}: {top:.2f} | {picked_text}: {value:.2f} | "
+                    f"{verdict} | {fmt(auto.get('build_s'), 0)} |")
+    if not rows:
+        return []
+    return ["## --method auto against the best single method (every eligible layer sparse)", "",
+            "`--method auto --max-drop none` picks among the heuristic candidates by the guard's score on held-back "
+            "calibration samples, then ships every eligible layer sparse, so it keeps the same MACs sparse as the "
+            "single-method rows (`--method M --correct C --max-drop none`). *Best single method* is the best task "
+            "metric among those rows, known only after evaluating every one on the evaluation set; auto chooses "
+            "without that set. Candidates auto tries that have no single-method row (hessian with "
+            "`--update-weights`) can make it better than every row.", "",
+            "| model | metric | dense | best single method | auto picked | auto vs best | auto build s |",
+            "| --- | --- | ---: | --- | --- | --- | ---: |", *rows, ""]
+
+
+def _ok(rec) -> bool:
+    return rec is not None and not rec.get("error") and not rec.get("failed")
+
+
 def learned_section(results: list[dict]) -> list[str]:
     """Learned masks against the best heuristic, on the models where that heuristic loses > LOSS_LIMIT points.
 
@@ -671,6 +716,7 @@ def markdown(results: list[dict], args) -> str:
                 cells.append(cell)
         lines.append(f"| {model.name} | {model.metric_label} | {d:.2f} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines += auto_section(results)
     lines += learned_section(results)
     for res in results:
         model = MODELS[res["model"]]
@@ -697,6 +743,7 @@ def markdown(results: list[dict], args) -> str:
         for rec in res["rows"]:
             label = ("**default+int8**" if rec["method"] == INT8 else
                      "**default --auto-learned gumbel**" if rec["method"] == AUTO_LEARNED else
+                     "**auto, every layer sparse** (`--max-drop none`)" if rec["method"] == AUTO_ALL else
                      f"{rec['method']} / {rec['correct']}" if rec["method"] else "**default**")
             if rec.get("error") or rec.get("failed"):
                 lines.append(f"| {label} | failed | | " + " | " * len(extra) + f" | | | | {fmt(rec.get('build_s'), 0)} | "
@@ -768,10 +815,11 @@ def main(argv=None) -> int:
                             help=f"--max-steps of the {learned} row: N for every model, MODEL=N for one "
                                  "(repeatable; default: the CLI's)")
     parser.add_argument("--rows", nargs="+",
-                        choices=["magnitude", "activation", "hessian", "default", INT8, *LEARNED, AUTO_LEARNED],
+                        choices=["magnitude", "activation", "hessian", "default", INT8, *LEARNED, AUTO_LEARNED, AUTO_ALL],
                         help="only these rows (int8: the default build with --precision int8, scored with its "
                              "model.int8.onnx; auto-learned: the default build with --auto-learned gumbel, its steps "
-                             "set by --gumbel-max-steps)")
+                             "set by --gumbel-max-steps; auto: --method auto --max-drop none, auto's choice with every "
+                             "eligible layer sparse)")
     parser.add_argument("--quick", action="store_true",
                         help="half the calibration and a quarter of the evaluation samples; "
                              "rows magnitude+bias, hessian+bias, default")
