@@ -54,12 +54,15 @@ of W0 (the proximal operator of ``Reg24`` plus the indicator of that subspace is
 the projection followed by the 2:4 prox, since the prox never moves a zero
 coordinate), so the training model never holds a weight the shipped model
 (``W0 * mask``) cannot. Without it a dead output channel (an all-zero row, as
-pruned pretrained networks have: the OCR recognizer has 61) came alive: its
-row has no RMS to normalise by, so Adam moved it by the raw learning rate,
-and under the in-loop ``bias`` correction a channel whose dense output is
-exactly zero (reference variance 0) then gets the factor ``sqrt(0 / var)``,
-whose gradient is ``inf * 0 = nan``: every weight upstream turned NaN after
-one step and the loss after two.
+pretrained networks have: 4 in the OCR recognizer's build graph, in p2o/Conv/12
+and p2o/Conv/24, and 12,471 zero weights in all) came alive: its
+row has no RMS to normalise by (its scale falls back to 1) and Adam moved it off
+zero (to 1e-5 within three steps there), and under the in-loop ``bias``
+correction a channel whose dense output is exactly zero (reference variance 0)
+then gets the factor ``sqrt(0 / var)`` once its variance passes 1e-12, whose
+gradient is ``inf * 0 = nan``: every weight upstream turned NaN in that step
+and the loss in the next ("the proxsparse loss became nan at step 4"). A lower
+learning rate only delays it.
 """
 
 from __future__ import annotations
