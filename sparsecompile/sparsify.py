@@ -22,7 +22,7 @@ import torch.fx
 
 from sparsecompile.graph import get_tensor, set_tensor
 from sparsecompile.masks import MaskContext, MaskMethod, topn_mask
-from sparsecompile.masks.statistics import InputStatistics, activation_input, gemm_columns, gemm_matrix
+from sparsecompile.masks.statistics import InputStatistics, activation_input, gemm_matrix
 from sparsecompile.passes import ApplyMasks, PassContext, PassManager
 from sparsecompile.passes.apply_masks import masked
 from sparsecompile.passes.correct_statistics import StatisticsCorrector
@@ -135,8 +135,7 @@ def sparsify(
                                     weight_matrix=gemm_matrix(weight, layer.reduction_axis) if dense_target else None)
             references = reference_env[source] if dense_target else [None] * len(values)
             for value, reference in zip(values, references):
-                stats.update(gemm_columns(node, kind, value, tuple(weight.shape)),
-                             None if reference is None else gemm_columns(node, kind, reference, tuple(weight.shape)))
+                stats.add_input(node, kind, value, tuple(weight.shape), reference)
             context.options["dense_target"] = dense_target
             context.statistics = stats
         if update_weights and method.can_update_weights:
